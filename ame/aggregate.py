@@ -1,0 +1,200 @@
+"""Stage 4: data-free aggregation. Aggregators see expert weights (and shard sizes) only.
+
+The model soup and every AME variant are one family, :class:`AME`: an ordinary ``torch.optim``
+optimizer run over the experts with the pseudogradient of f_i(w) = ½‖w − x_i‖². Plain gradient
+descent with step 1/k over one epoch is the soup, from any pivot.
+
+Contract::
+
+    aggregator(experts: Sequence[StateDict], sizes: Sequence[int], init: StateDict | None,
+               buffers: Collection[str]) -> StateDict
+
+``experts`` may be lazy (``Experts`` loads each file on access), so an expert is held only while
+it is used. ``buffers`` names non-parameter entries (BatchNorm statistics): float buffers are
+averaged, integer buffers are taken from the first expert.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Collection, Sequence
+
+import torch
+from torch import Tensor
+
+from ame.errors import AMEError, require
+from ame.io import StateDict
+
+PIVOTS = ("init", "soup", "zero", "first")
+PSEUDOGRADIENTS = ("iterate", "pivot")
+ORDERS = ("fixed", "shuffle")
+LR_SCHEDULES = ("constant", "harmonic")
+
+
+def _name(experts: Sequence, i: int) -> str:
+    names = getattr(experts, "names", None)
+    return f"expert {i}" + (f" ({names[i]})" if names else "")
+
+
+@dataclass
+class FlatSpec:
+    """Where each state-dict entry lives in one flat float32 vector of the *parameters*.
+
+    ``params``: float entries that are not buffers (optimised); ``averaged``: float buffers;
+    ``copied``: integer entries (taken from the first expert)."""
+
+    reference: StateDict
+    params: list[str]
+    averaged: list[str]
+    copied: list[str]
+
+    @classmethod
+    def of(cls, sd: StateDict, buffers: Collection[str] = ()) -> "FlatSpec":
+        floats = [k for k, v in sd.items() if v.is_floating_point()]
+        return cls({k: v for k, v in sd.items()}, [k for k in floats if k not in buffers],
+                   [k for k in floats if k in buffers], [k for k, v in sd.items() if not v.is_floating_point()])
+
+    def check(self, sd: StateDict, name: str) -> StateDict:
+        """One clear error if ``sd`` does not match the reference architecture or is not finite."""
+        if sd.keys() != self.reference.keys():
+            missing, extra = sorted(self.reference.keys() - sd.keys()), sorted(sd.keys() - self.reference.keys())
+            raise AMEError(f"{name} does not match the first expert: missing keys {missing[:3]}, unexpected keys "
+                           f"{extra[:3]}; all experts must share one architecture (check model= and experts.paths)")
+        for k, ref in self.reference.items():
+            v = sd[k]
+            if v.shape != ref.shape or v.dtype != ref.dtype:
+                raise AMEError(f"{name} does not match the first expert at '{k}': {tuple(v.shape)} {v.dtype} vs "
+                               f"{tuple(ref.shape)} {ref.dtype}; all experts must share one architecture")
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise AMEError(f"{name} has NaN/Inf values in '{k}'; retrain that expert or leave it out")
+        return sd
+
+    def flatten(self, sd: StateDict, keys: list[str] | None = None) -> Tensor:
+        keys = self.params if keys is None else keys
+        if not keys:
+            return torch.zeros(0)
+        return torch.cat([sd[k].detach().reshape(-1).to(torch.float32) for k in keys])
+
+    def unflatten(self, vec: Tensor, keys: list[str] | None = None) -> StateDict:
+        keys = self.params if keys is None else keys
+        out, offset = {}, 0
+        for k in keys:
+            ref = self.reference[k]
+            out[k] = vec[offset:offset + ref.numel()].reshape(ref.shape).to(ref.dtype).clone()
+            offset += ref.numel()
+        return out
+
+
+def average(experts: Sequence[StateDict], weights: Sequence[float] | None = None,
+            buffers: Collection[str] = ()) -> StateDict:
+    """The (weighted) model soup, accumulated in float64 one expert at a time."""
+    n = len(experts)
+    require(n > 0, "no experts to aggregate; check experts.paths or data.shards.num_shards")
+    weights = [1.0] * n if weights is None else [float(w) for w in weights]
+    require(len(weights) == n and all(w >= 0 for w in weights) and sum(weights) > 0,
+            f"need {n} non-negative weights with a positive sum, got {weights}")
+    first = experts[0]
+    spec = FlatSpec.of(first, buffers)
+    keys = spec.params + spec.averaged
+    total = torch.zeros(sum(first[k].numel() for k in keys), dtype=torch.float64)
+    for i in range(n):
+        sd = spec.check(first if i == 0 else experts[i], _name(experts, i))
+        total += (weights[i] / sum(weights)) * spec.flatten(sd, keys).double()
+    out = {**spec.unflatten(total, keys), **{k: first[k].clone() for k in spec.copied}}
+    return {k: out[k] for k in first}
+
+
+def distance(a: StateDict, b: StateDict, keys: Sequence[str]) -> float:
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys))
+
+
+class AME:
+    """Amortized Model Ensembling: feed per-expert pseudogradients to a torch.optim optimizer.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` class with its hyperparameters bound
+            (Hydra ``_partial_: true``), called as ``optimizer([w])``.
+        epochs: ensembling epochs (passes over the experts).
+        pivot: starting point and reference: the shared ``init``, the ``soup``, ``zero`` or the
+            ``first`` expert.
+        pseudogradient: ``iterate`` g_i = ζ_i (w − x_i); ``pivot`` g_i = ζ_i (x_pivot − x_i) / N.
+        amplification: ζ, a number, or ``shard_size`` for ζ_i = N n_i / Σ n (weights by shard size).
+        order: ``fixed`` (expert 0, 1, ...) or ``shuffle`` (a new seeded permutation each epoch).
+        lr_schedule: ``constant``, or ``harmonic``: step k (counted over all epochs) uses lr / k.
+        seed: seeds ``order=shuffle``.
+        name: the variant's name in results (``soup``, ``ame_adam``, ...).
+    """
+
+    data_free = True
+
+    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], epochs: int = 1, pivot: str = "init",
+                 pseudogradient: str = "iterate", amplification: float | str = 1.0, order: str = "fixed",
+                 lr_schedule: str = "constant", seed: int = 0, name: str = "ame"):
+        require(pivot in PIVOTS, f"aggregator.pivot must be one of {PIVOTS}, got {pivot!r}")
+        require(pseudogradient in PSEUDOGRADIENTS,
+                f"aggregator.pseudogradient must be one of {PSEUDOGRADIENTS}, got {pseudogradient!r}")
+        require(order in ORDERS, f"aggregator.order must be one of {ORDERS}, got {order!r}")
+        require(lr_schedule in LR_SCHEDULES, f"aggregator.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        require(isinstance(epochs, int) and epochs >= 1, f"aggregator.epochs must be an integer ≥ 1, got {epochs!r}")
+        require(amplification == "shard_size" or (isinstance(amplification, (int, float))
+                                                  and math.isfinite(amplification) and amplification > 0),
+                f"aggregator.amplification must be a positive number or 'shard_size', got {amplification!r}")
+        self.optimizer, self.epochs, self.pivot_kind = optimizer, epochs, pivot
+        self.pseudogradient, self.amplification, self.order = pseudogradient, amplification, order
+        self.lr_schedule, self.seed, self.name = lr_schedule, seed, name
+
+    def pivot(self, experts: Sequence[StateDict], init: StateDict | None, buffers: Collection[str] = ()) -> StateDict:
+        if self.pivot_kind == "init":
+            require(init is not None, "aggregator.pivot=init needs the experts' shared initialisation "
+                    "(train.init=shared|warm, or experts.init=<file>); else use aggregator.pivot=soup|first|zero")
+            return init
+        if self.pivot_kind == "soup":
+            return average(experts, buffers=buffers)
+        if self.pivot_kind == "first":
+            return experts[0]
+        return {k: torch.zeros_like(v) for k, v in experts[0].items()}
+
+    def _zeta(self, sizes: Sequence[int], n: int) -> list[float]:
+        if self.amplification == "shard_size":
+            return [n * s / sum(sizes) for s in sizes]
+        return [float(self.amplification)] * n
+
+    def __call__(self, experts: Sequence[StateDict], sizes: Sequence[int], init: StateDict | None = None,
+                 buffers: Collection[str] = ()) -> StateDict:
+        n = len(experts)
+        require(n > 0, "no experts to aggregate; check experts.paths or data.shards.num_shards")
+        require(len(sizes) == n and all(s > 0 for s in sizes),
+                f"need one positive shard size per expert ({n}), got {list(sizes)}")
+        first = experts[0]
+        spec = FlatSpec.of(first, buffers)
+        pivot = spec.flatten(self.pivot(experts, init, buffers))
+        w = torch.nn.Parameter(pivot.clone())
+        try:
+            opt = self.optimizer([w])
+        except (TypeError, ValueError) as e:
+            raise AMEError(f"aggregator.optimizer: {e}") from None
+        base_lr = [group["lr"] for group in opt.param_groups]
+        zeta = self._zeta(sizes, n)
+        averaged = torch.zeros(sum(first[k].numel() for k in spec.averaged), dtype=torch.float64)
+        gen = torch.Generator().manual_seed(self.seed)
+        step = 0
+        for epoch in range(self.epochs):
+            order = torch.randperm(n, generator=gen).tolist() if self.order == "shuffle" else range(n)
+            for i in order:
+                sd = spec.check(first if i == 0 else experts[i], _name(experts, i))
+                x = spec.flatten(sd)
+                if epoch == 0:
+                    averaged += spec.flatten(sd, spec.averaged).double() / n
+                step += 1
+                if self.lr_schedule == "harmonic":
+                    for group, lr in zip(opt.param_groups, base_lr):
+                        group["lr"] = lr / step
+                with torch.no_grad():
+                    g = (w - x) if self.pseudogradient == "iterate" else (pivot - x) / n
+                    w.grad = g.mul_(zeta[i])
+                opt.step()
+        if not torch.isfinite(w).all():
+            raise AMEError("the aggregate has NaN/Inf weights: the AME optimizer diverged; lower aggregator.optimizer.lr")
+        out = {**spec.unflatten(w.detach()), **spec.unflatten(averaged, spec.averaged),
+               **{k: first[k].clone() for k in spec.copied}}
+        return {k: out[k] for k in first}

@@ -1,0 +1,140 @@
+"""Where experts come from: trained (and cached) for this run's shards, or files a user hands in.
+
+Trained experts live in ``<cache_dir>/experts/<key>/``, the key hashing everything that
+determines them (data content and config, shards, model, training, seed). Each file is written
+atomically and recorded with its sha256 in ``manifest.json``; a file missing from the manifest
+or whose hash differs is retrained, so an interrupted run resumes where it stopped, and a file
+lock makes concurrent jobs train a set once.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ame.data import ImageData, Split
+from ame.errors import require
+from ame.io import StateDict, file_lock, load_state_dict, read_metadata, save_state_dict, write_json
+from ame.train import expert_seed, initial_state, train_expert
+
+CACHE_VERSION = 1
+
+
+class Experts(Sequence):
+    """Expert weights on disk, loaded on access: an aggregator holds one expert at a time."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        self.paths = [Path(p) for p in paths]
+        self.names = [str(p) for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> StateDict:
+        return load_state_dict(self.paths[i])
+
+
+@dataclass
+class ExpertSet:
+    experts: Experts
+    sizes: list[int]
+    init: StateDict | None  # the shared starting point (warm base for init=warm), if any
+    class_counts: np.ndarray | None  # (N, classes) shard class mixes, when known
+    cached: bool  # every expert came from the cache
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_NOT_IN_KEY = {"root", "download", "cache_dir", "device"}  # where things run or live, not what they are
+
+
+def _strip(node):
+    if isinstance(node, dict):
+        return {k: _strip(v) for k, v in node.items() if k not in _NOT_IN_KEY}
+    return [_strip(v) for v in node] if isinstance(node, list) else node
+
+
+def cache_key(cfg: DictConfig, data: ImageData) -> tuple[str, dict]:
+    """Hash of everything that determines the experts; the data by content, not by path."""
+    spec = {"version": CACHE_VERSION, "data": data.fingerprint(), "seed": int(cfg.seed),
+            **{group: _strip(OmegaConf.to_container(cfg[group], resolve=True)) for group in ("data", "model", "train")}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20], spec
+
+
+class _Entry:
+    """One cache directory: files plus a manifest of their hashes."""
+
+    def __init__(self, root: Path, spec: dict):
+        self.root, self.manifest_path = root, root / "manifest.json"
+        try:
+            self.manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            self.manifest = {"config": spec, "files": {}}
+
+    def valid(self, name: str) -> bool:
+        path = self.root / name
+        return path.is_file() and self.manifest["files"].get(name) == _sha256(path)
+
+    def put(self, name: str, sd: StateDict, metadata: dict[str, str]) -> None:
+        save_state_dict(sd, self.root / name, metadata)
+        self.manifest["files"][name] = _sha256(self.root / name)
+        write_json(self.manifest, self.manifest_path)
+
+
+def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torch.device) -> ExpertSet:
+    """Train one expert per shard (or reuse the cached ones)."""
+    key, spec = cache_key(cfg, data)
+    root = Path(cfg.paths.cache_dir) / "experts" / key
+    labels = data.train_y.numpy()
+    counts = split.class_counts(labels, data.num_classes)
+    cached = True
+    with file_lock(root.with_suffix(".lock")):
+        entry = _Entry(root, spec)
+        init = None
+        if cfg.train.init != "independent":
+            if entry.valid("init.safetensors"):
+                init = load_state_dict(root / "init.safetensors")
+            else:
+                cached = False
+                init = initial_state(cfg.model, cfg.train, data, split.public, int(cfg.seed), device)
+                entry.put("init.safetensors", init, {"init": str(cfg.train.init), "public_size": str(len(split.public))})
+        for i, shard in enumerate(split.shards):
+            name = f"expert_{i:03d}.safetensors"
+            if entry.valid(name):
+                continue
+            cached = False
+            sd = train_expert(cfg.model, cfg.train, data, shard, init, expert_seed(int(cfg.seed), i), device)
+            entry.put(name, sd, {"shard_size": str(len(shard)), "class_counts": json.dumps(counts[i].tolist())})
+    paths = [root / f"expert_{i:03d}.safetensors" for i in range(len(split.shards))]
+    return ExpertSet(Experts(paths), split.sizes, init, counts, cached)
+
+
+def file_experts(experts_cfg: DictConfig) -> ExpertSet:
+    """Bring your own experts: ``experts.paths`` (a glob of .safetensors / weights-only .pt files),
+    optionally ``experts.init`` (their shared initialisation). Shard sizes and class mixes come from
+    the files' safetensors metadata when present (as this project writes them), else equal sizes."""
+    pattern = str(experts_cfg.paths)
+    require(pattern not in ("", "None", "???"), "experts=files needs experts.paths, a glob such as "
+            "experts.paths='ckpts/*.safetensors'")
+    paths = sorted(glob.glob(str(Path(pattern).expanduser())))
+    require(len(paths) > 0, f"experts.paths={pattern!r} matches no files; check the glob (quote it on the command line)")
+    meta = [read_metadata(p) for p in paths]
+    sizes = [int(m.get("shard_size", 1)) for m in meta]
+    counts = None
+    if all("class_counts" in m for m in meta):
+        counts = np.array([json.loads(m["class_counts"]) for m in meta])
+    init = load_state_dict(experts_cfg.init) if experts_cfg.get("init") else None
+    return ExpertSet(Experts(paths), sizes, init, counts, cached=True)

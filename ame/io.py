@@ -1,0 +1,101 @@
+"""Files: atomic writes, a file lock, and state dicts as safetensors (``.pt`` only weights-only)."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from ame.errors import AMEError
+
+StateDict = dict[str, Tensor]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds,
+    so a reader never sees a half-written file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise AMEError(f"cannot write {path} ({e.strerror}); choose a writable directory") from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(obj, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``: concurrent jobs needing the same cache entry queue here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def save_state_dict(sd: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    if Path(path).suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise AMEError(f"cannot read {path} as safetensors ({str(e)[:120]}); is the file complete?") from None
+
+
+def load_state_dict(path: str | Path) -> StateDict:
+    """Load weights from ``.safetensors`` (memory-mapped) or, for ``.pt``/``.pth``, with
+    ``torch.load(weights_only=True)``: expert files are untrusted input, never unpickled freely."""
+    path = Path(path)
+    if not path.is_file():
+        raise AMEError(f"expert file {path} does not exist; check experts.paths")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        if path.suffix in (".pt", ".pth", ".bin"):
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                sd = sd["state_dict"]
+            if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+                raise AMEError(f"{path} does not hold a state dict of tensors; save model.state_dict()")
+            return dict(sd)
+    except AMEError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AMEError(f"cannot read weights from {path}: {first[:200]}; use a safetensors file "
+                       f"(or a weights-only .pt state dict)") from None
+    raise AMEError(f"{path}: unknown weight format {path.suffix!r}; use .safetensors (or .pt/.pth)")

@@ -1,0 +1,88 @@
+"""Networks the experts share: an MLP, a small CNN and a CIFAR ResNet.
+
+``norm`` chooses the normalisation layer. ``group`` (GroupNorm) keeps the experts free of data
+statistics; ``batch`` stores running statistics as buffers, which aggregators average."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch.nn as nn
+
+from ame.errors import require
+
+NORMS = ("none", "batch", "group")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    require(kind in NORMS, f"model.norm must be one of {NORMS}, got {kind!r}")
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.Identity()
+
+
+class MLP(nn.Sequential):
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, hidden: Sequence[int] = (128, 128)):
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_channels * image_size * image_size
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+
+
+class CNN(nn.Sequential):
+    """Conv-norm-ReLU blocks, each halving the resolution, then global pooling and a linear head."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int,
+                 widths: Sequence[int] = (32, 64, 128), norm: str = "none"):
+        require(image_size >= 2 ** len(widths), f"model.widths has {len(widths)} blocks; too many for "
+                f"{image_size}×{image_size} images")
+        layers: list[nn.Module] = []
+        c = in_channels
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=norm == "none"), _norm(norm, w), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            c = w
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)]
+        super().__init__(*layers)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.n1 = _norm(norm, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.n2 = _norm(norm, c_out)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), _norm(norm, c_out))
+
+    def forward(self, x):
+        out = self.relu(self.n1(self.conv1(x)))
+        return self.relu(self.n2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016, §4.2): depth = 6n + 2, widths w, 2w, 4w. depth=20 → ResNet-20."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, depth: int = 20, width: int = 16,
+                 norm: str = "group"):
+        super().__init__()
+        require((depth - 2) % 6 == 0 and depth >= 8, f"model.depth must be 6n+2 (20, 32, 44, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), _norm(norm, width), nn.ReLU())
+        blocks, c = [], width
+        for stage, w in enumerate((width, 2 * width, 4 * width)):
+            for i in range(n):
+                blocks.append(BasicBlock(c, w, 2 if stage > 0 and i == 0 else 1, norm))
+                c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))

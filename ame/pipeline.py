@@ -1,0 +1,101 @@
+"""One run, top-down like the paper's pipeline: data → shards → experts → aggregate → evaluate → report."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ame.aggregate import average, distance
+from ame.data import split
+from ame.errors import AMEError, require
+from ame.evaluate import Evaluator
+from ame.experts import file_experts, trained_experts
+from ame.io import save_state_dict
+from ame.report import Timer, format_table, write_results
+from ame.train import buffer_names, build_model, check_train_cfg, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate(node: DictConfig, what: str, **kwargs):
+    """``hydra.utils.instantiate`` whose failures (bad values, unknown targets) read as one line."""
+    try:
+        return instantiate(node, **kwargs)
+    except AMEError:
+        raise
+    except Exception as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        raise AMEError(f"{what}: {str(cause).strip().splitlines()[0]}") from None
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the pipeline for ``cfg``, logging to ``cfg.logger``; returns the ``results.json`` dict."""
+    out_dir = Path(cfg.paths.output_dir)
+    logger = _instantiate(cfg.logger, "logger")(dir=out_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    try:
+        results = _run(cfg, out_dir)
+        logger.log_results(results)
+        return results
+    finally:
+        logger.finish()
+
+
+def _run(cfg: DictConfig, out_dir: Path) -> dict:
+    timer = Timer()
+    seed = int(cfg.seed)
+    require(cfg.experts.source in ("train", "files"), f"experts.source must be train or files, got {cfg.experts.source!r}")
+    if cfg.experts.source == "train":
+        check_train_cfg(cfg.train, int(cfg.data.public_size))
+    aggregator = _instantiate(cfg.aggregator, "aggregator")  # bad aggregator settings fail before any training
+    train_device, agg_device = resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
+    torch.manual_seed(seed)
+
+    with timer("data"):
+        data = _instantiate(cfg.data.dataset, "data")
+    with timer("shards"):
+        splitter = _instantiate(cfg.data.shards, "data.shards")
+        shards = split(data.train_y.numpy(), splitter, seed=seed, public_size=int(cfg.data.public_size))
+    with timer("experts"):
+        if cfg.experts.source == "train":
+            ex = trained_experts(cfg, data, shards, train_device)
+        else:
+            ex = file_experts(cfg.experts)
+    model = build_model(cfg.model, data, seed)
+    buffers = buffer_names(model)
+    with timer("aggregate"):
+        aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers)
+    soup = average(ex.experts, buffers=buffers)
+    pivot = aggregator.pivot(ex.experts, ex.init, buffers)
+
+    with timer("evaluate"):
+        evaluator = Evaluator(model, data, list(cfg.eval.corruptions), list(cfg.eval.severities),
+                              cfg.eval.ood_subsample, ex.class_counts, seed=int(cfg.eval.seed),
+                              batch_size=int(cfg.eval.batch_size), device=agg_device)
+        metrics = evaluator(aggregate)
+        params = [k for k, v in aggregate.items() if v.is_floating_point() and k not in buffers]
+        scale = distance(pivot, soup, params)
+        metrics["dist/scale"] = scale  # ‖pivot − soup‖: the unit of the two relative distances below
+        metrics["dist/soup"] = distance(aggregate, soup, params) / scale if scale > 0 else None
+        metrics["dist/pivot"] = distance(aggregate, pivot, params) / scale if scale > 0 else None
+        experts = [{"shard_size": n, "path": str(p), **evaluator(ex.experts[i], shard=i if ex.class_counts is not None else None)}
+                   for i, (n, p) in enumerate(zip(ex.sizes, ex.experts.paths))]
+        results = {
+            "aggregator": getattr(aggregator, "name", type(aggregator).__name__),
+            "data_free": bool(getattr(aggregator, "data_free", False)),
+            "metrics": metrics,
+            "soup": evaluator(soup),
+            "experts": experts,
+            "base": evaluator(ex.init) if cfg.experts.source == "train" and cfg.train.init == "warm" else None,
+            "experts_cached": ex.cached,
+            "seed": seed,
+            "data": {"name": data.name, "shard_sizes": ex.sizes, "public_size": int(cfg.data.public_size)},
+        }
+    results["timings_s"] = timer.seconds
+    save_state_dict(aggregate, out_dir / "aggregate.safetensors", {"aggregator": results["aggregator"]})
+    write_results(results, out_dir)
+    print(format_table(results))
+    log.info("results: %s", out_dir / "results.json")
+    return results

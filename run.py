@@ -1,0 +1,27 @@
+"""Data-free neural averaging, one run: ``python run.py [group=option ...] [key=value ...]``.
+
+data → shards → experts → aggregate → evaluate → report; see ``ame/pipeline.py`` and README.md.
+"""
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from ame.errors import AMEError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from ame.pipeline import run
+
+    try:
+        results = run(cfg)
+    except AMEError as e:
+        logging.getLogger("ame").error("%s", e)
+        sys.exit(1)
+    return results["metrics"]["id/acc"]  # the objective for Hydra sweepers
+
+
+if __name__ == "__main__":
+    main()
