@@ -2,7 +2,6 @@
 
 data → shards → experts → aggregate → evaluate → report; see ``ame/pipeline.py`` and README.md.
 """
-import logging
 import sys
 
 import hydra
@@ -18,7 +17,7 @@ def main(cfg: DictConfig) -> float:
     try:
         results = run(cfg)
     except AMEError as e:
-        logging.getLogger("ame").error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     return results["metrics"]["id/acc"]  # the objective for Hydra sweepers
 

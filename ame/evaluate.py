@@ -29,7 +29,7 @@ from ame.io import StateDict
 class Evaluator:
     def __init__(self, model: nn.Module, data: ImageData, corruptions: Sequence[str], severities: Sequence[int],
                  ood_subsample: int | None, class_counts: np.ndarray | None, seed: int = 0,
-                 batch_size: int = 1000, device: torch.device | str = "cpu"):
+                 batch_size: int = 256, device: torch.device | str = "cpu"):
         unknown = sorted(set(corruptions) - set(CORRUPTIONS))
         require(not unknown, f"eval.corruptions: unknown {unknown}; choose from {sorted(CORRUPTIONS)}")
         self.model, self.data, self.batch_size, self.device = model.to(device).eval(), data, batch_size, device

@@ -32,10 +32,11 @@ def build_model(model_cfg: DictConfig, data: ImageData, seed: int) -> nn.Module:
     c, h, w = data.shape
     require(h == w, f"{data.name}: only square images are supported, got {h}×{w}")
     try:
-        return instantiate(model_cfg, in_channels=c, image_size=h, num_classes=data.num_classes)
+        model = instantiate(model_cfg, in_channels=c, image_size=h, num_classes=data.num_classes)
     except Exception as e:  # Hydra wraps the constructor's error
         cause = e.__cause__ if isinstance(e.__cause__, AMEError) else e
         raise AMEError(f"model: {str(cause).splitlines()[0]}") from None
+    return model.to(memory_format=torch.channels_last)  # matches ImageData.normalize's layout
 
 
 def augment(x: torch.Tensor, crop_padding: int, flip: bool, g: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""Shared fixtures: Hydra-composed configs shrunk for speed, and a ``run.py`` subprocess helper."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small and fast: two shards of digits, a few epochs, two corruptions.
+FAST = ["logger=none", "train.epochs=3", "train.warm_epochs=3", "data.shards.num_shards=3",
+        "eval.corruptions=[gaussian_noise,contrast]", "eval.severities=[1,5]"]
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={tmp_path / 'out'}",
+                                            f"paths.cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+@pytest.fixture
+def cfg_fast(tmp_path):
+    return compose_cfg(FAST, tmp_path)
+
+
+def run_cli(args: list[str], tmp_path: Path, out: str = "out", check: bool = True, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` in a subprocess, outputs under ``tmp_path/out``, cache under ``tmp_path/cache``."""
+    full_env = {**os.environ, "AME_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline",
+                "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    multirun = "-m" in args or "--multirun" in args
+    where = f"hydra.sweep.dir={tmp_path / out}" if multirun else f"hydra.run.dir={tmp_path / out}"
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, where], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_results(path: Path) -> dict:
+    return json.loads((path / "results.json").read_text())
+
+
+def tiny_experts(n: int = 4, seed: int = 0, buffers: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Random state dicts with a weight, a bias, a float buffer and an integer buffer."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        sd = {"layer.weight": torch.randn(5, 3, generator=g), "layer.bias": torch.randn(5, generator=g)}
+        if buffers:
+            sd["norm.running_mean"] = torch.randn(5, generator=g)
+            sd["norm.num_batches_tracked"] = torch.tensor(10 + i)
+        out.append(sd)
+    return out
+
+
+BUFFERS = ("norm.running_mean", "norm.num_batches_tracked")

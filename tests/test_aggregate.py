@@ -1,0 +1,148 @@
+"""The aggregation maths: AME-GD is the soup from every pivot; Adam AME matches a hand computation."""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from ame.aggregate import AME, PIVOTS, average
+from ame.errors import AMEError
+from ame.experts import Experts
+from ame.io import save_state_dict
+from tests.conftest import BUFFERS, ROOT, compose_cfg, tiny_experts
+
+
+def max_diff(a, b):
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def sgd(lr=1.0):
+    return functools.partial(torch.optim.SGD, lr=lr)
+
+
+def test_average_is_the_mean_and_copies_integer_buffers():
+    ex = tiny_experts(3)
+    soup = average(ex, buffers=BUFFERS)
+    for k in ("layer.weight", "layer.bias", "norm.running_mean"):
+        assert torch.allclose(soup[k], torch.stack([e[k] for e in ex]).mean(0), atol=1e-7)
+    assert soup["norm.num_batches_tracked"] == ex[0]["norm.num_batches_tracked"]
+    assert list(soup) == list(ex[0])
+
+
+@pytest.mark.parametrize("pivot", PIVOTS)
+def test_ame_gd_harmonic_equals_soup_from_every_pivot(pivot):
+    ex = tiny_experts(5)
+    init = tiny_experts(1, seed=99)[0]
+    agg = AME(sgd(), pivot=pivot, lr_schedule="harmonic")(ex, [1] * 5, init, BUFFERS)
+    assert max_diff(agg, average(ex, buffers=BUFFERS)) <= 1e-6
+
+
+@pytest.mark.parametrize("pivot", PIVOTS)
+def test_pivot_form_constant_lr_one_equals_soup_from_every_pivot(pivot):
+    ex = tiny_experts(5)
+    init = tiny_experts(1, seed=99)[0]
+    agg = AME(sgd(), pivot=pivot, pseudogradient="pivot", lr_schedule="constant")(ex, [1] * 5, init, BUFFERS)
+    assert max_diff(agg, average(ex, buffers=BUFFERS)) <= 1e-6
+
+
+def test_harmonic_gd_over_several_epochs_and_shuffled_order_is_still_the_soup():
+    ex = tiny_experts(4)
+    agg = AME(sgd(), epochs=3, pivot="zero", order="shuffle", lr_schedule="harmonic")(ex, [1] * 4, None, BUFFERS)
+    assert max_diff(agg, average(ex, buffers=BUFFERS)) <= 1e-6
+
+
+def test_shard_size_amplification_gives_the_weighted_soup():
+    ex, sizes = tiny_experts(3), [10, 30, 60]
+    agg = AME(sgd(), pivot="first", pseudogradient="pivot", amplification="shard_size")(ex, sizes, None, BUFFERS)
+    ref = {k: sum(s * e[k] for s, e in zip(sizes, ex)) / 100 for k in ("layer.weight", "layer.bias")}
+    assert max(float((agg[k] - ref[k]).abs().max()) for k in ref) <= 1e-6
+
+
+def test_two_step_adam_matches_hand_computation():
+    # Two scalar-ish experts, pivot = init, iterate pseudogradient g_k = w - x_k.
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+    w0, x1, x2 = [0.5, -1.0], [2.0, -3.0], [-1.0, 4.0]
+    experts = [{"w": torch.tensor(x1)}, {"w": torch.tensor(x2)}]
+    opt = functools.partial(torch.optim.Adam, lr=lr, betas=(b1, b2), eps=eps)
+    out = AME(opt, pivot="init")(experts, [1, 1], {"w": torch.tensor(w0)})["w"]
+    for j in range(2):
+        w, m, v = w0[j], 0.0, 0.0
+        for k, x in enumerate((x1[j], x2[j]), start=1):
+            g = w - x
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            w = w - lr * (m / (1 - b1**k)) / (math.sqrt(v / (1 - b2**k)) + eps)
+        assert abs(float(out[j]) - w) < 1e-6
+    # and an adaptive optimizer does not give the soup
+    assert abs(float(out[0]) - 0.5) > 1e-3
+
+
+def test_shuffle_is_seeded_and_matters_for_adaptive_optimizers():
+    ex = tiny_experts(6)
+    adam = functools.partial(torch.optim.Adam, lr=0.05)
+    a = AME(adam, pivot="zero", order="shuffle", seed=1)(ex, [1] * 6, None, BUFFERS)
+    b = AME(adam, pivot="zero", order="shuffle", seed=1)(ex, [1] * 6, None, BUFFERS)
+    c = AME(adam, pivot="zero", order="fixed")(ex, [1] * 6, None, BUFFERS)
+    assert max_diff(a, b) == 0
+    assert max_diff(a, c) > 1e-4
+
+
+def test_lazy_experts_from_files_give_the_same_aggregate(tmp_path):
+    ex = tiny_experts(3)
+    paths = []
+    for i, sd in enumerate(ex):
+        paths.append(tmp_path / f"e{i}.safetensors")
+        save_state_dict(sd, paths[-1])
+    adam = functools.partial(torch.optim.Adam, lr=0.01)
+    assert max_diff(AME(adam, pivot="soup")(Experts(paths), [1] * 3, None, BUFFERS),
+                    AME(adam, pivot="soup")(ex, [1] * 3, None, BUFFERS)) == 0
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda sd: sd.pop("layer.bias"), "missing keys"),
+    (lambda sd: sd.__setitem__("extra", torch.zeros(1)), "unexpected keys"),
+    (lambda sd: sd.__setitem__("layer.weight", torch.zeros(5, 4)), "(5, 4)"),
+    (lambda sd: sd.__setitem__("layer.weight", torch.zeros(5, 3, dtype=torch.float64)), "float64"),
+    (lambda sd: sd["layer.bias"].__setitem__(2, float("nan")), "NaN/Inf"),
+    (lambda sd: sd["layer.bias"].__setitem__(0, float("inf")), "NaN/Inf"),
+])
+def test_bad_experts_give_one_clear_error(mutate, message):
+    ex = tiny_experts(3)
+    mutate(ex[2])
+    for agg in (AME(sgd(), pivot="first", lr_schedule="harmonic"), lambda e, s, i, b: average(e, buffers=b)):
+        with pytest.raises(AMEError, match="expert 2") as err:
+            agg(ex, [1] * 3, None, BUFFERS)
+        assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(pivot="middle"), dict(pseudogradient="grad"), dict(order="random"),
+                                    dict(lr_schedule="cosine"), dict(epochs=0), dict(amplification=-1.0),
+                                    dict(amplification="size")])
+def test_bad_aggregator_settings_are_rejected(kwargs):
+    with pytest.raises(AMEError, match="aggregator."):
+        AME(sgd(), **kwargs)
+
+
+def test_pivot_init_without_init_says_what_to_do():
+    with pytest.raises(AMEError, match="pivot=init needs"):
+        AME(sgd())(tiny_experts(2), [1, 1], None, BUFFERS)
+
+
+def test_diverging_optimizer_is_reported():
+    with pytest.raises(AMEError, match="diverged"):
+        AME(sgd(lr=1e30), pivot="zero", amplification=1e30)(tiny_experts(3), [1] * 3, None, BUFFERS)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "aggregator").glob("*.yaml")))
+def test_every_aggregator_config_builds_and_soups_agree(name, tmp_path):
+    cfg = compose_cfg([f"aggregator={name}"], tmp_path)
+    agg = instantiate(cfg.aggregator)
+    assert agg.name == name and agg.data_free
+    ex, init = tiny_experts(4), tiny_experts(1, seed=7)[0]
+    out = agg(ex, [5, 5, 5, 5], init, BUFFERS)
+    assert all(torch.isfinite(v.float()).all() for v in out.values())
+    if name in ("soup", "ame_sgd", "weighted_soup"):
+        assert max_diff(out, average(ex, buffers=BUFFERS)) <= 1e-6

@@ -1,0 +1,71 @@
+"""Models and expert training: shapes, batched augmentation, determinism, the expert cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hydra.utils import instantiate
+
+from ame.data import load_digits, split
+from ame.errors import AMEError
+from ame.experts import cache_key, trained_experts
+from ame.models import CNN, MLP, ResNet
+from ame.train import augment, buffer_names, build_model
+from tests.conftest import compose_cfg
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: MLP(3, 32, 10), (3, 32, 32)), (lambda: CNN(3, 32, 10, norm="group"), (3, 32, 32)),
+    (lambda: ResNet(3, 32, 10, norm="batch"), (3, 32, 32)), (lambda: CNN(1, 8, 10), (1, 8, 8)),
+    (lambda: ResNet(1, 8, 10), (1, 8, 8))])
+def test_models_map_images_to_logits(make, shape):
+    assert make()(torch.randn(2, *shape)).shape == (2, 10)
+
+
+def test_resnet20_has_the_paper_size_and_batchnorm_buffers():
+    m = ResNet(3, 32, 10, depth=20, norm="batch")
+    assert 0.26e6 < sum(p.numel() for p in m.parameters()) < 0.28e6  # He et al.: 0.27M
+    assert any(k.endswith("running_mean") for k in buffer_names(m))
+    assert buffer_names(ResNet(3, 32, 10, norm="group")) == []
+
+
+def test_augment_crops_and_flips_each_image_independently():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(x, 0, False, g), x)
+    flipped = augment(x, 0, True, torch.Generator().manual_seed(0))
+    assert all(torch.equal(f, o) or torch.equal(f, o.flip(-1)) for f, o in zip(flipped, x))
+    big = torch.randn(64, 3, 8, 8)
+    out = augment(big, 2, False, torch.Generator().manual_seed(1))
+    assert out.shape == big.shape
+    for o, b in zip(out, big):  # each crop is a window of the zero-padded image
+        padded = torch.nn.functional.pad(b, (2, 2, 2, 2))
+        assert any(torch.equal(o, padded[:, i:i + 8, j:j + 8]) for i in range(5) for j in range(5))
+    assert len({tuple(o.flatten()[:5].tolist()) for o in out - big}) > 1  # not all the same shift
+
+
+def test_expert_training_is_deterministic_and_cached(tmp_path):
+    cfg = compose_cfg(["train.epochs=1", "train.warm_epochs=1", "data.shards.num_shards=2"], tmp_path)
+    data = load_digits()
+    shards = split(data.train_y.numpy(), instantiate(cfg.data.shards), seed=0, public_size=250)
+    a = trained_experts(cfg, data, shards, torch.device("cpu"))
+    assert not a.cached and len(a.experts) == 2 and a.sizes == shards.sizes
+    b = trained_experts(cfg, data, shards, torch.device("cpu"))
+    assert b.cached
+    # a tampered file fails its hash and is retrained, to the same weights
+    path = b.experts.paths[1]
+    ref = {k: v.clone() for k, v in b.experts[1].items()}
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    c = trained_experts(cfg, data, shards, torch.device("cpu"))
+    assert not c.cached and all(torch.equal(c.experts[1][k], ref[k]) for k in ref)
+    # a different training setting is a different cache entry
+    other = compose_cfg(["train.epochs=2", "train.warm_epochs=1", "data.shards.num_shards=2"], tmp_path)
+    assert cache_key(other, data)[0] != cache_key(cfg, data)[0]
+    assert cache_key(compose_cfg(["train.epochs=1", "train.warm_epochs=1", "data.shards.num_shards=2",
+                                  "train.device=cpu"], tmp_path), data)[0] == cache_key(cfg, data)[0]
+
+
+def test_build_model_reports_bad_architecture_settings(tmp_path):
+    cfg = compose_cfg(["model=resnet20", "model.depth=21"], tmp_path)
+    with pytest.raises(AMEError, match="6n\\+2"):
+        build_model(cfg.model, load_digits(), 0)

@@ -1,0 +1,123 @@
+"""End to end through ``run.py``: the results contract, cached experts across a multirun, the W&B
+offline run, bring-your-own experts, and one clear line for each bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ame.io import save_state_dict
+from tests.conftest import FAST, read_results, run_cli
+
+METRIC_KEYS = {"id/acc", "id/nll", "ood/acc", "ood/gaussian_noise/acc", "ood/contrast/acc"}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The bare ``python run.py`` (W&B logger, offline), shrunk only in eval and epochs."""
+    tmp = tmp_path_factory.mktemp("default")
+    proc = run_cli([a for a in FAST if a != "logger=none"], tmp)
+    return tmp, proc
+
+
+def test_default_run_writes_the_results_contract(default_run):
+    tmp, proc = default_run
+    r = read_results(tmp / "out")
+    assert r["aggregator"] == "ame_adam" and r["data_free"] is True and r["experts_cached"] is False
+    for block in (r["metrics"], r["soup"], r["base"], *r["experts"]):
+        assert METRIC_KEYS <= block.keys()
+        assert 0 <= block["id/acc"] <= 1 and block["id/nll"] > 0
+    assert len(r["experts"]) == 3 and all(e["shard_size"] > 0 and e["path"].endswith(".safetensors")
+                                          for e in r["experts"])
+    assert {"shard/own_acc", "shard/other_acc", "shard/min_acc"} <= r["experts"][0].keys()
+    assert {"dist/soup", "dist/pivot", "dist/scale"} <= r["metrics"].keys()
+    assert set(r["timings_s"]) == {"data", "shards", "experts", "aggregate", "evaluate"}
+    sd = load_file(str(tmp / "out" / "aggregate.safetensors"))
+    assert sd.keys() == load_file(r["experts"][0]["path"]).keys()
+    assert "soup" in proc.stdout and "ame_adam (aggregate)" in proc.stdout  # the printed table
+    assert r["metrics"]["id/acc"] > 0.5  # digits experts are far above chance (0.1) even when tiny
+
+
+def test_wandb_offline_run_directory_is_written(default_run):
+    tmp, _ = default_run
+    runs = list((tmp / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_multirun_over_aggregators_trains_experts_once(tmp_path):
+    run_cli(["-m", *FAST, "aggregator=soup,ame_sgd,ame_adagrad"], tmp_path)
+    results = [read_results(tmp_path / "out" / str(i)) for i in range(3)]
+    assert [r["experts_cached"] for r in results] == [False, True, True]
+    assert [r["aggregator"] for r in results] == ["soup", "ame_sgd", "ame_adagrad"]
+    # GD with lr 1/k from the warm-start pivot lands on the soup: same weights, same metrics
+    assert results[1]["metrics"]["id/acc"] == results[0]["soup"]["id/acc"]
+    assert results[1]["metrics"]["dist/soup"] < 1e-5
+    assert [e["path"] for e in results[0]["experts"]] == [e["path"] for e in results[2]["experts"]]
+
+
+def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_path):
+    tmp, _ = default_run
+    trained = read_results(tmp / "out")
+    files = tmp / "cache" / "experts"
+    pattern = next(files.glob("*/")).as_posix() + "/expert_*.safetensors"
+    init = next(files.glob("*/init.safetensors"))
+    run_cli([*FAST, "experts=files", f"experts.paths='{pattern}'", f"+experts.init={init}".replace("+", "")],
+            tmp_path)
+    r = read_results(tmp_path / "out")
+    assert r["metrics"]["id/acc"] == trained["metrics"]["id/acc"]
+    assert [e["shard_size"] for e in r["experts"]] == [e["shard_size"] for e in trained["experts"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data.shards.alpha=-1"], "data.shards.alpha must be > 0"),
+    (["data.shards.num_shards=5000"], "more than the"),
+    (["aggregator.pivot=middle"], "aggregator.pivot must be one of"),
+    (["aggregator.optimizer.lr=-1"], "aggregator.optimizer: Invalid learning rate"),
+    (["train.init=warm", "data.public_size=0"], "data.public_size=0"),
+    (["experts=files", "experts.paths=/nonexistent/*.safetensors"], "matches no files"),
+    (["data=cifar10_shards", "data.root=/nonexistent", "data.download=false"], "data.root=/nonexistent"),
+])
+def test_bad_input_is_one_clear_line_and_nothing_is_written(args, message, tmp_path):
+    proc = run_cli([*FAST, *args], tmp_path, check=False)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert not (tmp_path / "out" / "aggregate.safetensors").exists()
+
+
+def test_unknown_aggregator_lists_the_options(tmp_path):
+    proc = run_cli([*FAST, "aggregator=ame_lion"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'aggregator/ame_lion'" in proc.stderr and "ame_adam" in proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["nan", "shape"])
+def test_bad_expert_files_are_refused(bad, default_run, tmp_path):
+    tmp, _ = default_run
+    experts = sorted((tmp / "cache" / "experts").glob("*/expert_*.safetensors"))
+    for i, p in enumerate(experts):
+        sd = load_file(str(p))
+        if i == 1:
+            key = next(iter(sd))
+            if bad == "nan":
+                sd[key] = sd[key].clone()
+                sd[key].view(-1)[0] = float("nan")
+            else:
+                sd[key] = torch.zeros(3, 3)
+        save_state_dict(sd, tmp_path / "mine" / f"e{i}.safetensors")
+    proc = run_cli([*FAST, "experts=files", f"experts.paths={tmp_path}/mine/*.safetensors",
+                    "aggregator.pivot=soup"], tmp_path, check=False)
+    assert proc.returncode == 1
+    expected = "NaN/Inf" if bad == "nan" else "does not match the first expert"
+    assert expected in proc.stderr and "e1.safetensors" in proc.stderr
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    proc = run_cli(["--help"], tmp_path)
+    for group in ("aggregator:", "data:", "model:", "train:", "logger:", "experts:"):
+        assert group in proc.stdout
+    assert "ame_adam" in proc.stdout and "cifar10_shards" in proc.stdout
