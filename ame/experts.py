@@ -48,6 +48,7 @@ class ExpertSet:
     init: StateDict | None  # the shared starting point (warm base for init=warm), if any
     class_counts: np.ndarray | None  # (N, classes) shard class mixes, when known
     cached: bool  # every expert came from the cache
+    root: Path | None = None  # the cache entry (trained experts), where derived results may be cached
 
 
 def _sha256(path: Path) -> str:
@@ -67,11 +68,19 @@ def _strip(node):
     return [_strip(v) for v in node] if isinstance(node, list) else node
 
 
+def config_hash(spec) -> str:
+    """Short sha256 of a config (a container, or a DictConfig resolved), ignoring where things
+    run or live (``root``, ``download``, ``cache_dir``, ``device``)."""
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    return hashlib.sha256(json.dumps(_strip(spec), sort_keys=True).encode()).hexdigest()[:20]
+
+
 def cache_key(cfg: DictConfig, data: ImageData) -> tuple[str, dict]:
     """Hash of everything that determines the experts; the data by content, not by path."""
     spec = {"version": CACHE_VERSION, "data": data.fingerprint(), "seed": int(cfg.seed),
             **{group: _strip(OmegaConf.to_container(cfg[group], resolve=True)) for group in ("data", "model", "train")}}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20], spec
+    return config_hash(spec), spec
 
 
 class _Entry:
@@ -119,7 +128,7 @@ def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torc
             sd = train_expert(cfg.model, cfg.train, data, shard, init, expert_seed(int(cfg.seed), i), device)
             entry.put(name, sd, {"shard_size": str(len(shard)), "class_counts": json.dumps(counts[i].tolist())})
     paths = [root / f"expert_{i:03d}.safetensors" for i in range(len(split.shards))]
-    return ExpertSet(Experts(paths), split.sizes, init, counts, cached)
+    return ExpertSet(Experts(paths), split.sizes, init, counts, cached, root)
 
 
 def file_experts(experts_cfg: DictConfig) -> ExpertSet:

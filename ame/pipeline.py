@@ -1,6 +1,7 @@
 """One run, top-down like the paper's pipeline: data → shards → experts → aggregate → evaluate → report."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from ame.aggregate import average, distance
 from ame.data import split
 from ame.errors import AMEError, require
 from ame.evaluate import Evaluator
-from ame.experts import file_experts, trained_experts
-from ame.io import save_state_dict
+from ame.experts import config_hash, file_experts, trained_experts
+from ame.io import save_state_dict, write_json
 from ame.report import Timer, format_table, write_results
 from ame.train import buffer_names, build_model, check_train_cfg, resolve_device
 
@@ -41,6 +42,22 @@ def run(cfg: DictConfig) -> dict:
         return results
     finally:
         logger.finish()
+
+
+def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
+    """Metrics of the experts, the soup and the warm-start base. They are the same for every
+    aggregator in a sweep, so they are computed once per expert set and evaluation setting and
+    cached beside the experts (trained experts only)."""
+    path = ex.root / f"eval-{config_hash(cfg.eval)}.json" if ex.root is not None else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    own = ex.class_counts is not None
+    ref = {"soup": evaluator(soup),
+           "experts": [evaluator(ex.experts[i], shard=i if own else None) for i in range(len(ex.experts))],
+           "base": evaluator(ex.init) if cfg.experts.source == "train" and cfg.train.init == "warm" else None}
+    if path is not None:
+        write_json(ref, path)
+    return ref
 
 
 def _run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -80,15 +97,15 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
         metrics["dist/scale"] = scale  # ‖pivot − soup‖: the unit of the two relative distances below
         metrics["dist/soup"] = distance(aggregate, soup, params) / scale if scale > 0 else None
         metrics["dist/pivot"] = distance(aggregate, pivot, params) / scale if scale > 0 else None
-        experts = [{"shard_size": n, "path": str(p), **evaluator(ex.experts[i], shard=i if ex.class_counts is not None else None)}
-                   for i, (n, p) in enumerate(zip(ex.sizes, ex.experts.paths))]
+        ref = _reference_metrics(evaluator, ex, soup, cfg)
         results = {
             "aggregator": getattr(aggregator, "name", type(aggregator).__name__),
             "data_free": bool(getattr(aggregator, "data_free", False)),
             "metrics": metrics,
-            "soup": evaluator(soup),
-            "experts": experts,
-            "base": evaluator(ex.init) if cfg.experts.source == "train" and cfg.train.init == "warm" else None,
+            "soup": ref["soup"],
+            "experts": [{"shard_size": n, "path": str(p), **m}
+                        for n, p, m in zip(ex.sizes, ex.experts.paths, ref["experts"])],
+            "base": ref["base"],
             "experts_cached": ex.cached,
             "seed": seed,
             "data": {"name": data.name, "shard_sizes": ex.sizes, "public_size": int(cfg.data.public_size)},

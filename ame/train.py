@@ -58,14 +58,15 @@ def augment(x: torch.Tensor, crop_padding: int, flip: bool, g: torch.Generator) 
 
 
 def fit(model: nn.Module, data: ImageData, idx: np.ndarray, train_cfg: DictConfig, epochs: int, seed: int,
-        device: torch.device) -> nn.Module:
-    """Train ``model`` on ``data.train_x[idx]`` for ``epochs`` with ``train_cfg``'s optimizer and schedule."""
+        device: torch.device, lr: float | None = None) -> nn.Module:
+    """Train ``model`` on ``data.train_x[idx]`` for ``epochs`` with ``train_cfg``'s optimizer
+    (its learning rate replaced by ``lr`` if given) and schedule."""
     require(len(idx) > 0, "cannot train on an empty shard")
     model.to(device).train()
     x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
     bs = int(train_cfg.batch_size)
     steps = epochs * math.ceil(len(idx) / bs)
-    opt = instantiate(train_cfg.optimizer)(model.parameters())
+    opt = instantiate(train_cfg.optimizer, **({"lr": lr} if lr is not None else {}))(model.parameters())
     if train_cfg.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, steps))))
     else:
@@ -113,7 +114,7 @@ def initial_state(model_cfg: DictConfig, train_cfg: DictConfig, data: ImageData,
         return None
     model = build_model(model_cfg, data, seed)
     if train_cfg.init == "warm":
-        fit(model, data, public, train_cfg, int(train_cfg.warm_epochs), seed, device)
+        fit(model, data, public, train_cfg, int(train_cfg.warm_epochs), seed, device, lr=train_cfg.get("warm_lr"))
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 

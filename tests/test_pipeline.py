@@ -121,3 +121,18 @@ def test_help_lists_the_config_groups(tmp_path):
     for group in ("aggregator:", "data:", "model:", "train:", "logger:", "experts:"):
         assert group in proc.stdout
     assert "ame_adam" in proc.stdout and "cifar10_shards" in proc.stdout
+
+
+def test_batchnorm_statistics_are_averaged_in_process(tmp_path):
+    from ame.pipeline import run
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg([*FAST, "model=cnn", "model.norm=batch", "model.widths=[8,16]", "aggregator=ame_adagrad"],
+                      tmp_path)
+    r = run(cfg)
+    agg = load_file(str(tmp_path / "out" / "aggregate.safetensors"))
+    experts = [load_file(e["path"]) for e in r["experts"]]
+    mean = next(k for k in agg if k.endswith("running_mean"))
+    assert torch.allclose(agg[mean], torch.stack([e[mean] for e in experts]).mean(0), atol=1e-6)
+    count = next(k for k in agg if k.endswith("num_batches_tracked"))
+    assert agg[count] == experts[0][count]
