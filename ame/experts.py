@@ -83,6 +83,24 @@ def cache_key(cfg: DictConfig, data: ImageData) -> tuple[str, dict]:
     return config_hash(spec), spec
 
 
+def base_key(cfg: DictConfig, data: ImageData) -> tuple[str, dict]:
+    """Hash of what determines the experts' shared starting point: model, seed and init kind; for a
+    warm start also the data settings but its sharding, and the base's own training (not the
+    experts' epochs, nor their lr when ``warm_lr`` is set). Sweeps over shards or expert epochs
+    thus share one base."""
+    spec = {"version": CACHE_VERSION, "data": data.fingerprint(), "seed": int(cfg.seed), "init": cfg.train.init,
+            "model": OmegaConf.to_container(cfg.model, resolve=True)}
+    if cfg.train.init == "warm":
+        train = OmegaConf.to_container(cfg.train, resolve=True)
+        train.pop("epochs")
+        if train.get("warm_lr") is not None:
+            train["optimizer"].pop("lr", None)
+        data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+        data_cfg.pop("shards")
+        spec |= {"train": train, "data_cfg": data_cfg}
+    return config_hash(spec), _strip(spec)
+
+
 class _Entry:
     """One cache directory: files plus a manifest of their hashes."""
 
@@ -109,17 +127,20 @@ def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torc
     root = Path(cfg.paths.cache_dir) / "experts" / key
     labels = data.train_y.numpy()
     counts = split.class_counts(labels, data.num_classes)
-    cached = True
-    with file_lock(root.with_suffix(".lock")):
-        entry = _Entry(root, spec)
-        init = None
-        if cfg.train.init != "independent":
-            if entry.valid("init.safetensors"):
-                init = load_state_dict(root / "init.safetensors")
+    init, cached = None, True
+    if cfg.train.init != "independent":
+        bkey, bspec = base_key(cfg, data)
+        broot = Path(cfg.paths.cache_dir) / "bases" / bkey
+        with file_lock(broot.with_suffix(".lock")):
+            base = _Entry(broot, bspec)
+            if base.valid("init.safetensors"):
+                init = load_state_dict(broot / "init.safetensors")
             else:
                 cached = False
                 init = initial_state(cfg.model, cfg.train, data, split.public, int(cfg.seed), device)
-                entry.put("init.safetensors", init, {"init": str(cfg.train.init), "public_size": str(len(split.public))})
+                base.put("init.safetensors", init, {"init": str(cfg.train.init), "public_size": str(len(split.public))})
+    with file_lock(root.with_suffix(".lock")):
+        entry = _Entry(root, spec)
         for i, shard in enumerate(split.shards):
             name = f"expert_{i:03d}.safetensors"
             if entry.valid(name):

@@ -28,8 +28,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as e:
         raise AMEError(f"cannot write {path} ({e.strerror}); choose a writable directory") from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shared cache entries from colleagues
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -4,9 +4,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from ame.io import write_json
 
@@ -56,6 +58,18 @@ class NullLogger:
         pass
 
 
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds: wandb's own
+    online init would wait 90 s and more for a server it cannot reach."""
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 class WandbLogger(NullLogger):
     """Weights & Biases, offline unless ``mode``/``WANDB_MODE`` or an API key asks for online.
 
@@ -73,13 +87,16 @@ class WandbLogger(NullLogger):
         kwargs = dict(project=project, entity=entity, name=name, group=group, tags=list(tags or []),
                       config=config, dir=str(dir), reinit="finish_previous")
         Path(dir).mkdir(parents=True, exist_ok=True)
+        if mode == "online" and not _reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")):
+            log.warning("W&B server unreachable; logging offline instead (upload later with `wandb sync %s`)", dir)
+            mode = "offline"
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=init_timeout, silent=True), **kwargs)
         except Exception as e:
             if mode == "offline":
                 raise
-            log.warning("W&B %s init failed (%s); logging offline instead (upload later with `wandb sync`)",
-                        mode, type(e).__name__)
+            log.warning("W&B %s init failed (%s); logging offline instead (upload later with `wandb sync %s`)",
+                        mode, type(e).__name__, dir)
             self.run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
 
     def log(self, metrics: dict[str, Any]) -> None:

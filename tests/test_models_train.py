@@ -65,6 +65,17 @@ def test_expert_training_is_deterministic_and_cached(tmp_path):
                                   "train.device=cpu"], tmp_path), data)[0] == cache_key(cfg, data)[0]
 
 
+def test_one_warm_base_serves_sweeps_over_shards_and_expert_epochs(tmp_path):
+    from ame.experts import base_key
+
+    data = load_digits()
+    keys = {base_key(compose_cfg(o, tmp_path), data)[0] for o in (
+        [], ["data.shards.num_shards=7"], ["data/shards=iid"], ["train.epochs=9"])}
+    assert len(keys) == 1
+    assert base_key(compose_cfg(["train.warm_epochs=3"], tmp_path), data)[0] not in keys
+    assert base_key(compose_cfg(["seed=1"], tmp_path), data)[0] not in keys
+
+
 def test_build_model_reports_bad_architecture_settings(tmp_path):
     cfg = compose_cfg(["model=resnet20", "model.depth=21"], tmp_path)
     with pytest.raises(AMEError, match="6n\\+2"):

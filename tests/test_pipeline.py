@@ -46,6 +46,17 @@ def test_wandb_offline_run_directory_is_written(default_run):
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
 
 
+def test_wandb_online_without_a_server_falls_back_to_offline_within_seconds(tmp_path):
+    import time
+
+    t0 = time.time()
+    proc = run_cli([a for a in FAST if a != "logger=none"] + ["train.epochs=1", "train.warm_epochs=1"], tmp_path,
+                   env={"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    assert time.time() - t0 < 60
+    assert "logging offline instead" in proc.stdout + proc.stderr
+    assert (tmp_path / "out" / "results.json").exists() and list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+
+
 def test_multirun_over_aggregators_trains_experts_once(tmp_path):
     run_cli(["-m", *FAST, "aggregator=soup,ame_sgd,ame_adagrad"], tmp_path)
     results = [read_results(tmp_path / "out" / str(i)) for i in range(3)]
@@ -62,9 +73,8 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     trained = read_results(tmp / "out")
     files = tmp / "cache" / "experts"
     pattern = next(files.glob("*/")).as_posix() + "/expert_*.safetensors"
-    init = next(files.glob("*/init.safetensors"))
-    run_cli([*FAST, "experts=files", f"experts.paths='{pattern}'", f"+experts.init={init}".replace("+", "")],
-            tmp_path)
+    init = next((tmp / "cache" / "bases").glob("*/init.safetensors"))
+    run_cli([*FAST, "experts=files", f"experts.paths='{pattern}'", f"experts.init={init}"], tmp_path)
     r = read_results(tmp_path / "out")
     assert r["metrics"]["id/acc"] == trained["metrics"]["id/acc"]
     assert [e["shard_size"] for e in r["experts"]] == [e["shard_size"] for e in trained["experts"]]
