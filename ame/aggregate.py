@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ame.errors import AMEError, require
 from ame.io import StateDict
+from ame.report import progress
 
 PIVOTS = ("init", "soup", "zero", "first")
 PSEUDOGRADIENTS = ("iterate", "pivot")
@@ -178,7 +179,7 @@ class AME:
         averaged = torch.zeros(sum(first[k].numel() for k in spec.averaged), dtype=torch.float64)
         gen = torch.Generator().manual_seed(self.seed)
         step = 0
-        for epoch in range(self.epochs):
+        for epoch in progress(range(self.epochs), f"{self.name} epochs"):
             order = torch.randperm(n, generator=gen).tolist() if self.order == "shuffle" else range(n)
             for i in order:
                 sd = spec.check(first if i == 0 else experts[i], _name(experts, i))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ame.data import ImageData, Split
 from ame.errors import require
-from ame.io import StateDict, file_lock, load_state_dict, read_metadata, save_state_dict, write_json
+from ame.io import StateDict, file_lock, load_state_dict, read_metadata, save_state_dict, sha256_file, write_json
+from ame.report import progress
 from ame.train import expert_seed, initial_state, train_expert
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 
@@ -49,14 +53,6 @@ class ExpertSet:
     class_counts: np.ndarray | None  # (N, classes) shard class mixes, when known
     cached: bool  # every expert came from the cache
     root: Path | None = None  # the cache entry (trained experts), where derived results may be cached
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _NOT_IN_KEY = {"root", "download", "cache_dir", "device"}  # where things run or live, not what they are
@@ -113,11 +109,11 @@ class _Entry:
 
     def valid(self, name: str) -> bool:
         path = self.root / name
-        return path.is_file() and self.manifest["files"].get(name) == _sha256(path)
+        return path.is_file() and self.manifest["files"].get(name) == sha256_file(path)
 
     def put(self, name: str, sd: StateDict, metadata: dict[str, str]) -> None:
         save_state_dict(sd, self.root / name, metadata)
-        self.manifest["files"][name] = _sha256(self.root / name)
+        self.manifest["files"][name] = sha256_file(self.root / name)
         write_json(self.manifest, self.manifest_path)
 
 
@@ -141,10 +137,14 @@ def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torc
                 base.put("init.safetensors", init, {"init": str(cfg.train.init), "public_size": str(len(split.public))})
     with file_lock(root.with_suffix(".lock")):
         entry = _Entry(root, spec)
-        for i, shard in enumerate(split.shards):
-            name = f"expert_{i:03d}.safetensors"
-            if entry.valid(name):
-                continue
+        if not entry.valid("shards.safetensors"):  # a record of which examples each expert saw
+            entry.put("shards.safetensors", {"public": torch.from_numpy(split.public),
+                                             **{f"shard_{i:03d}": torch.from_numpy(s) for i, s in enumerate(split.shards)}}, {})
+        todo = [i for i in range(len(split.shards)) if not entry.valid(f"expert_{i:03d}.safetensors")]
+        log.info("experts: %d of %d from the cache (%s), %d to train", len(split.shards) - len(todo),
+                 len(split.shards), root, len(todo))
+        for i in progress(todo, "training experts"):
+            shard, name = split.shards[i], f"expert_{i:03d}.safetensors"
             cached = False
             sd = train_expert(cfg.model, cfg.train, data, shard, init, expert_seed(int(cfg.seed), i), device)
             entry.put(name, sd, {"shard_size": str(len(shard)), "class_counts": json.dumps(counts[i].tolist())})

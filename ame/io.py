@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -48,8 +49,13 @@ def write_json(obj, path: str | Path) -> None:
 def file_lock(path: str | Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``path``: concurrent jobs needing the same cache entry queue here."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
+    except OSError as e:
+        raise AMEError(f"cannot write the cache at {path.parent} ({e.strerror}); set paths.cache_dir "
+                       f"(or $AME_CACHE_DIR) to a writable directory") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -63,6 +69,31 @@ def save_state_dict(sd: Mapping[str, Tensor], path: str | Path, metadata: Mappin
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_verified(sd: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Save ``sd`` atomically with a ``<path>.sha256`` sidecar, for :func:`is_verified`."""
+    path = Path(path)
+    save_state_dict(sd, path, metadata)
+    with atomic_path(path.with_name(path.name + ".sha256")) as tmp:
+        tmp.write_text(sha256_file(path) + "\n")
+
+
+def is_verified(path: str | Path) -> bool:
+    """True if ``path`` exists and matches the hash its sidecar recorded (not truncated or altered)."""
+    path, sidecar = Path(path), Path(str(path) + ".sha256")
+    try:
+        return path.is_file() and sidecar.read_text().strip() == sha256_file(path)
+    except OSError:
+        return False
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

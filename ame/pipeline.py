@@ -15,7 +15,7 @@ from ame.errors import AMEError, require
 from ame.evaluate import Evaluator
 from ame.experts import config_hash, file_experts, trained_experts
 from ame.io import save_state_dict, write_json
-from ame.report import Timer, format_table, write_results
+from ame.report import Timer, format_table, progress, write_results
 from ame.train import buffer_names, build_model, check_train_cfg, resolve_device
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
         return json.loads(path.read_text())
     own = ex.class_counts is not None
     ref = {"soup": evaluator(soup),
-           "experts": [evaluator(ex.experts[i], shard=i if own else None) for i in range(len(ex.experts))],
+           "experts": [evaluator(ex.experts[i], shard=i if own else None)
+                       for i in progress(range(len(ex.experts)), "evaluating experts")],
            "base": evaluator(ex.init) if cfg.experts.source == "train" and cfg.train.init == "warm" else None}
     if path is not None:
         write_json(ref, path)

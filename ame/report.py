@@ -5,16 +5,26 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, TypeVar
 from urllib.parse import urlparse
 
+from tqdm.auto import tqdm
+
 from ame.io import write_json
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("id/acc", "id/nll", "ood/acc", "shard/min_acc", "shard/own_acc", "shard/other_acc")
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
+    """A tqdm progress bar on an interactive terminal; silent in logs, pipes and tests."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
 def table_rows(results: dict) -> list[tuple[str, dict]]:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from ame.data import ImageData
 from ame.errors import AMEError, require
+from ame.report import progress
 
 INITS = ("shared", "warm", "independent")
 
@@ -75,7 +76,7 @@ def fit(model: nn.Module, data: ImageData, idx: np.ndarray, train_cfg: DictConfi
         sched = None
     g = torch.Generator().manual_seed(seed)
     aug = train_cfg.augment
-    for _ in range(epochs):
+    for _ in progress(range(epochs), "epochs"):
         perm = torch.randperm(len(idx), generator=g).to(device)
         for start in range(0, len(idx), bs):
             b = perm[start:start + bs]

@@ -34,6 +34,7 @@ def run_cli(args: list[str], tmp_path: Path, out: str = "out", check: bool = Tru
     """``python run.py ARGS`` in a subprocess, outputs under ``tmp_path/out``, cache under ``tmp_path/cache``."""
     full_env = {**os.environ, "AME_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline",
                 "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     multirun = "-m" in args or "--multirun" in args
     where = f"hydra.sweep.dir={tmp_path / out}" if multirun else f"hydra.run.dir={tmp_path / out}"
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), *args, where], cwd=tmp_path, env=full_env,

@@ -1,0 +1,94 @@
+"""Guarantees for unattended sweeps: crash-safe caches, resume after SIGKILL, determinism,
+concurrent jobs, launchers, and clean failures on unusable outputs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ame.data import load_cifar
+from ame.errors import AMEError
+from tests.conftest import FAST, ROOT, read_results, run_cli
+from tests.test_data import make_image_folder
+
+
+def test_same_command_twice_gives_identical_results_and_bytes(tmp_path):
+    args = [*FAST, "aggregator=ame_adagrad", "aggregator.order=shuffle"]
+    run_cli(args, tmp_path / "a")
+    run_cli(args, tmp_path / "b")  # its own cache: the experts are trained again
+    a, b = read_results(tmp_path / "a" / "out"), read_results(tmp_path / "b" / "out")
+    assert a["metrics"] == b["metrics"] and a["soup"] == b["soup"]
+    assert [e["id/acc"] for e in a["experts"]] == [e["id/acc"] for e in b["experts"]]
+    assert (tmp_path / "a/out/aggregate.safetensors").read_bytes() == (tmp_path / "b/out/aggregate.safetensors").read_bytes()
+
+
+def test_run_killed_while_training_experts_resumes_to_the_same_result(tmp_path):
+    args = [*FAST, "data.shards.num_shards=4", "train.epochs=150"]
+    env = {**os.environ, "AME_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
+    cmd = [sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={tmp_path / 'killed'}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    manifests = lambda: list((tmp_path / "cache" / "experts").glob("*/manifest.json"))  # noqa: E731
+    while time.time() < deadline and not any("expert_000" in m.read_text() for m in manifests()):
+        assert proc.poll() is None, "the run ended before it could be killed; make the experts slower"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(manifests()[0].read_text())["files"]
+    assert 1 <= sum(k.startswith("expert_") for k in done) < 4
+
+    rerun = run_cli(args, tmp_path, out="resumed")
+    assert "from the cache" in rerun.stdout and "4 of 4 from the cache" not in rerun.stdout
+    assert read_results(tmp_path / "resumed")["experts_cached"] is False
+    fresh = run_cli(args, tmp_path / "fresh")  # uninterrupted, its own cache
+    assert read_results(tmp_path / "resumed")["metrics"] == read_results(tmp_path / "fresh" / "out")["metrics"]
+
+
+def test_parallel_joblib_jobs_train_shared_experts_once_and_both_succeed(tmp_path):
+    run_cli(["-m", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "aggregator=soup,ame_adam"], tmp_path)
+    results = [read_results(tmp_path / "out" / str(i)) for i in range(2)]
+    assert sorted(r["experts_cached"] for r in results) == [False, True]
+    assert results[0]["soup"] == results[1]["soup"]
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    proc = run_cli(["--cfg", "hydra", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], tmp_path)
+    assert "SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout
+
+
+def test_truncated_dataset_cache_is_detected_and_rebuilt(tmp_path):
+    make_image_folder(tmp_path / "cifar10-jpeg")
+    first = load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache"))
+    entry = next((tmp_path / "cache" / "datasets").glob("*.safetensors"))
+    entry.write_bytes(entry.read_bytes()[:-100])
+    again = load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(again.test_x, first.test_x)
+    assert load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache")).fingerprint() \
+        == first.fingerprint()
+
+
+def test_corrupt_image_is_one_clear_error(tmp_path):
+    root = make_image_folder(tmp_path / "cifar10-jpeg")
+    (root / "train" / "dog" / "0001.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(AMEError, match="cannot decode image .*0001.jpg"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "paths.cache_dir"])
+def test_unwritable_output_or_cache_is_one_clear_line(key, tmp_path):
+    (tmp_path / "blocker").write_text("")
+    where = {"hydra.run.dir": [], "paths.cache_dir": [f"paths.cache_dir={tmp_path / 'blocker' / 'cache'}"]}[key]
+    cmd = [sys.executable, str(ROOT / "run.py"), *FAST, *where,
+           f"hydra.run.dir={tmp_path / ('blocker' if key == 'hydra.run.dir' else 'ok') / 'out'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "AME_CACHE_DIR": str(tmp_path / "cache")})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(errors) == 1 and key.split(".")[-1] in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
