@@ -55,17 +55,17 @@ class FlatSpec:
         return cls({k: v for k, v in sd.items()}, [k for k in floats if k not in buffers],
                    [k for k in floats if k in buffers], [k for k, v in sd.items() if not v.is_floating_point()])
 
-    def check(self, sd: StateDict, name: str) -> StateDict:
+    def check(self, sd: StateDict, name: str, against: str = "the first expert") -> StateDict:
         """One clear error if ``sd`` does not match the reference architecture or is not finite."""
         if sd.keys() != self.reference.keys():
             missing, extra = sorted(self.reference.keys() - sd.keys()), sorted(sd.keys() - self.reference.keys())
-            raise AMEError(f"{name} does not match the first expert: missing keys {missing[:3]}, unexpected keys "
-                           f"{extra[:3]}; all experts must share one architecture (check model= and experts.paths)")
+            raise AMEError(f"{name} does not match {against}: missing keys {missing[:3]}, unexpected keys "
+                           f"{extra[:3]}; experts, init and model= must share one architecture")
         for k, ref in self.reference.items():
             v = sd[k]
             if v.shape != ref.shape or v.dtype != ref.dtype:
-                raise AMEError(f"{name} does not match the first expert at '{k}': {tuple(v.shape)} {v.dtype} vs "
-                               f"{tuple(ref.shape)} {ref.dtype}; all experts must share one architecture")
+                raise AMEError(f"{name} does not match {against} at '{k}': {tuple(v.shape)} {v.dtype} vs "
+                               f"{tuple(ref.shape)} {ref.dtype}; experts, init and model= must share one architecture")
             if v.is_floating_point() and not torch.isfinite(v).all():
                 raise AMEError(f"{name} has NaN/Inf values in '{k}'; retrain that expert or leave it out")
         return sd
@@ -148,7 +148,7 @@ class AME:
         if self.pivot_kind == "init":
             require(init is not None, "aggregator.pivot=init needs the experts' shared initialisation "
                     "(train.init=shared|warm, or experts.init=<file>); else use aggregator.pivot=soup|first|zero")
-            return init
+            return FlatSpec.of(experts[0], buffers).check(init, "the initialisation")
         if self.pivot_kind == "soup":
             return average(experts, buffers=buffers)
         if self.pivot_kind == "first":
@@ -184,8 +184,8 @@ class AME:
             for i in order:
                 sd = spec.check(first if i == 0 else experts[i], _name(experts, i))
                 x = spec.flatten(sd)
-                if epoch == 0:
-                    averaged += spec.flatten(sd, spec.averaged).double() / n
+                if epoch == 0:  # buffers: the ζ-weighted mean (uniform, or by shard size)
+                    averaged += spec.flatten(sd, spec.averaged).double() * (zeta[i] / sum(zeta))
                 step += 1
                 if self.lr_schedule == "harmonic":
                     for group, lr in zip(opt.param_groups, base_lr):
@@ -193,7 +193,11 @@ class AME:
                 with torch.no_grad():
                     g = (w - x) if self.pseudogradient == "iterate" else (pivot - x) / n
                     w.grad = g.mul_(zeta[i])
-                opt.step()
+                try:
+                    opt.step()
+                except TypeError as e:  # e.g. LBFGS: its step needs a closure that evaluates a loss on data
+                    raise AMEError(f"aggregator.optimizer: {type(opt).__name__}.step() failed ({e}); AME needs an "
+                                   f"optimizer that steps on a given gradient, such as SGD, Adam or Adagrad") from None
         if not torch.isfinite(w).all():
             raise AMEError("the aggregate has NaN/Inf weights: the AME optimizer diverged; lower aggregator.optimizer.lr")
         out = {**spec.unflatten(w.detach()), **spec.unflatten(averaged, spec.averaged),

@@ -53,6 +53,7 @@ class ExpertSet:
     class_counts: np.ndarray | None  # (N, classes) shard class mixes, when known
     cached: bool  # every expert came from the cache
     root: Path | None = None  # the cache entry (trained experts), where derived results may be cached
+    fingerprint: str | None = None  # hash of the exact expert and base files (trained experts)
 
 
 _NOT_IN_KEY = {"root", "download", "cache_dir", "device"}  # where things run or live, not what they are
@@ -72,11 +73,15 @@ def config_hash(spec) -> str:
     return hashlib.sha256(json.dumps(_strip(spec), sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cache_key(cfg: DictConfig, data: ImageData) -> tuple[str, dict]:
-    """Hash of everything that determines the experts; the data by content, not by path."""
-    spec = {"version": CACHE_VERSION, "data": data.fingerprint(), "seed": int(cfg.seed),
-            **{group: _strip(OmegaConf.to_container(cfg[group], resolve=True)) for group in ("data", "model", "train")}}
-    return config_hash(spec), spec
+def cache_key(cfg: DictConfig, data: ImageData, base_sha: str | None = None) -> tuple[str, dict]:
+    """Hash of everything that determines the experts: the data by content (not by path), the
+    settings, and the exact base file they start from (``base_sha``)."""
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    if train["init"] != "warm":
+        train.pop("warm_epochs", None), train.pop("warm_lr", None)
+    spec = {"version": CACHE_VERSION, "data": data.fingerprint(), "seed": int(cfg.seed), "base": base_sha,
+            "train": train, **{g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("data", "model")}}
+    return config_hash(spec), _strip(spec)
 
 
 def base_key(cfg: DictConfig, data: ImageData) -> tuple[str, dict]:
@@ -119,22 +124,21 @@ class _Entry:
 
 def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torch.device) -> ExpertSet:
     """Train one expert per shard (or reuse the cached ones)."""
-    key, spec = cache_key(cfg, data)
-    root = Path(cfg.paths.cache_dir) / "experts" / key
-    labels = data.train_y.numpy()
-    counts = split.class_counts(labels, data.num_classes)
-    init, cached = None, True
+    counts = split.class_counts(data.train_y.numpy(), data.num_classes)
+    init, base_sha, cached = None, None, True
     if cfg.train.init != "independent":
         bkey, bspec = base_key(cfg, data)
         broot = Path(cfg.paths.cache_dir) / "bases" / bkey
         with file_lock(broot.with_suffix(".lock")):
             base = _Entry(broot, bspec)
-            if base.valid("init.safetensors"):
-                init = load_state_dict(broot / "init.safetensors")
-            else:
+            if not base.valid("init.safetensors"):
                 cached = False
-                init = initial_state(cfg.model, cfg.train, data, split.public, int(cfg.seed), device)
-                base.put("init.safetensors", init, {"init": str(cfg.train.init), "public_size": str(len(split.public))})
+                sd = initial_state(cfg.model, cfg.train, data, split.public, int(cfg.seed), device)
+                base.put("init.safetensors", sd, {"init": str(cfg.train.init), "public_size": str(len(split.public))})
+            init = load_state_dict(broot / "init.safetensors")
+            base_sha = base.manifest["files"]["init.safetensors"]
+    key, spec = cache_key(cfg, data, base_sha)
+    root = Path(cfg.paths.cache_dir) / "experts" / key
     with file_lock(root.with_suffix(".lock")):
         entry = _Entry(root, spec)
         if not entry.valid("shards.safetensors"):  # a record of which examples each expert saw
@@ -148,8 +152,9 @@ def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torc
             cached = False
             sd = train_expert(cfg.model, cfg.train, data, shard, init, expert_seed(int(cfg.seed), i), device)
             entry.put(name, sd, {"shard_size": str(len(shard)), "class_counts": json.dumps(counts[i].tolist())})
+        fingerprint = config_hash({"files": entry.manifest["files"], "base": base_sha})
     paths = [root / f"expert_{i:03d}.safetensors" for i in range(len(split.shards))]
-    return ExpertSet(Experts(paths), split.sizes, init, counts, cached, root)
+    return ExpertSet(Experts(paths), split.sizes, init, counts, cached, root, fingerprint)
 
 
 def file_experts(experts_cfg: DictConfig) -> ExpertSet:
@@ -162,7 +167,12 @@ def file_experts(experts_cfg: DictConfig) -> ExpertSet:
     paths = sorted(glob.glob(str(Path(pattern).expanduser())))
     require(len(paths) > 0, f"experts.paths={pattern!r} matches no files; check the glob (quote it on the command line)")
     meta = [read_metadata(p) for p in paths]
-    sizes = [int(m.get("shard_size", 1)) for m in meta]
+    if all("shard_size" in m for m in meta):
+        sizes = [int(m["shard_size"]) for m in meta]
+    else:
+        if any("shard_size" in m for m in meta):
+            log.warning("only some expert files record their shard size; treating all shards as equal-sized")
+        sizes = [1] * len(paths)
     counts = None
     if all("class_counts" in m for m in meta):
         counts = np.array([json.loads(m["class_counts"]) for m in meta])

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ame.aggregate import average, distance
+from ame.aggregate import FlatSpec, average, distance
 from ame.data import split
 from ame.errors import AMEError, require
 from ame.evaluate import Evaluator
@@ -32,12 +32,31 @@ def _instantiate(node: DictConfig, what: str, **kwargs):
         raise AMEError(f"{what}: {str(cause).strip().splitlines()[0]}") from None
 
 
+def _check(cfg: DictConfig):
+    """Validate the settings that need no data, before anything is trained or written; returns
+    the aggregator."""
+    require(cfg.experts.source in ("train", "files"), f"experts.source must be train or files, got {cfg.experts.source!r}")
+    aggregator = _instantiate(cfg.aggregator, "aggregator")
+    if cfg.experts.source == "train":
+        check_train_cfg(cfg.train, cfg.data.public_size)
+        no_init = cfg.train.init == "independent"
+    else:
+        no_init = not cfg.experts.get("init")
+    if getattr(aggregator, "pivot_kind", None) == "init" and no_init:
+        raise AMEError("aggregator.pivot=init needs the experts' shared initialisation, but "
+                       + ("train.init=independent" if cfg.experts.source == "train" else "experts.init is not set")
+                       + "; use aggregator.pivot=soup|first|zero")
+    resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
+    return aggregator
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline for ``cfg``, logging to ``cfg.logger``; returns the ``results.json`` dict."""
     out_dir = Path(cfg.paths.output_dir)
+    aggregator = _check(cfg)
     logger = _instantiate(cfg.logger, "logger")(dir=out_dir, config=OmegaConf.to_container(cfg, resolve=True))
     try:
-        results = _run(cfg, out_dir)
+        results = _run(cfg, aggregator, out_dir)
         logger.log_results(results)
         return results
     finally:
@@ -48,7 +67,9 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     """Metrics of the experts, the soup and the warm-start base. They are the same for every
     aggregator in a sweep, so they are computed once per expert set and evaluation setting and
     cached beside the experts (trained experts only)."""
-    path = ex.root / f"eval-{config_hash(cfg.eval)}.json" if ex.root is not None else None
+    eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "batch_size"}
+    key = config_hash({"eval": eval_cfg, "experts": ex.fingerprint})  # tied to the exact expert files
+    path = ex.root / f"eval-{key}.json" if ex.root is not None else None
     if path is not None and path.is_file():
         return json.loads(path.read_text())
     own = ex.class_counts is not None
@@ -61,13 +82,9 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     return ref
 
 
-def _run(cfg: DictConfig, out_dir: Path) -> dict:
+def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
     timer = Timer()
     seed = int(cfg.seed)
-    require(cfg.experts.source in ("train", "files"), f"experts.source must be train or files, got {cfg.experts.source!r}")
-    if cfg.experts.source == "train":
-        check_train_cfg(cfg.train, int(cfg.data.public_size))
-    aggregator = _instantiate(cfg.aggregator, "aggregator")  # bad aggregator settings fail before any training
     train_device, agg_device = resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
     torch.manual_seed(seed)
 
@@ -83,6 +100,11 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
             ex = file_experts(cfg.experts)
     model = build_model(cfg.model, data, seed)
     buffers = buffer_names(model)
+    reference = FlatSpec.of(model.state_dict(), buffers)
+    against = f"model={cfg.model._target_.rsplit('.', 1)[-1]}"
+    reference.check(ex.experts[0], f"expert 0 ({ex.experts.names[0]})", against=against)
+    if ex.init is not None:
+        reference.check(ex.init, "the initialisation (experts.init)", against=against)
     with timer("aggregate"):
         aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers)
     soup = average(ex.experts, buffers=buffers)
@@ -94,10 +116,11 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
                               batch_size=int(cfg.eval.batch_size), device=agg_device)
         metrics = evaluator(aggregate)
         params = [k for k, v in aggregate.items() if v.is_floating_point() and k not in buffers]
-        scale = distance(pivot, soup, params)
-        metrics["dist/scale"] = scale  # ‖pivot − soup‖: the unit of the two relative distances below
-        metrics["dist/soup"] = distance(aggregate, soup, params) / scale if scale > 0 else None
-        metrics["dist/pivot"] = distance(aggregate, pivot, params) / scale if scale > 0 else None
+        scale, to_soup, to_pivot = (distance(a, b, params) for a, b in ((pivot, soup), (aggregate, soup), (aggregate, pivot)))
+        metrics |= {"dist/scale": scale,  # ‖pivot − soup‖: the unit of the relative distances
+                    "dist/soup": to_soup / scale if scale > 0 else None,  # None when the pivot is the soup
+                    "dist/pivot": to_pivot / scale if scale > 0 else None,
+                    "dist/soup_l2": to_soup, "dist/pivot_l2": to_pivot}
         ref = _reference_metrics(evaluator, ex, soup, cfg)
         results = {
             "aggregator": getattr(aggregator, "name", type(aggregator).__name__),

@@ -92,14 +92,22 @@ def fit(model: nn.Module, data: ImageData, idx: np.ndarray, train_cfg: DictConfi
     return model.eval()
 
 
-def check_train_cfg(train_cfg: DictConfig, public_size: int) -> None:
+def _positive_int(value, key: str) -> int:
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            f"{key} must be an integer ≥ 1, got {value!r}")
+    return value
+
+
+def check_train_cfg(train_cfg: DictConfig, public_size) -> None:
     require(train_cfg.init in INITS, f"train.init must be one of {INITS}, got {train_cfg.init!r}")
-    require(int(train_cfg.epochs) >= 1, f"train.epochs must be ≥ 1, got {train_cfg.epochs}")
-    require(int(train_cfg.batch_size) >= 1, f"train.batch_size must be ≥ 1, got {train_cfg.batch_size}")
+    _positive_int(train_cfg.epochs, "train.epochs")
+    _positive_int(train_cfg.batch_size, "train.batch_size")
+    require(isinstance(public_size, int) and public_size >= 0,
+            f"data.public_size must be an integer ≥ 0, got {public_size!r}")
     if train_cfg.init == "warm":
         require(public_size > 0, "train.init=warm trains a shared base on the public split, but data.public_size=0; "
                 "set data.public_size (e.g. 10000) or use train.init=shared")
-        require(int(train_cfg.warm_epochs) >= 1, f"train.warm_epochs must be ≥ 1, got {train_cfg.warm_epochs}")
+        _positive_int(train_cfg.warm_epochs, "train.warm_epochs")
 
 
 def expert_seed(seed: int, i: int) -> int:

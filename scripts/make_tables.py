@@ -2,8 +2,11 @@
 
     python scripts/make_tables.py multirun/2026-11-22/12-00-00 [--out table.md]
 
-Rows: the warm-start base, the experts (mean and best), the soup, and each aggregator, with the
-mean ± std over runs (seeds) where there are several. Columns: in-distribution accuracy and NLL,
+Runs are grouped by their Hydra overrides (``.hydra/overrides.yaml`` beside each file): one table
+per setting (overrides other than ``seed``, ``aggregator*``, ``hydra.*``, ``logger*``, ``paths.*``),
+one row per aggregator setting (``aggregator=`` and ``aggregator.*`` overrides), and the mean ±
+std over the runs that differ only in ``seed``. Rows: the warm-start base, the experts (mean and
+best), the soup, and each aggregator. Columns: in-distribution accuracy and NLL,
 corruption (OOD) accuracy, worst-shard accuracy, and how far the aggregate moved from its pivot
 and from the soup (relative to ‖pivot − soup‖). Deterministic given the inputs.
 """
@@ -14,16 +17,34 @@ import json
 import statistics
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 COLUMNS = [("id/acc", "ID acc", 100), ("id/nll", "ID NLL", 1), ("ood/acc", "OOD acc", 100),
            ("shard/min_acc", "worst-shard acc", 100), ("dist/pivot", "dist. to pivot", 1),
            ("dist/soup", "dist. to soup", 1)]
 
 
+IGNORED = ("seed=", "hydra.", "hydra/", "logger", "paths.")
+
+
+def overrides(results_file: Path) -> list[str]:
+    path = results_file.parent / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
 def load(dirs: list[Path]) -> list[dict]:
+    """Every results.json under ``dirs``, with ``setting`` and ``variant`` keys from its overrides."""
     files = sorted({f for d in dirs for f in ([d] if d.is_file() else d.rglob("results.json"))})
     if not files:
         raise SystemExit(f"no results.json under {', '.join(map(str, dirs))}")
-    return [json.loads(f.read_text()) for f in files]
+    out = []
+    for f in files:
+        r = json.loads(f.read_text())
+        kept = [o for o in overrides(f) if not o.startswith(IGNORED)]
+        r["setting"] = ", ".join(o for o in kept if not o.startswith("aggregator"))
+        r["variant"] = ", ".join(o for o in kept if o.startswith("aggregator.") and "=" in o)
+        out.append(r)
+    return out
 
 
 def rows(results: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -33,11 +54,12 @@ def rows(results: list[dict]) -> list[tuple[str, list[dict]]]:
     if any(r.get("base") for r in by_set):
         out.append(("base (warm start)", [r["base"] for r in by_set if r.get("base")]))
     out.append(("experts (mean)", [{k: statistics.mean(e[k] for e in r["experts"]) for k in r["experts"][0]
-                                    if isinstance(r["experts"][0][k], float)} for r in by_set]))
+                                    if all(isinstance(e.get(k), float) for e in r["experts"])} for r in by_set]))
     out.append(("experts (best ID)", [max(r["experts"], key=lambda e: e["id/acc"]) for r in by_set]))
     out.append(("soup", [r["soup"] for r in by_set]))
-    for name in dict.fromkeys(r["aggregator"] for r in results):
-        out.append((f"{name} (aggregate)", [r["metrics"] for r in results if r["aggregator"] == name]))
+    for name, variant in dict.fromkeys((r["aggregator"], r["variant"]) for r in results):
+        label = f"{name} (aggregate{', ' + variant if variant else ''})"
+        out.append((label, [r["metrics"] for r in results if (r["aggregator"], r["variant"]) == (name, variant)]))
     return out
 
 
@@ -51,12 +73,16 @@ def cell(values: list, scale: float) -> str:
 
 
 def markdown(results: list[dict]) -> str:
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    if len(settings) > 1:
+        return "\n".join(f"### {s or 'defaults'}\n\n" + markdown([r for r in results if r["setting"] == s])
+                         for s in settings)
     lines = ["| network | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|---|" + "---:|" * len(COLUMNS)]
     for name, ms in rows(results):
         lines.append(f"| {name} | " + " | ".join(cell([m.get(k) for m in ms], s) for k, _, s in COLUMNS) + " |")
-    runs = len({tuple(e["path"] for e in r["experts"]) for r in results})
-    return "\n".join(lines) + f"\n\nAccuracies in %; {runs} expert set(s), {len(results)} run(s).\n"
+    sets = len({tuple(e["path"] for e in r["experts"]) for r in results})
+    return "\n".join(lines) + f"\n\nAccuracies in %; {sets} expert set(s), {len(results)} run(s).\n"
 
 
 def main() -> None:

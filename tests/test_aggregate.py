@@ -61,6 +61,24 @@ def test_shard_size_amplification_gives_the_weighted_soup():
     assert max(float((agg[k] - ref[k]).abs().max()) for k in ref) <= 1e-6
 
 
+def test_weighted_soup_weights_float_buffers_like_parameters():
+    ex, sizes = tiny_experts(3), [10, 30, 60]
+    agg = AME(sgd(), pivot="first", pseudogradient="pivot", amplification="shard_size")(ex, sizes, None, BUFFERS)
+    ref = sum(s * e["norm.running_mean"] for s, e in zip(sizes, ex)) / 100
+    assert float((agg["norm.running_mean"] - ref).abs().max()) <= 1e-6
+
+
+def test_optimizer_that_needs_a_closure_is_one_clear_error():
+    with pytest.raises(AMEError, match="LBFGS.step"):
+        AME(functools.partial(torch.optim.LBFGS, lr=1.0), pivot="zero")(tiny_experts(2), [1, 1], None, BUFFERS)
+
+
+def test_init_that_does_not_match_the_experts_is_refused():
+    init = {"layer.weight": torch.zeros(5, 4), "layer.bias": torch.zeros(5)}
+    with pytest.raises(AMEError, match="the initialisation"):
+        AME(sgd())(tiny_experts(2, buffers=False), [1, 1], init)
+
+
 def test_two_step_adam_matches_hand_computation():
     # Two scalar-ish experts, pivot = init, iterate pseudogradient g_k = w - x_k.
     lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8

@@ -86,8 +86,13 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     (["aggregator.pivot=middle"], "aggregator.pivot must be one of"),
     (["aggregator.optimizer.lr=-1"], "aggregator.optimizer: Invalid learning rate"),
     (["train.init=warm", "data.public_size=0"], "data.public_size=0"),
-    (["experts=files", "experts.paths=/nonexistent/*.safetensors"], "matches no files"),
+    (["experts=files", "experts.paths=/nonexistent/*.safetensors", "aggregator.pivot=soup"], "matches no files"),
+    (["experts=files", "experts.paths=/nonexistent/*.safetensors"], "experts.init is not set"),
     (["data=cifar10_shards", "data.root=/nonexistent", "data.download=false"], "data.root=/nonexistent"),
+    (["train.init=independent"], "pivot=init needs the experts' shared initialisation"),
+    (["train.epochs=abc"], "train.epochs must be an integer"),
+    (["aggregator.optimizer._target_=torch.optim.LBFGS"], "needs an optimizer that steps on a given gradient"),
+    (["model=cnn", "model.widths=[8,8,8,8]"], "model: model.widths has 4 blocks"),
 ])
 def test_bad_input_is_one_clear_line_and_nothing_is_written(args, message, tmp_path):
     proc = run_cli([*FAST, *args], tmp_path, check=False)
@@ -103,6 +108,15 @@ def test_unknown_aggregator_lists_the_options(tmp_path):
     proc = run_cli([*FAST, "aggregator=ame_lion"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "Could not find 'aggregator/ame_lion'" in proc.stderr and "ame_adam" in proc.stderr
+
+
+def test_experts_that_do_not_fit_the_model_are_refused(default_run, tmp_path):
+    tmp, _ = default_run
+    pattern = next((tmp / "cache" / "experts").glob("*/")).as_posix() + "/expert_*.safetensors"
+    proc = run_cli([*FAST, "experts=files", f"experts.paths={pattern}", "aggregator.pivot=soup", "model=cnn"],
+                   tmp_path, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(errors) == 1 and "does not match model=CNN" in errors[0], proc.stderr
 
 
 @pytest.mark.parametrize("bad", ["nan", "shape"])
