@@ -9,3 +9,19 @@ def require(ok: bool, message: str) -> None:
     """Raise :class:`AMEError` with ``message`` unless ``ok``."""
     if not ok:
         raise AMEError(message)
+
+
+def instantiate(node, what: str, **kwargs):
+    """``hydra.utils.instantiate`` whose failures read as one line: an :class:`AMEError` raised by
+    the constructor passes through (Hydra wraps it), anything else is prefixed with ``what``."""
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except AMEError:
+        raise
+    except Exception as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        if isinstance(cause, AMEError):
+            raise cause from None
+        raise AMEError(f"{what}: {str(cause).strip().splitlines()[0]}") from None

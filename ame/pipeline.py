@@ -6,12 +6,11 @@ import logging
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ame.aggregate import FlatSpec, average, distance
 from ame.data import split
-from ame.errors import AMEError, require
+from ame.errors import AMEError, instantiate, require
 from ame.evaluate import Evaluator
 from ame.experts import config_hash, file_experts, trained_experts
 from ame.io import save_state_dict, write_json
@@ -21,22 +20,11 @@ from ame.train import buffer_names, build_model, check_train_cfg, resolve_device
 log = logging.getLogger(__name__)
 
 
-def _instantiate(node: DictConfig, what: str, **kwargs):
-    """``hydra.utils.instantiate`` whose failures (bad values, unknown targets) read as one line."""
-    try:
-        return instantiate(node, **kwargs)
-    except AMEError:
-        raise
-    except Exception as e:
-        cause = e.__cause__ if e.__cause__ is not None else e
-        raise AMEError(f"{what}: {str(cause).strip().splitlines()[0]}") from None
-
-
 def _check(cfg: DictConfig):
     """Validate the settings that need no data, before anything is trained or written; returns
     the aggregator."""
     require(cfg.experts.source in ("train", "files"), f"experts.source must be train or files, got {cfg.experts.source!r}")
-    aggregator = _instantiate(cfg.aggregator, "aggregator")
+    aggregator = instantiate(cfg.aggregator, "aggregator")
     if cfg.experts.source == "train":
         check_train_cfg(cfg.train, cfg.data.public_size)
         no_init = cfg.train.init == "independent"
@@ -54,7 +42,7 @@ def run(cfg: DictConfig) -> dict:
     """Run the pipeline for ``cfg``, logging to ``cfg.logger``; returns the ``results.json`` dict."""
     out_dir = Path(cfg.paths.output_dir)
     aggregator = _check(cfg)
-    logger = _instantiate(cfg.logger, "logger")(dir=out_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    logger = instantiate(cfg.logger, "logger")(dir=out_dir, config=OmegaConf.to_container(cfg, resolve=True))
     try:
         results = _run(cfg, aggregator, out_dir)
         logger.log_results(results)
@@ -89,9 +77,9 @@ def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
     torch.manual_seed(seed)
 
     with timer("data"):
-        data = _instantiate(cfg.data.dataset, "data")
+        data = instantiate(cfg.data.dataset, "data")
     with timer("shards"):
-        splitter = _instantiate(cfg.data.shards, "data.shards")
+        splitter = instantiate(cfg.data.shards, "data.shards")
         shards = split(data.train_y.numpy(), splitter, seed=seed, public_size=int(cfg.data.public_size))
     with timer("experts"):
         if cfg.experts.source == "train":

@@ -10,11 +10,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ame.data import ImageData
-from ame.errors import AMEError, require
+from ame.errors import AMEError, instantiate, require
 from ame.report import progress
 
 INITS = ("shared", "warm", "independent")
@@ -32,11 +31,7 @@ def build_model(model_cfg: DictConfig, data: ImageData, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     c, h, w = data.shape
     require(h == w, f"{data.name}: only square images are supported, got {h}×{w}")
-    try:
-        model = instantiate(model_cfg, in_channels=c, image_size=h, num_classes=data.num_classes)
-    except Exception as e:  # Hydra wraps the constructor's error
-        cause = e.__cause__ if isinstance(e.__cause__, AMEError) else e
-        raise AMEError(f"model: {str(cause).splitlines()[0]}") from None
+    model = instantiate(model_cfg, "model", in_channels=c, image_size=h, num_classes=data.num_classes)
     return model.to(memory_format=torch.channels_last)  # matches ImageData.normalize's layout
 
 
@@ -67,7 +62,7 @@ def fit(model: nn.Module, data: ImageData, idx: np.ndarray, train_cfg: DictConfi
     x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
     bs = int(train_cfg.batch_size)
     steps = epochs * math.ceil(len(idx) / bs)
-    opt = instantiate(train_cfg.optimizer, **({"lr": lr} if lr is not None else {}))(model.parameters())
+    opt = instantiate(train_cfg.optimizer, "train.optimizer", **({"lr": lr} if lr is not None else {}))(model.parameters())
     if train_cfg.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, steps))))
     else:

@@ -92,7 +92,7 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     (["train.init=independent"], "pivot=init needs the experts' shared initialisation"),
     (["train.epochs=abc"], "train.epochs must be an integer"),
     (["aggregator.optimizer._target_=torch.optim.LBFGS"], "needs an optimizer that steps on a given gradient"),
-    (["model=cnn", "model.widths=[8,8,8,8]"], "model: model.widths has 4 blocks"),
+    (["model=cnn", "model.widths=[8,8,8,8]"], "model.widths has 4 blocks"),
 ])
 def test_bad_input_is_one_clear_line_and_nothing_is_written(args, message, tmp_path):
     proc = run_cli([*FAST, *args], tmp_path, check=False)
