@@ -44,7 +44,7 @@ class FlatSpec:
     ``params``: float entries that are not buffers (optimised); ``averaged``: float buffers;
     ``copied``: integer entries (taken from the first expert)."""
 
-    reference: StateDict
+    reference: StateDict  # shapes and dtypes only (meta tensors)
     params: list[str]
     averaged: list[str]
     copied: list[str]
@@ -52,11 +52,13 @@ class FlatSpec:
     @classmethod
     def of(cls, sd: StateDict, buffers: Collection[str] = ()) -> "FlatSpec":
         floats = [k for k, v in sd.items() if v.is_floating_point()]
-        return cls({k: v for k, v in sd.items()}, [k for k in floats if k not in buffers],
+        meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}  # no data held
+        return cls(meta, [k for k in floats if k not in buffers],
                    [k for k in floats if k in buffers], [k for k, v in sd.items() if not v.is_floating_point()])
 
-    def check(self, sd: StateDict, name: str, against: str = "the first expert") -> StateDict:
-        """One clear error if ``sd`` does not match the reference architecture or is not finite."""
+    def check(self, sd: StateDict, name: str, against: str = "the first expert", finite: bool = True) -> StateDict:
+        """One clear error if ``sd`` does not match the reference architecture or (``finite``) has
+        NaN/Inf values."""
         if sd.keys() != self.reference.keys():
             missing, extra = sorted(self.reference.keys() - sd.keys()), sorted(sd.keys() - self.reference.keys())
             raise AMEError(f"{name} does not match {against}: missing keys {missing[:3]}, unexpected keys "
@@ -66,15 +68,31 @@ class FlatSpec:
             if v.shape != ref.shape or v.dtype != ref.dtype:
                 raise AMEError(f"{name} does not match {against} at '{k}': {tuple(v.shape)} {v.dtype} vs "
                                f"{tuple(ref.shape)} {ref.dtype}; experts, init and model= must share one architecture")
-            if v.is_floating_point() and not torch.isfinite(v).all():
+            if finite and v.is_floating_point() and not torch.isfinite(v).all():
                 raise AMEError(f"{name} has NaN/Inf values in '{k}'; retrain that expert or leave it out")
         return sd
 
-    def flatten(self, sd: StateDict, keys: list[str] | None = None) -> Tensor:
+    def subtract(self, ref: Tensor, sd: StateDict, out: Tensor) -> Tensor:
+        """``out = ref − flatten(sd)`` in one pass per tensor (no flattened copy of ``sd``)."""
+        offset = 0
+        for k in self.params:
+            t = sd[k].detach().reshape(-1)
+            torch.sub(ref[offset:offset + t.numel()], t, out=out[offset:offset + t.numel()])
+            offset += t.numel()
+        return out
+
+    def flatten(self, sd: StateDict, keys: list[str] | None = None, out: Tensor | None = None) -> Tensor:
+        """The ``keys`` entries of ``sd`` as one float32 vector, written into ``out`` when given
+        (no allocation: the hot path of an AME step)."""
         keys = self.params if keys is None else keys
-        if not keys:
-            return torch.zeros(0)
-        return torch.cat([sd[k].detach().reshape(-1).to(torch.float32) for k in keys])
+        if out is None:
+            out = torch.empty(sum(self.reference[k].numel() for k in keys), dtype=torch.float32)
+        offset = 0
+        for k in keys:
+            n = sd[k].numel()
+            out[offset:offset + n].copy_(sd[k].detach().reshape(-1))
+            offset += n
+        return out
 
     def unflatten(self, vec: Tensor, keys: list[str] | None = None) -> StateDict:
         keys = self.params if keys is None else keys
@@ -96,13 +114,16 @@ def average(experts: Sequence[StateDict], weights: Sequence[float] | None = None
             f"need {n} non-negative weights with a positive sum, got {weights}")
     first = experts[0]
     spec = FlatSpec.of(first, buffers)
+    copied = {k: first[k].clone() for k in spec.copied}
+    del first  # experts stream: one is held at a time
     keys = spec.params + spec.averaged
-    total = torch.zeros(sum(first[k].numel() for k in keys), dtype=torch.float64)
+    total = torch.zeros(sum(spec.reference[k].numel() for k in keys), dtype=torch.float64)
     for i in range(n):
-        sd = spec.check(first if i == 0 else experts[i], _name(experts, i))
+        sd = spec.check(experts[i], _name(experts, i))
         total += (weights[i] / sum(weights)) * spec.flatten(sd, keys).double()
-    out = {**spec.unflatten(total, keys), **{k: first[k].clone() for k in spec.copied}}
-    return {k: out[k] for k in first}
+        del sd
+    out = {**spec.unflatten(total, keys), **copied}
+    return {k: out[k] for k in spec.reference}
 
 
 def distance(a: StateDict, b: StateDict, keys: Sequence[str]) -> float:
@@ -124,13 +145,14 @@ class AME:
         lr_schedule: ``constant``, or ``harmonic``: step k (counted over all epochs) uses lr / k.
         seed: seeds ``order=shuffle``.
         name: the variant's name in results (``soup``, ``ame_adam``, ...).
+        device: where the flat buffers and the optimizer state live (``cpu``, ``cuda``, ``auto``).
     """
 
     data_free = True
 
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], epochs: int = 1, pivot: str = "init",
                  pseudogradient: str = "iterate", amplification: float | str = 1.0, order: str = "fixed",
-                 lr_schedule: str = "constant", seed: int = 0, name: str = "ame"):
+                 lr_schedule: str = "constant", seed: int = 0, name: str = "ame", device: str = "cpu"):
         require(pivot in PIVOTS, f"aggregator.pivot must be one of {PIVOTS}, got {pivot!r}")
         require(pseudogradient in PSEUDOGRADIENTS,
                 f"aggregator.pseudogradient must be one of {PSEUDOGRADIENTS}, got {pseudogradient!r}")
@@ -142,7 +164,7 @@ class AME:
                 f"aggregator.amplification must be a positive number or 'shard_size', got {amplification!r}")
         self.optimizer, self.epochs, self.pivot_kind = optimizer, epochs, pivot
         self.pseudogradient, self.amplification, self.order = pseudogradient, amplification, order
-        self.lr_schedule, self.seed, self.name = lr_schedule, seed, name
+        self.lr_schedule, self.seed, self.name, self.device = lr_schedule, seed, name, device
 
     def pivot(self, experts: Sequence[StateDict], init: StateDict | None, buffers: Collection[str] = ()) -> StateDict:
         if self.pivot_kind == "init":
@@ -154,6 +176,19 @@ class AME:
         if self.pivot_kind == "first":
             return experts[0]
         return {k: torch.zeros_like(v) for k, v in experts[0].items()}
+
+    def _optimizer(self, w: torch.nn.Parameter) -> torch.optim.Optimizer:
+        """``optimizer([w])`` on its fastest implementation: fused where torch has it (SGD, Adam,
+        AdamW, Adagrad), else foreach; an explicit ``fused``/``foreach`` setting is kept."""
+        chosen = getattr(self.optimizer, "keywords", {}) or {}
+        tries = [{}] if {"fused", "foreach"} & set(chosen) else [{"fused": True}, {"foreach": True}, {}]
+        for i, kwargs in enumerate(tries):
+            try:
+                return self.optimizer([w], **kwargs)
+            except (TypeError, ValueError, RuntimeError) as e:
+                if i == len(tries) - 1:
+                    raise AMEError(f"aggregator.optimizer: {e}") from None
+        raise AssertionError("unreachable")
 
     def _zeta(self, sizes: Sequence[int], n: int) -> list[float]:
         if self.amplification == "shard_size":
@@ -168,38 +203,56 @@ class AME:
                 f"need one positive shard size per expert ({n}), got {list(sizes)}")
         first = experts[0]
         spec = FlatSpec.of(first, buffers)
-        pivot = spec.flatten(self.pivot(experts, init, buffers))
+        copied = {k: first[k].clone() for k in spec.copied}
+        del first  # experts stream: one is held at a time
+        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if self.device == "auto" else self.device)
+        # Flat float32 buffers for the iterate and the pseudogradient: an AME step is one pass that
+        # writes g = w − x_i (or x_pivot − x_i) straight from the expert's tensors, and one fused
+        # optimizer kernel. On CUDA the expert is staged through pinned memory and copied once.
+        pivot = spec.flatten(self.pivot(experts, init, buffers)).to(device)
         w = torch.nn.Parameter(pivot.clone())
-        try:
-            opt = self.optimizer([w])
-        except (TypeError, ValueError) as e:
-            raise AMEError(f"aggregator.optimizer: {e}") from None
+        g = torch.empty_like(pivot)
+        on_gpu = device.type == "cuda"
+        staging, x = (torch.empty(pivot.shape, pin_memory=True), torch.empty_like(pivot)) if on_gpu else (None, None)
+        w.grad = g
+        opt = self._optimizer(w)
         base_lr = [group["lr"] for group in opt.param_groups]
         zeta = self._zeta(sizes, n)
-        averaged = torch.zeros(sum(first[k].numel() for k in spec.averaged), dtype=torch.float64)
+        averaged = torch.zeros(sum(spec.reference[k].numel() for k in spec.averaged), dtype=torch.float64)
         gen = torch.Generator().manual_seed(self.seed)
         step = 0
         for epoch in progress(range(self.epochs), f"{self.name} epochs"):
             order = torch.randperm(n, generator=gen).tolist() if self.order == "shuffle" else range(n)
             for i in order:
-                sd = spec.check(first if i == 0 else experts[i], _name(experts, i))
-                x = spec.flatten(sd)
+                sd = spec.check(experts[i], _name(experts, i), finite=False)
+                ref = w.detach() if self.pseudogradient == "iterate" else pivot
+                if on_gpu:
+                    x.copy_(spec.flatten(sd, out=staging), non_blocking=True)
+                    torch.sub(ref, x, out=g)
+                else:
+                    spec.subtract(ref, sd, out=g)
+                if not torch.isfinite(g.sum()):  # one reduction; the per-tensor check names the culprit
+                    spec.check(sd, _name(experts, i))
                 if epoch == 0:  # buffers: the ζ-weighted mean (uniform, or by shard size)
                     averaged += spec.flatten(sd, spec.averaged).double() * (zeta[i] / sum(zeta))
+                del sd  # a lazily loaded expert is released before the next one is read
+                if self.pseudogradient == "pivot":
+                    g.div_(n)
+                if zeta[i] != 1.0:
+                    g.mul_(zeta[i])
                 step += 1
                 if self.lr_schedule == "harmonic":
                     for group, lr in zip(opt.param_groups, base_lr):
                         group["lr"] = lr / step
-                with torch.no_grad():
-                    g = (w - x) if self.pseudogradient == "iterate" else (pivot - x) / n
-                    w.grad = g.mul_(zeta[i])
                 try:
                     opt.step()
                 except TypeError as e:  # e.g. LBFGS: its step needs a closure that evaluates a loss on data
                     raise AMEError(f"aggregator.optimizer: {type(opt).__name__}.step() failed ({e}); AME needs an "
                                    f"optimizer that steps on a given gradient, such as SGD, Adam or Adagrad") from None
+                if on_gpu:
+                    torch.cuda.current_stream().synchronize()  # before the staging buffer is refilled
         if not torch.isfinite(w).all():
             raise AMEError("the aggregate has NaN/Inf weights: the AME optimizer diverged; lower aggregator.optimizer.lr")
-        out = {**spec.unflatten(w.detach()), **spec.unflatten(averaged, spec.averaged),
-               **{k: first[k].clone() for k in spec.copied}}
-        return {k: out[k] for k in first}
+        out = {**spec.unflatten(w.detach().cpu()), **spec.unflatten(averaged, spec.averaged), **copied}
+        return {k: out[k] for k in spec.reference}

@@ -24,7 +24,7 @@ from ame.data import ImageData, Split
 from ame.errors import require
 from ame.io import StateDict, file_lock, load_state_dict, read_metadata, save_state_dict, sha256_file, write_json
 from ame.report import progress
-from ame.train import expert_seed, initial_state, train_expert
+from ame.train import expert_seed, initial_state, train_experts
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class ExpertSet:
     fingerprint: str | None = None  # hash of the exact expert and base files (trained experts)
 
 
-_NOT_IN_KEY = {"root", "download", "cache_dir", "device"}  # where things run or live, not what they are
+_NOT_IN_KEY = {"root", "download", "cache_dir", "device", "parallel_experts"}  # how or where, not what
 
 
 def _strip(node):
@@ -147,11 +147,12 @@ def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torc
         todo = [i for i in range(len(split.shards)) if not entry.valid(f"expert_{i:03d}.safetensors")]
         log.info("experts: %d of %d from the cache (%s), %d to train", len(split.shards) - len(todo),
                  len(split.shards), root, len(todo))
-        for i in progress(todo, "training experts"):
-            shard, name = split.shards[i], f"expert_{i:03d}.safetensors"
+        trained = train_experts(cfg.model, cfg.train, data, [split.shards[i] for i in todo], init,
+                                [expert_seed(int(cfg.seed), i) for i in todo], device)
+        for i, sd in zip(todo, progress(trained, "training experts", total=len(todo))):
             cached = False
-            sd = train_expert(cfg.model, cfg.train, data, shard, init, expert_seed(int(cfg.seed), i), device)
-            entry.put(name, sd, {"shard_size": str(len(shard)), "class_counts": json.dumps(counts[i].tolist())})
+            entry.put(f"expert_{i:03d}.safetensors", sd, {"shard_size": str(len(split.shards[i])),
+                                                          "class_counts": json.dumps(counts[i].tolist())})
         fingerprint = config_hash({"files": entry.manifest["files"], "base": base_sha})
     paths = [root / f"expert_{i:03d}.safetensors" for i in range(len(split.shards))]
     return ExpertSet(Experts(paths), split.sizes, init, counts, cached, root, fingerprint)

@@ -5,6 +5,7 @@ padding, horizontal flip) and normalises it. No DataLoader, no per-image Python 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numpy as np
 import torch
@@ -53,6 +54,28 @@ def augment(x: torch.Tensor, crop_padding: int, flip: bool, g: torch.Generator) 
     return x
 
 
+def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int, aug: DictConfig, g: torch.Generator):
+    """One expert's training batches, in order: a seeded permutation per epoch, each batch
+    augmented on the tensors' device. Sequential and parallel training draw from this same stream."""
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=g).to(x.device)
+        for start in range(0, len(y), batch_size):
+            b = perm[start:start + batch_size]
+            yield augment(x[b], int(aug.crop_padding), bool(aug.flip), g), y[b]
+
+
+def _lr_lambda(kind: str, steps: int):
+    require(kind in ("cosine", "constant"), f"train.lr_schedule must be cosine or constant, got {kind!r}")
+    if kind == "constant":
+        return lambda k: 1.0
+    return lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, steps)))
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (tensor cores); full fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def fit(model: nn.Module, data: ImageData, idx: np.ndarray, train_cfg: DictConfig, epochs: int, seed: int,
         device: torch.device, lr: float | None = None) -> nn.Module:
     """Train ``model`` on ``data.train_x[idx]`` for ``epochs`` with ``train_cfg``'s optimizer
@@ -61,30 +84,78 @@ def fit(model: nn.Module, data: ImageData, idx: np.ndarray, train_cfg: DictConfi
     model.to(device).train()
     x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
     bs = int(train_cfg.batch_size)
-    steps = epochs * math.ceil(len(idx) / bs)
     opt = instantiate(train_cfg.optimizer, "train.optimizer", **({"lr": lr} if lr is not None else {}))(model.parameters())
-    if train_cfg.lr_schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, steps))))
-    else:
-        require(train_cfg.lr_schedule == "constant", f"train.lr_schedule must be cosine or constant, "
-                f"got {train_cfg.lr_schedule!r}")
-        sched = None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(train_cfg.lr_schedule, epochs * math.ceil(len(idx) / bs)))
     g = torch.Generator().manual_seed(seed)
-    aug = train_cfg.augment
-    for _ in progress(range(epochs), "epochs"):
-        perm = torch.randperm(len(idx), generator=g).to(device)
-        for start in range(0, len(idx), bs):
-            b = perm[start:start + bs]
-            xb = augment(x[b], int(aug.crop_padding), bool(aug.flip), g)
-            loss = F.cross_entropy(model(data.normalize(xb)), y[b], label_smoothing=float(train_cfg.label_smoothing))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched:
-                sched.step()
+    batches = _batches(x, y, bs, epochs, train_cfg.augment, g)
+    for xb, yb in progress(batches, "steps", total=epochs * math.ceil(len(idx) / bs)):
+        with _autocast(device):
+            loss = F.cross_entropy(model(data.normalize(xb)), yb, label_smoothing=float(train_cfg.label_smoothing))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise AMEError("training diverged (NaN/Inf weights); lower train.optimizer.lr")
     return model.eval()
+
+
+def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarray], train_cfg: DictConfig,
+                 seeds: list[int], device: torch.device) -> list[nn.Module]:
+    """Train several experts at once as one stacked model (``torch.func.vmap`` over their
+    parameters), each on its own shard, data order and lr schedule: the same experts as calling
+    :func:`fit` on each in turn (up to float rounding), in one pass of larger kernels.
+
+    Each expert is its own parameter group of one torch.optim optimizer; an expert that has
+    finished its (fewer) steps gets no gradient, so the optimizer leaves it untouched. Batches are
+    padded to a common size and the padding masked out of the loss."""
+    from torch.func import functional_call, vmap
+
+    require(not any(len(list(m.buffers())) for m in models),
+            "train.parallel_experts=true needs a model without buffers (BatchNorm statistics); use "
+            "model.norm=group or none, or train.parallel_experts=false")
+    bs, epochs, n = int(train_cfg.batch_size), int(train_cfg.epochs), len(models)
+    steps = [epochs * math.ceil(len(s) / bs) for s in shards]
+    for m in models:
+        m.to(device).train()
+    opt = instantiate(train_cfg.optimizer, "train.optimizer")([{"params": list(m.parameters())} for m in models])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(train_cfg.lr_schedule, s) for s in steps])
+    streams = [_batches(data.train_x[s].to(device), data.train_y[s].to(device), bs, epochs, train_cfg.augment,
+                        torch.Generator().manual_seed(seed)) for s, seed in zip(shards, seeds)]
+    names = [k for k, _ in models[0].named_parameters()]
+    template = models[0]
+
+    def forward(params, x):
+        return functional_call(template, params, (x,))
+
+    c, h, w = data.shape
+    for step in progress(range(max(steps)), "steps (all experts)"):
+        active = [step < s for s in steps]
+        xs = torch.zeros(n, bs, c, h, w, dtype=torch.uint8, device=device)
+        ys = torch.zeros(n, bs, dtype=torch.int64, device=device)
+        mask = torch.zeros(n, bs, device=device)
+        for i, stream in enumerate(streams):
+            if active[i]:
+                xb, yb = next(stream)
+                xs[i, :len(yb)], ys[i, :len(yb)], mask[i, :len(yb)] = xb, yb, 1.0
+        params = {k: torch.stack([dict(m.named_parameters())[k] for m in models]) for k in names}
+        with _autocast(device):
+            logits = vmap(forward)(params, data.normalize(xs.flatten(0, 1)).reshape(n, bs, c, h, w))
+        per = F.cross_entropy(logits.flatten(0, 1).float(), ys.flatten(), reduction="none",
+                              label_smoothing=float(train_cfg.label_smoothing)).view(n, bs)
+        loss = ((per * mask).sum(1) / mask.sum(1).clamp_min(1)).sum()  # each expert's own batch mean
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for m, on in zip(models, active):
+            if not on:
+                for p in m.parameters():
+                    p.grad = None
+        opt.step()
+        sched.step()
+    for m in models:
+        if not all(torch.isfinite(p).all() for p in m.parameters()):
+            raise AMEError("training diverged (NaN/Inf weights); lower train.optimizer.lr")
+    return [m.eval() for m in models]
 
 
 def _positive_int(value, key: str) -> int:
@@ -119,16 +190,30 @@ def initial_state(model_cfg: DictConfig, train_cfg: DictConfig, data: ImageData,
     model = build_model(model_cfg, data, seed)
     if train_cfg.init == "warm":
         fit(model, data, public, train_cfg, int(train_cfg.warm_epochs), seed, device, lr=train_cfg.get("warm_lr"))
+    return _state(model)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def train_expert(model_cfg: DictConfig, train_cfg: DictConfig, data: ImageData, shard: np.ndarray,
-                 init: dict[str, torch.Tensor] | None, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    model = build_model(model_cfg, data, seed)
-    if init is not None:
-        model.load_state_dict(init)
-    fit(model, data, shard, train_cfg, int(train_cfg.epochs), seed, device)
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+def train_experts(model_cfg: DictConfig, train_cfg: DictConfig, data: ImageData, shards: list[np.ndarray],
+                  init: dict[str, torch.Tensor] | None, seeds: list[int], device: torch.device):
+    """Yield one trained expert (state dict) per shard, in order: one after another (each yielded
+    as soon as it is done, so a caller can save it), or all at once with ``train.parallel_experts``."""
+
+    def start(seed: int) -> nn.Module:
+        model = build_model(model_cfg, data, seed)
+        if init is not None:
+            model.load_state_dict(init)
+        return model
+
+    if train_cfg.get("parallel_experts", False) and len(shards) > 1:
+        models = fit_parallel([start(s) for s in seeds], data, shards, train_cfg, seeds, device)
+        yield from (_state(m) for m in models)
+        return
+    for shard, seed in zip(shards, seeds):
+        yield _state(fit(start(seed), data, shard, train_cfg, int(train_cfg.epochs), seed, device))
 
 
 def buffer_names(model: nn.Module) -> list[str]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -164,3 +166,33 @@ def test_every_aggregator_config_builds_and_soups_agree(name, tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in out.values())
     if name in ("soup", "ame_sgd", "weighted_soup"):
         assert max_diff(out, average(ex, buffers=BUFFERS)) <= 1e-6
+
+
+class CountingExperts(Sequence):
+    """Experts made on access, counting how many are alive at once."""
+
+    def __init__(self, n: int, size: int = 1000):
+        self.n, self.size, self.alive, self.peak = n, size, 0, 0
+
+    def __len__(self):
+        return self.n
+
+    def _release(self):
+        self.alive -= 1
+
+    def __getitem__(self, i):
+        w = torch.randn(self.size, generator=torch.Generator().manual_seed(i))
+        self.alive += 1
+        self.peak = max(self.peak, self.alive)
+        weakref.finalize(w, self._release)
+        return {"w": w}
+
+
+@pytest.mark.parametrize("pivot", ["soup", "first", "zero"])
+def test_aggregation_streams_one_expert_at_a_time(pivot):
+    experts = CountingExperts(32)
+    adam = functools.partial(torch.optim.Adam, lr=0.01)
+    out = AME(adam, pivot=pivot, epochs=2, order="shuffle")(experts, [1] * 32)
+    soup = average(experts)
+    assert experts.peak == 1 and experts.alive == 0
+    assert torch.isfinite(out["w"]).all() and soup["w"].shape == (1000,)

@@ -80,3 +80,34 @@ def test_build_model_reports_bad_architecture_settings(tmp_path):
     cfg = compose_cfg(["model=resnet20", "model.depth=21"], tmp_path)
     with pytest.raises(AMEError, match="6n\\+2"):
         build_model(cfg.model, load_digits(), 0)
+
+
+@pytest.mark.parametrize("model", [["model=cnn", "model.widths=[8,16]", "model.norm=group"], ["model=mlp"]])
+def test_parallel_experts_are_the_sequential_experts(model, tmp_path):
+    from ame.train import expert_seed, initial_state, train_experts
+
+    cfg = compose_cfg([*model, "train.epochs=2", "train.batch_size=48", "train.augment.crop_padding=1",
+                       "train.augment.flip=true", "train.label_smoothing=0.1", "train.init=shared"], tmp_path)
+    data = load_digits()
+    shards = split(data.train_y.numpy(), instantiate(cfg.data.shards), seed=0, public_size=250)
+    assert len(set(shards.sizes)) > 1  # unequal shards: experts finish at different steps
+    init = initial_state(cfg.model, cfg.train, data, shards.public, 0, torch.device("cpu"))
+    seeds = [expert_seed(0, i) for i in range(len(shards.shards))]
+    seq = list(train_experts(cfg.model, cfg.train, data, shards.shards, init, seeds, torch.device("cpu")))
+    cfg.train.parallel_experts = True
+    par = list(train_experts(cfg.model, cfg.train, data, shards.shards, init, seeds, torch.device("cpu")))
+    for a, b in zip(seq, par):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+        assert any(not torch.equal(a[k], init[k]) for k in a)  # they did train
+
+
+def test_parallel_training_refuses_batchnorm(tmp_path):
+    from ame.train import train_experts
+
+    cfg = compose_cfg(["model=cnn", "model.widths=[8]", "model.norm=batch", "train.parallel_experts=true"], tmp_path)
+    data = load_digits()
+    shards = split(data.train_y.numpy(), instantiate(cfg.data.shards), seed=0)
+    with pytest.raises(AMEError, match="parallel_experts=true needs a model without buffers"):
+        list(train_experts(cfg.model, cfg.train, data, shards.shards, None, [1, 2, 3, 4], torch.device("cpu")))

@@ -37,6 +37,7 @@ def test_default_run_writes_the_results_contract(default_run):
     sd = load_file(str(tmp / "out" / "aggregate.safetensors"))
     assert sd.keys() == load_file(r["experts"][0]["path"]).keys()
     assert "soup" in proc.stdout and "ame_adam (aggregate)" in proc.stdout  # the printed table
+    assert "it/s" not in proc.stderr + proc.stdout and "\r" not in proc.stderr  # progress bars stay quiet in logs
     assert r["metrics"]["id/acc"] > 0.5  # digits experts are far above chance (0.1) even when tiny
 
 
