@@ -49,15 +49,21 @@ class Evaluator:
     def _mix_acc(self, per_class: np.ndarray, counts: np.ndarray) -> float:
         return float((counts / counts.sum()) @ per_class)
 
-    def __call__(self, sd: StateDict, shard: int | None = None) -> dict[str, float]:
-        """Metrics of the network with weights ``sd``; ``shard`` = the expert's own shard index."""
+    def probabilities(self, sd: StateDict) -> dict:
+        """Softmax outputs of the network ``sd`` on the test set (key ``"id"``) and on each
+        corrupted set (key ``(corruption, severity)``)."""
         self.model.load_state_dict(sd)
-        logits = self.logits(self.test_x)
-        pred = logits.argmax(1)
+        return {"id": self.logits(self.test_x).softmax(1),
+                **{k: self.logits(x).softmax(1) for k, x in self.corrupted.items()}}
+
+    def metrics(self, probs: dict, shard: int | None = None) -> dict[str, float]:
+        """Metrics from :meth:`probabilities` (of one network, or averaged over an ensemble)."""
+        p = probs["id"]
+        pred = p.argmax(1)
         m = {"id/acc": float((pred == self.test_y).float().mean()),
-             "id/nll": float(F.cross_entropy(logits, self.test_y))}
+             "id/nll": float(-p.gather(1, self.test_y[:, None]).clamp_min(1e-12).log().mean())}
         if self.corrupted:
-            by_key = {k: float((self.logits(x).argmax(1) == self.ood_y).float().mean()) for k, x in self.corrupted.items()}
+            by_key = {k: float((probs[k].argmax(1) == self.ood_y).float().mean()) for k in self.corrupted}
             for c in dict.fromkeys(c for c, _ in by_key):
                 m[f"ood/{c}/acc"] = float(np.mean([a for (cc, _), a in by_key.items() if cc == c]))
             for s in dict.fromkeys(s for _, s in by_key):
@@ -75,3 +81,7 @@ class Evaluator:
                 if others.sum() > 0:
                     m["shard/other_acc"] = self._mix_acc(per_class, others)
         return m
+
+    def __call__(self, sd: StateDict, shard: int | None = None) -> dict[str, float]:
+        """Metrics of the network with weights ``sd``; ``shard`` = the expert's own shard index."""
+        return self.metrics(self.probabilities(sd), shard)

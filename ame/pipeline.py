@@ -56,14 +56,19 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     aggregator in a sweep, so they are computed once per expert set and evaluation setting and
     cached beside the experts (trained experts only)."""
     eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "batch_size"}
-    key = config_hash({"eval": eval_cfg, "experts": ex.fingerprint})  # tied to the exact expert files
+    key = config_hash({"eval": eval_cfg, "experts": ex.fingerprint, "format": 2})  # tied to the exact expert files
     path = ex.root / f"eval-{key}.json" if ex.root is not None else None
     if path is not None and path.is_file():
         return json.loads(path.read_text())
     own = ex.class_counts is not None
-    ref = {"soup": evaluator(soup),
-           "experts": [evaluator(ex.experts[i], shard=i if own else None)
-                       for i in progress(range(len(ex.experts)), "evaluating experts")],
+    experts, mean_probs = [], None
+    for i in progress(range(len(ex.experts)), "evaluating experts"):
+        probs = evaluator.probabilities(ex.experts[i])
+        experts.append(evaluator.metrics(probs, shard=i if own else None))
+        mean_probs = probs if mean_probs is None else {k: v + probs[k] for k, v in mean_probs.items()}
+    ensemble = evaluator.metrics({k: v / len(ex.experts) for k, v in mean_probs.items()})
+    ref = {"soup": evaluator(soup), "experts": experts,
+           "ensemble": {**ensemble, "single_network": False},  # the output ensemble: N networks, not one
            "base": evaluator(ex.init) if cfg.experts.source == "train" and cfg.train.init == "warm" else None}
     if path is not None:
         write_json(ref, path)
@@ -118,6 +123,7 @@ def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
             "experts": [{"shard_size": n, "path": str(p), **m}
                         for n, p, m in zip(ex.sizes, ex.experts.paths, ref["experts"])],
             "base": ref["base"],
+            "ensemble": ref["ensemble"],
             "experts_cached": ex.cached,
             "seed": seed,
             "data": {"name": data.name, "shard_sizes": ex.sizes, "public_size": int(cfg.data.public_size)},

@@ -31,6 +31,8 @@ def table_rows(results: dict) -> list[tuple[str, dict]]:
     """(name, metrics) rows: the base (warm start), each expert, the soup and the aggregate."""
     rows = [("base (warm start)", results["base"])] if results.get("base") else []
     rows += [(f"expert {i} (n={e['shard_size']})", e) for i, e in enumerate(results["experts"])]
+    if results.get("ensemble"):
+        rows.append(("output ensemble (N networks)", results["ensemble"]))
     rows += [("soup", results["soup"]), (f"{results['aggregator']} (aggregate)", results["metrics"])]
     return rows
 

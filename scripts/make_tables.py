@@ -56,6 +56,8 @@ def rows(results: list[dict]) -> list[tuple[str, list[dict]]]:
     out.append(("experts (mean)", [{k: statistics.mean(e[k] for e in r["experts"]) for k in r["experts"][0]
                                     if all(isinstance(e.get(k), float) for e in r["experts"])} for r in by_set]))
     out.append(("experts (best ID)", [max(r["experts"], key=lambda e: e["id/acc"]) for r in by_set]))
+    if all(r.get("ensemble") for r in by_set):
+        out.append(("output ensemble (N networks)", [r["ensemble"] for r in by_set]))
     out.append(("soup", [r["soup"] for r in by_set]))
     for name, variant in dict.fromkeys((r["aggregator"], r["variant"]) for r in results):
         label = f"{name} (aggregate{', ' + variant if variant else ''})"

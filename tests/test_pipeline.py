@@ -161,3 +161,28 @@ def test_batchnorm_statistics_are_averaged_in_process(tmp_path):
     assert torch.allclose(agg[mean], torch.stack([e[mean] for e in experts]).mean(0), atol=1e-6)
     count = next(k for k in agg if k.endswith("num_batches_tracked"))
     assert agg[count] == experts[0][count]
+
+
+def test_output_ensemble_is_the_mean_of_the_experts_softmax(tmp_path):
+    from ame.data import load_digits
+    from ame.evaluate import Evaluator
+    from ame.models import MLP
+
+    data = load_digits()
+    nets = [MLP(1, 8, 10, hidden=[16]) for _ in range(3)]
+    ev = Evaluator(MLP(1, 8, 10, hidden=[16]), data, ["contrast"], [3], None, None)
+    probs = [ev.probabilities(n.state_dict()) for n in nets]
+    mean = {k: sum(p[k] for p in probs) / 3 for k in probs[0]}
+    with torch.no_grad():
+        manual = sum(n(data.normalize(data.test_x)).softmax(1) for n in nets) / 3
+    assert torch.allclose(mean["id"], manual, atol=1e-6)
+    m = ev.metrics(mean)
+    assert m["id/acc"] == float((manual.argmax(1) == data.test_y).float().mean())
+    assert abs(m["id/nll"] + float(manual.gather(1, data.test_y[:, None]).log().mean())) < 1e-5
+
+
+def test_results_report_the_output_ensemble(default_run):
+    tmp, proc = default_run
+    r = read_results(tmp / "out")
+    assert r["ensemble"]["single_network"] is False and METRIC_KEYS <= r["ensemble"].keys()
+    assert "output ensemble (N networks)" in proc.stdout
