@@ -34,7 +34,8 @@ def overrides(results_file: Path) -> list[str]:
 
 def load(dirs: list[Path]) -> list[dict]:
     """Every results.json under ``dirs``, with ``setting`` and ``variant`` keys from its overrides."""
-    files = sorted({f for d in dirs for f in ([d] if d.is_file() else d.rglob("results.json"))})
+    files = sorted({f for d in dirs for f in ([d] if d.is_file() else d.rglob("results.json"))},
+                   key=lambda f: [int(p) if p.isdigit() else p for p in f.parts])  # job 2 before job 10
     if not files:
         raise SystemExit(f"no results.json under {', '.join(map(str, dirs))}")
     out = []
