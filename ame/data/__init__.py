@@ -1,0 +1,5 @@
+"""Stage 1-2: datasets as uint8 tensors, shard splitting, and corrupted test sets."""
+from ame.data.datasets import ImageData, load_cifar, load_digits
+from ame.data.shards import Split, split
+
+__all__ = ["ImageData", "load_cifar", "load_digits", "Split", "split"]

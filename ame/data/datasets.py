@@ -1,0 +1,195 @@
+"""Datasets held in memory as uint8 tensors (N, C, H, W), decoded once and cached.
+
+Every loader returns an :class:`ImageData`; training and evaluation never see PIL images or a
+DataLoader, only index arithmetic on these tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ame.errors import AMEError, require
+from ame.io import file_lock, is_verified, save_verified
+from ame.report import progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageData:
+    name: str
+    train_x: Tensor  # uint8 (N, C, H, W)
+    train_y: Tensor  # int64 (N,)
+    test_x: Tensor
+    test_y: Tensor
+    classes: list[str]
+    mean: Tensor = field(init=False)  # per-channel, on the [0, 1] scale, from the training images
+    std: Tensor = field(init=False)
+
+    def __post_init__(self):
+        require(self.train_x.dtype == torch.uint8 and self.test_x.dtype == torch.uint8,
+                f"{self.name}: images must be uint8 tensors")
+        x = self.train_x.to(torch.float64) / 255
+        self.mean = x.mean(dim=(0, 2, 3)).float()
+        self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).float()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 (or [0, 1] float) images → float32, standardised per channel, channels-last
+        (2-3× faster convolutions on CPU, the layout tensor cores want on GPU)."""
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return ((x - mean[:, None, None]) / std[:, None, None]).contiguous(memory_format=torch.channels_last)
+
+    def fingerprint(self) -> str:
+        """sha256 of the pixels and labels: what the expert cache keys on, not the file paths."""
+        h = hashlib.sha256()
+        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    test = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test.append(idx[: int(round(fraction * len(idx)))])
+    test = np.sort(np.concatenate(test))
+    train = np.setdiff1d(np.arange(len(y)), test)
+    return train, test
+
+
+def load_digits(test_fraction: float = 0.3, split_seed: int = 0) -> ImageData:
+    """scikit-learn's 8×8 handwritten digits (1,797 images, ships with the package: no download).
+
+    There is no official test split, so a fixed stratified ``test_fraction`` is held out
+    (``split_seed`` is the dataset's, not the run's: the test set is the same for every run).
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    require(0 < test_fraction < 1, f"data.dataset.test_fraction must be in (0, 1), got {test_fraction}")
+    d = sk_digits()
+    x = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None]
+    y = torch.from_numpy(d.target.astype(np.int64))
+    tr, te = _stratified_holdout(d.target, test_fraction, split_seed)
+    return ImageData("digits", x[tr], y[tr], x[te], y[te], [str(c) for c in range(10)])
+
+
+_TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python")}
+
+
+def _find_image_folder(root: Path, name: str) -> Path | None:
+    for d in (root, root / f"{name}-jpeg", root / name):
+        if (d / "train").is_dir() and (d / "test").is_dir():
+            return d
+    return None
+
+
+def _decode_folder(split_dir: Path, classes: list[str] | None = None) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode an ImageFolder split (``<class>/<image>``) into one uint8 tensor, in batches."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    classes = classes or sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    xs, ys = [], []
+    for label, c in enumerate(progress(classes, f"decoding {split_dir.name}")):
+        files = sorted(p for p in (split_dir / c).iterdir() if p.is_file())
+        for f in files:
+            try:
+                xs.append(decode_image(read_file(str(f)), mode=ImageReadMode.RGB))
+            except RuntimeError as e:
+                raise AMEError(f"cannot decode image {f} ({str(e).splitlines()[0][:80]}); replace or remove it") from None
+        ys += [label] * len(files)
+    require(len(xs) > 0, f"no images under {split_dir}; expected {split_dir}/<class>/<image>.jpg")
+    sizes = {tuple(x.shape) for x in xs}
+    require(len(sizes) == 1, f"images under {split_dir} differ in size ({sorted(sizes)[:3]}...); resize them first")
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), classes
+
+
+def _load_torchvision(name: str, root: Path, download: bool) -> ImageData:
+    import torchvision
+
+    cls_name, folder = _TORCHVISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # an unreachable mirror must fail, not hang
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=False)
+    except Exception as e:  # torchvision raises RuntimeError (missing) or URLError/OSError (offline)
+        why = "download failed" if download else "download disabled (data.download=false)"
+        raise AMEError(
+            f"{name}: no data at data.root={root} and {why} ({type(e).__name__}); set data.root to a "
+            f"directory holding torchvision's '{folder}' or an ImageFolder tree (train/<class>/*.jpg, "
+            f"test/<class>/*.jpg), e.g. the extracted cifar10-jpeg.tar.gz") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+    def to_tensor(ds):
+        return (torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous(),
+                torch.tensor(ds.targets, dtype=torch.int64))
+
+    return ImageData(name, *to_tensor(train), *to_tensor(test), list(train.classes))
+
+
+def load_cifar(name: str, root: str, download: bool = True, cache_dir: str | None = None) -> ImageData:
+    """CIFAR-10/100 from ``root``: an ImageFolder tree (e.g. the JPEG re-encoding) or torchvision's
+    files (downloaded when ``download`` and the network allow). Decoded once, cached as uint8."""
+    require(name in _TORCHVISION, f"data.dataset.name must be one of {sorted(_TORCHVISION)}, got {name!r}")
+    root = Path(root).expanduser().resolve()
+    folder = _find_image_folder(root, name)
+    source = f"imagefolder:{folder}" if folder else f"torchvision:{root}"
+    if cache_dir:
+        key = hashlib.sha256(f"{name}|{source}".encode()).hexdigest()[:16]
+        cache = Path(cache_dir) / "datasets" / f"{name}-{key}.safetensors"
+        with file_lock(cache.with_suffix(".lock")):
+            cached = _read_cache(name, cache)
+            if cached is not None:
+                return cached
+            data = _decode(name, root, folder, download)
+            _write_cache(data, cache, source)
+            return data
+    return _decode(name, root, folder, download)
+
+
+def _decode(name: str, root: Path, folder: Path | None, download: bool) -> ImageData:
+    if folder:
+        train_x, train_y, classes = _decode_folder(folder / "train")
+        test_x, test_y, _ = _decode_folder(folder / "test", classes)
+        return ImageData(name, train_x, train_y, test_x, test_y, classes)
+    return _load_torchvision(name, root, download)
+
+
+def _write_cache(data: ImageData, path: Path, source: str) -> None:
+    tensors = {"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y}
+    save_verified(tensors, path, {"classes": json.dumps(data.classes), "source": source})
+
+
+def _read_cache(name: str, path: Path) -> ImageData | None:
+    """The cached dataset, or None if the entry is missing, truncated or altered (then rebuilt)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    if not is_verified(path):
+        log.warning("decoded-data cache %s failed its sha256 check; decoding again", path)
+        return None
+    with safe_open(str(path), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        classes = json.loads(f.metadata()["classes"])
+    return ImageData(name, t["train_x"], t["train_y"], t["test_x"], t["test_y"], classes)
