@@ -16,8 +16,9 @@ averaged, integer buffers are taken from the first expert.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Collection, Sequence
+from typing import Callable, Collection
 
 import torch
 from torch import Tensor
@@ -256,3 +257,53 @@ class AME:
             raise AMEError("the aggregate has NaN/Inf weights: the AME optimizer diverged; lower aggregator.optimizer.lr")
         out = {**spec.unflatten(w.detach().cpu()), **spec.unflatten(averaged, spec.averaged), **copied}
         return {k: out[k] for k in spec.reference}
+
+
+class _Subset(Sequence):
+    """Some of the experts, still loaded lazily, with their names."""
+
+    def __init__(self, experts: Sequence[StateDict], idx: Sequence[int]):
+        self.experts, self.idx = experts, list(idx)
+        names = getattr(experts, "names", None)
+        self.names = [names[i] for i in self.idx] if names else None
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> StateDict:
+        return self.experts[self.idx[i]]
+
+
+class GreedySoup:
+    """Greedy soup (Wortsman et al. 2022): rank the experts by validation accuracy, start from
+    the best, and add each next one only if the soup's validation accuracy does not drop.
+
+    **Not data-free**: it is called with ``score``, a function of a state dict that returns its
+    accuracy on a held-out validation split (``data.val_size``), and its results say
+    ``data_free: false``."""
+
+    data_free = False
+    pivot_kind = "soup"
+
+    def __init__(self, name: str = "greedy_soup"):
+        self.name, self.info = name, {}
+
+    def pivot(self, experts: Sequence[StateDict], init: StateDict | None, buffers: Collection[str] = ()) -> StateDict:
+        return average(experts, buffers=buffers)
+
+    def __call__(self, experts: Sequence[StateDict], sizes: Sequence[int], init: StateDict | None = None,
+                 buffers: Collection[str] = (), score: Callable[[StateDict], float] | None = None) -> StateDict:
+        require(score is not None, "greedy_soup needs held-out data: set data.val_size (e.g. data.val_size=1000)")
+        require(len(experts) > 0, "no experts to aggregate; check experts.paths or data.shards.num_shards")
+        alone = [score(experts[i]) for i in range(len(experts))]
+        ranked = sorted(range(len(experts)), key=lambda i: -alone[i])
+        chosen, best = [ranked[0]], alone[ranked[0]]
+        history = [(ranked[0], best, True)]
+        for i in ranked[1:]:
+            s = score(average(_Subset(experts, chosen + [i]), buffers=buffers))
+            history.append((i, s, s >= best))
+            if s >= best:
+                chosen, best = chosen + [i], s
+        self.info = {"chosen": sorted(chosen), "val_acc": best,
+                     "tried": [{"expert": i, "val_acc": s, "added": a} for i, s, a in history]}
+        return average(_Subset(experts, sorted(chosen)), buffers=buffers)

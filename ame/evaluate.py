@@ -26,6 +26,21 @@ from ame.errors import require
 from ame.io import StateDict
 
 
+@torch.inference_mode()
+def logits(model: nn.Module, data: ImageData, x: torch.Tensor, batch_size: int = 256,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """``model``'s float32 logits for uint8 images ``x``, in batches, on the CPU."""
+    return torch.cat([model(data.normalize(x[i:i + batch_size].to(device))).float().cpu()
+                      for i in range(0, len(x), batch_size)])
+
+
+def accuracy(model: nn.Module, data: ImageData, sd: StateDict, x: torch.Tensor, y: torch.Tensor,
+             device: torch.device | str = "cpu") -> float:
+    """Accuracy of ``model`` with weights ``sd`` on ``(x, y)``."""
+    model.load_state_dict(sd)
+    return float((logits(model.to(device).eval(), data, x, device=device).argmax(1) == y).float().mean())
+
+
 class Evaluator:
     def __init__(self, model: nn.Module, data: ImageData, corruptions: Sequence[str], severities: Sequence[int],
                  ood_subsample: int | None, class_counts: np.ndarray | None, seed: int = 0,
@@ -40,11 +55,8 @@ class Evaluator:
         self.corrupted = {(c, s): corrupt(self.test_x[keep], c, s, seed) for c in corruptions for s in severities}
         self.counts = None if class_counts is None else np.asarray(class_counts, dtype=np.float64)
 
-    @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = [self.model(self.data.normalize(x[i:i + self.batch_size].to(self.device))).float().cpu()
-               for i in range(0, len(x), self.batch_size)]
-        return torch.cat(out)
+        return logits(self.model, self.data, x, self.batch_size, self.device)
 
     def _mix_acc(self, per_class: np.ndarray, counts: np.ndarray) -> float:
         return float((counts / counts.sum()) @ per_class)

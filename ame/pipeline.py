@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from ame.aggregate import FlatSpec, average, distance
 from ame.data import split
 from ame.errors import AMEError, instantiate, require
-from ame.evaluate import Evaluator
+from ame.evaluate import Evaluator, accuracy
 from ame.experts import config_hash, file_experts, trained_experts
 from ame.io import save_state_dict, write_json
 from ame.report import Timer, format_table, progress, write_results
@@ -30,6 +30,10 @@ def _check(cfg: DictConfig):
         no_init = cfg.train.init == "independent"
     else:
         no_init = not cfg.experts.get("init")
+    if not getattr(aggregator, "data_free", True):
+        require(cfg.experts.source == "train" and int(cfg.data.get("val_size", 0)) > 0,
+                f"aggregator={getattr(aggregator, 'name', '?')} is not data-free: it needs a validation split; set "
+                "data.val_size (e.g. data.val_size=1000), with experts=train")
     if getattr(aggregator, "pivot_kind", None) == "init" and no_init:
         raise AMEError("aggregator.pivot=init needs the experts' shared initialisation, but "
                        + ("train.init=independent" if cfg.experts.source == "train" else "experts.init is not set")
@@ -85,7 +89,8 @@ def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
         data = instantiate(cfg.data.dataset, "data")
     with timer("shards"):
         splitter = instantiate(cfg.data.shards, "data.shards")
-        shards = split(data.train_y.numpy(), splitter, seed=seed, public_size=int(cfg.data.public_size))
+        shards = split(data.train_y.numpy(), splitter, seed=seed, public_size=int(cfg.data.public_size),
+                       val_size=int(cfg.data.get("val_size", 0)))
     with timer("experts"):
         if cfg.experts.source == "train":
             ex = trained_experts(cfg, data, shards, train_device)
@@ -99,7 +104,12 @@ def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
     if ex.init is not None:
         reference.check(ex.init, "the initialisation (experts.init)", against=against)
     with timer("aggregate"):
-        aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers)
+        if getattr(aggregator, "data_free", True):
+            aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers)
+        else:  # the declared exception (greedy soup): scored on the held-out validation split
+            val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]
+            aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers,
+                                   score=lambda sd: accuracy(model, data, sd, val_x, val_y, agg_device))
     soup = average(ex.experts, buffers=buffers)
     pivot = aggregator.pivot(ex.experts, ex.init, buffers)
 
@@ -118,6 +128,7 @@ def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
         results = {
             "aggregator": getattr(aggregator, "name", type(aggregator).__name__),
             "data_free": bool(getattr(aggregator, "data_free", False)),
+            "aggregator_info": dict(getattr(aggregator, "info", {})),
             "metrics": metrics,
             "soup": ref["soup"],
             "experts": [{"shard_size": n, "path": str(p), **m}
@@ -126,7 +137,8 @@ def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
             "ensemble": ref["ensemble"],
             "experts_cached": ex.cached,
             "seed": seed,
-            "data": {"name": data.name, "shard_sizes": ex.sizes, "public_size": int(cfg.data.public_size)},
+            "data": {"name": data.name, "shard_sizes": ex.sizes, "public_size": int(cfg.data.public_size),
+                     "val_size": len(shards.val)},
         }
     results["timings_s"] = timer.seconds
     save_state_dict(aggregate, out_dir / "aggregate.safetensors", {"aggregator": results["aggregator"]})

@@ -160,9 +160,10 @@ def test_diverging_optimizer_is_reported():
 def test_every_aggregator_config_builds_and_soups_agree(name, tmp_path):
     cfg = compose_cfg([f"aggregator={name}"], tmp_path)
     agg = instantiate(cfg.aggregator)
-    assert agg.name == name and agg.data_free
+    assert agg.name == name and agg.data_free == (name != "greedy_soup")
     ex, init = tiny_experts(4), tiny_experts(1, seed=7)[0]
-    out = agg(ex, [5, 5, 5, 5], init, BUFFERS)
+    score = {} if agg.data_free else {"score": lambda sd: -float(sd["layer.bias"].abs().sum())}
+    out = agg(ex, [5, 5, 5, 5], init, BUFFERS, **score)
     assert all(torch.isfinite(v.float()).all() for v in out.values())
     if name in ("soup", "ame_sgd", "weighted_soup"):
         assert max_diff(out, average(ex, buffers=BUFFERS)) <= 1e-6
@@ -196,3 +197,26 @@ def test_aggregation_streams_one_expert_at_a_time(pivot):
     soup = average(experts)
     assert experts.peak == 1 and experts.alive == 0
     assert torch.isfinite(out["w"]).all() and soup["w"].shape == (1000,)
+
+
+def test_greedy_soup_never_adds_an_ingredient_that_lowers_validation_accuracy():
+    from ame.aggregate import GreedySoup
+
+    values = [1.0, -1.0, 5.0, 0.5]  # "accuracy" = −|w|: the best ingredient alone is 0.5
+    experts = [{"w": torch.tensor([v])} for v in values]
+    greedy = GreedySoup()
+    out = greedy(experts, [1] * 4, score=lambda sd: -abs(float(sd["w"][0])))
+    # 0.5 first; +1.0 → mean 0.75 (worse, rejected); −1.0 → mean −0.25 (better, kept); +5.0 → 1.5 (rejected)
+    assert greedy.info["chosen"] == [1, 3] and torch.allclose(out["w"], torch.tensor([-0.25]))
+    best = -float("inf")
+    for step in greedy.info["tried"]:
+        assert step["added"] == (step["val_acc"] >= best)
+        best = max(best, step["val_acc"]) if step["added"] else best
+    assert not greedy.data_free
+
+
+def test_greedy_soup_without_validation_data_says_what_to_set():
+    from ame.aggregate import GreedySoup
+
+    with pytest.raises(AMEError, match="data.val_size"):
+        GreedySoup()(tiny_experts(2), [1, 1])

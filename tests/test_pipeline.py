@@ -47,6 +47,13 @@ def test_wandb_offline_run_directory_is_written(default_run):
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
 
 
+def test_greedy_soup_uses_a_validation_split_and_says_it_is_not_data_free(tmp_path):
+    run_cli([*FAST, "aggregator=greedy_soup", "data.val_size=120"], tmp_path)
+    r = read_results(tmp_path / "out")
+    assert r["data_free"] is False and r["data"]["val_size"] == 120
+    assert r["aggregator_info"]["chosen"] and len(r["aggregator_info"]["tried"]) == 3
+
+
 def test_wandb_online_without_a_server_falls_back_to_offline_within_seconds(tmp_path):
     import time
 
@@ -92,6 +99,7 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     (["data=cifar10_shards", "data.root=/nonexistent", "data.download=false"], "data.root=/nonexistent"),
     (["train.init=independent"], "pivot=init needs the experts' shared initialisation"),
     (["train.epochs=abc"], "train.epochs must be an integer"),
+    (["aggregator=greedy_soup"], "is not data-free: it needs a validation split"),
     (["aggregator.optimizer._target_=torch.optim.LBFGS"], "needs an optimizer that steps on a given gradient"),
     (["model=cnn", "model.widths=[8,8,8,8]"], "model.widths has 4 blocks"),
 ])

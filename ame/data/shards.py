@@ -6,7 +6,7 @@ gives the same indices on every machine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -18,6 +18,7 @@ from ame.errors import AMEError, require
 class Split:
     shards: list[np.ndarray]  # indices into the training set, disjoint, sorted
     public: np.ndarray  # indices held out before sharding (empty unless data.public_size > 0)
+    val: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # data.val_size held out
 
     @property
     def sizes(self) -> list[int]:
@@ -87,15 +88,20 @@ def classes(labels: np.ndarray, num_shards: int, rng: np.random.Generator, k: in
     return [np.array(s, dtype=np.int64) for s in shards]
 
 
-def split(labels: np.ndarray, splitter: Callable[..., list[np.ndarray]], seed: int, public_size: int = 0) -> Split:
-    """Take out ``public_size`` examples uniformly at random, then shard the rest with
+def split(labels: np.ndarray, splitter: Callable[..., list[np.ndarray]], seed: int, public_size: int = 0,
+          val_size: int = 0) -> Split:
+    """Take out ``public_size`` examples, then ``val_size`` more (a validation split, for the
+    aggregators that are not data-free), uniformly at random; then shard the rest with
     ``splitter(labels, rng=...)`` (one of the functions above, with its settings bound: the
     ``data.shards`` config). Returned indices refer to the full training set."""
     labels = np.asarray(labels)
     require(0 <= public_size < len(labels),
             f"data.public_size must be in [0, {len(labels)}), got {public_size}")
+    require(0 <= val_size < len(labels) - public_size,
+            f"data.val_size must be in [0, {len(labels) - public_size}), got {val_size}")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(labels))
-    public, rest = np.sort(perm[:public_size]), np.sort(perm[public_size:])
+    public, val = np.sort(perm[:public_size]), np.sort(perm[public_size:public_size + val_size])
+    rest = np.sort(perm[public_size + val_size:])
     local = splitter(labels[rest], rng=rng)
-    return Split([np.sort(rest[s]) for s in local], public)
+    return Split([np.sort(rest[s]) for s in local], public, val)
