@@ -1,6 +1,6 @@
 """Turn the ``results.json`` files under one or more run / multirun directories into a table.
 
-    python scripts/make_tables.py multirun/2026-11-22/12-00-00 [--out table.md]
+    python scripts/make_tables.py multirun/2026-11-22/12-00-00 [--out table.md]   # + table.tex, table.csv
 
 Runs are grouped by their Hydra overrides (``.hydra/overrides.yaml`` beside each file): one table
 per setting (overrides other than ``seed``, ``aggregator*``, ``hydra.*``, ``logger*``, ``paths.*``),
@@ -13,6 +13,8 @@ and from the soup (relative to ‖pivot − soup‖). Deterministic given the in
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import statistics
 from pathlib import Path
@@ -88,14 +90,46 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + f"\n\nAccuracies in %; {sets} expert set(s), {len(results)} run(s).\n"
 
 
+def csv_rows(results: list[dict]) -> str:
+    """One CSV line per (setting, row): mean, std and run count of every column, unrounded."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["setting", "network", "runs"] + [f"{k}_{s}" for k, _, _ in COLUMNS for s in ("mean", "std")])
+    for setting in dict.fromkeys(r["setting"] for r in results):
+        for name, ms in rows([r for r in results if r["setting"] == setting]):
+            line = [setting, name, len(ms)]
+            for k, _, _ in COLUMNS:
+                v = [m[k] for m in ms if isinstance(m.get(k), (int, float))]
+                line += [repr(statistics.mean(v)) if v else "", repr(statistics.stdev(v)) if len(v) > 1 else ""]
+            out.writerow(line)
+    return buf.getvalue()
+
+
+def latex(results: list[dict]) -> str:
+    """A booktabs table per setting, with the same cells as the Markdown one."""
+    parts = []
+    for setting in dict.fromkeys(r["setting"] for r in results):
+        lines = [f"% {setting or 'defaults'}", "\\begin{tabular}{l" + "r" * len(COLUMNS) + "}", "\\toprule",
+                 "network & " + " & ".join(title for _, title, _ in COLUMNS) + " \\\\", "\\midrule"]
+        for name, ms in rows([r for r in results if r["setting"] == setting]):
+            cells = [cell([m.get(k) for m in ms], sc).replace("±", "$\\pm$") for k, _, sc in COLUMNS]
+            lines.append(name.replace("_", "\\_") + " & " + " & ".join(cells) + " \\\\")
+        parts.append("\n".join(lines + ["\\bottomrule", "\\end{tabular}"]))
+    return "\n\n".join(parts) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path, help="run or multirun directories (or results.json files)")
-    ap.add_argument("--out", type=Path, help="write the Markdown table here instead of printing it")
+    ap.add_argument("--out", type=Path, help="write the Markdown table here (and, beside it, .tex and .csv) "
+                    "instead of printing it")
     args = ap.parse_args()
-    table = markdown(load(args.dirs))
+    results = load(args.dirs)
+    table = markdown(results)
     if args.out:
         args.out.write_text(table)
+        args.out.with_suffix(".tex").write_text(latex(results))
+        args.out.with_suffix(".csv").write_text(csv_rows(results))
     else:
         print(table, end="")
 

@@ -40,3 +40,16 @@ def test_tables_group_by_setting_and_average_over_seeds(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path)],
                            capture_output=True, text=True, check=True).stdout
     assert again == out
+
+
+def test_out_writes_markdown_latex_and_csv_with_the_same_numbers(tmp_path):
+    import csv
+
+    for seed, acc in ((0, 0.5), (1, 0.7)):
+        write_run(tmp_path / "runs" / str(seed), "soup", seed, acc, [f"seed={seed}", "aggregator=soup"])
+    subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "runs"),
+                    "--out", str(tmp_path / "t.md")], check=True)
+    assert "| soup (aggregate) | 60.00 ± 14.14 |" in (tmp_path / "t.md").read_text()
+    assert "soup (aggregate) & 60.00 $\\pm$ 14.14 &" in (tmp_path / "t.tex").read_text().replace("\\_", "_")
+    rows = {r["network"]: r for r in csv.DictReader(open(tmp_path / "t.csv"))}
+    assert float(rows["soup (aggregate)"]["id/acc_mean"]) == 0.6 and rows["soup (aggregate)"]["runs"] == "2"
