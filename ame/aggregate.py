@@ -131,6 +131,14 @@ def distance(a: StateDict, b: StateDict, keys: Sequence[str]) -> float:
     return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys))
 
 
+def _step(opt: torch.optim.Optimizer) -> None:
+    try:
+        opt.step()
+    except TypeError as e:  # e.g. LBFGS: its step needs a closure that evaluates a loss on data
+        raise AMEError(f"aggregator.optimizer: {type(opt).__name__}.step() failed ({e}); AME needs an "
+                       f"optimizer that steps on a given gradient, such as SGD, Adam or Adagrad") from None
+
+
 class AME:
     """Amortized Model Ensembling: feed per-expert pseudogradients to a torch.optim optimizer.
 
@@ -177,6 +185,15 @@ class AME:
         if self.pivot_kind == "first":
             return experts[0]
         return {k: torch.zeros_like(v) for k, v in experts[0].items()}
+
+    def check(self) -> None:
+        """Fail now, before any expert is trained, if the optimizer or the device cannot work:
+        one step of the optimizer on a dummy parameter."""
+        require(self.device in ("cpu", "auto") or (str(self.device).startswith("cuda") and torch.cuda.is_available()),
+                f"aggregator.device={self.device!r} but CUDA is not available; use cpu or auto")
+        w = torch.nn.Parameter(torch.zeros(1))
+        w.grad = torch.zeros(1)
+        _step(self._optimizer(w))
 
     def _optimizer(self, w: torch.nn.Parameter) -> torch.optim.Optimizer:
         """``optimizer([w])`` on its fastest implementation: fused where torch has it (SGD, Adam,
@@ -246,11 +263,7 @@ class AME:
                 if self.lr_schedule == "harmonic":
                     for group, lr in zip(opt.param_groups, base_lr):
                         group["lr"] = lr / step
-                try:
-                    opt.step()
-                except TypeError as e:  # e.g. LBFGS: its step needs a closure that evaluates a loss on data
-                    raise AMEError(f"aggregator.optimizer: {type(opt).__name__}.step() failed ({e}); AME needs an "
-                                   f"optimizer that steps on a given gradient, such as SGD, Adam or Adagrad") from None
+                _step(opt)
                 if on_gpu:
                     torch.cuda.current_stream().synchronize()  # before the staging buffer is refilled
         if not torch.isfinite(w).all():

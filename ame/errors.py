@@ -24,4 +24,5 @@ def instantiate(node, what: str, **kwargs):
         cause = e.__cause__ if e.__cause__ is not None else e
         if isinstance(cause, AMEError):
             raise cause from None
-        raise AMEError(f"{what}: {str(cause).strip().splitlines()[0]}") from None
+        message = str(cause).strip().splitlines()
+        raise AMEError(f"{what}: {message[0] if message else type(cause).__name__}") from None

@@ -125,14 +125,13 @@ class _Entry:
 def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torch.device) -> ExpertSet:
     """Train one expert per shard (or reuse the cached ones)."""
     counts = split.class_counts(data.train_y.numpy(), data.num_classes)
-    init, base_sha, cached = None, None, True
+    init, base_sha, cached = None, None, True  # cached: no expert had to be trained (the base may have)
     if cfg.train.init != "independent":
         bkey, bspec = base_key(cfg, data)
         broot = Path(cfg.paths.cache_dir) / "bases" / bkey
         with file_lock(broot.with_suffix(".lock")):
             base = _Entry(broot, bspec)
             if not base.valid("init.safetensors"):
-                cached = False
                 sd = initial_state(cfg.model, cfg.train, data, split.public, int(cfg.seed), device)
                 base.put("init.safetensors", sd, {"init": str(cfg.train.init), "public_size": str(len(split.public))})
             init = load_state_dict(broot / "init.safetensors")
@@ -162,6 +161,7 @@ def file_experts(experts_cfg: DictConfig) -> ExpertSet:
     """Bring your own experts: ``experts.paths`` (a glob of .safetensors / weights-only .pt files),
     optionally ``experts.init`` (their shared initialisation). Shard sizes and class mixes come from
     the files' safetensors metadata when present (as this project writes them), else equal sizes."""
+    init = load_state_dict(experts_cfg.init, key="experts.init") if experts_cfg.get("init") else None
     pattern = str(experts_cfg.paths)
     require(pattern not in ("", "None", "???"), "experts=files needs experts.paths, a glob such as "
             "experts.paths='ckpts/*.safetensors'")
@@ -177,5 +177,4 @@ def file_experts(experts_cfg: DictConfig) -> ExpertSet:
     counts = None
     if all("class_counts" in m for m in meta):
         counts = np.array([json.loads(m["class_counts"]) for m in meta])
-    init = load_state_dict(experts_cfg.init) if experts_cfg.get("init") else None
     return ExpertSet(Experts(paths), sizes, init, counts, cached=True)

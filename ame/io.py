@@ -16,6 +16,8 @@ from torch import Tensor
 from ame.errors import AMEError
 
 StateDict = dict[str, Tensor]
+_UMASK = os.umask(0o022)  # read once, at import (setting it is process-wide)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -29,11 +31,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as e:
         raise AMEError(f"cannot write {path} ({e.strerror}); choose a writable directory") from None
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shared cache entries from colleagues
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide shared cache entries from colleagues
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -64,11 +64,14 @@ def file_lock(path: str | Path) -> Iterator[None]:
 
 
 def save_state_dict(sd: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Save as safetensors, atomically. The metadata go in one JSON entry: safetensors writes
+    several entries in a per-process random order, which would make the file bytes (and their
+    sha256) differ from run to run."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        save_file(tensors, str(tmp), metadata={"ame": json.dumps(dict(metadata or {}), sort_keys=True)})
 
 
 def sha256_file(path: str | Path) -> str:
@@ -103,17 +106,18 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
     try:
         with safe_open(str(path), "pt") as f:
-            return dict(f.metadata() or {})
+            meta = dict(f.metadata() or {})
+        return {**meta, **json.loads(meta.pop("ame", "{}"))}
     except Exception as e:
         raise AMEError(f"cannot read {path} as safetensors ({str(e)[:120]}); is the file complete?") from None
 
 
-def load_state_dict(path: str | Path) -> StateDict:
+def load_state_dict(path: str | Path, key: str = "experts.paths") -> StateDict:
     """Load weights from ``.safetensors`` (memory-mapped) or, for ``.pt``/``.pth``, with
     ``torch.load(weights_only=True)``: expert files are untrusted input, never unpickled freely."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise AMEError(f"expert file {path} does not exist; check experts.paths")
+        raise AMEError(f"weight file {path} does not exist; check {key}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ame.aggregate import FlatSpec, average, distance
+from ame.aggregate import AME, FlatSpec, average, distance
 from ame.data import split
 from ame.errors import AMEError, instantiate, require
 from ame.evaluate import Evaluator, accuracy
@@ -35,9 +35,13 @@ def _check(cfg: DictConfig):
                 f"aggregator={getattr(aggregator, 'name', '?')} is not data-free: it needs a validation split; set "
                 "data.val_size (e.g. data.val_size=1000), with experts=train")
     if getattr(aggregator, "pivot_kind", None) == "init" and no_init:
-        raise AMEError("aggregator.pivot=init needs the experts' shared initialisation, but "
+        fix = ("use aggregator.pivot=soup|first|zero" if isinstance(aggregator, AME) else
+               "use train.init=shared|warm, or give experts.init")
+        raise AMEError(f"aggregator={getattr(aggregator, 'name', '?')} needs the experts' shared initialisation"
+                       f"{' (pivot=init)' if isinstance(aggregator, AME) else ''}, but "
                        + ("train.init=independent" if cfg.experts.source == "train" else "experts.init is not set")
-                       + "; use aggregator.pivot=soup|first|zero")
+                       + f"; {fix}")
+    getattr(aggregator, "check", lambda: None)()  # e.g. the optimizer's settings, before any training
     resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
     return aggregator
 
@@ -50,9 +54,11 @@ def run(cfg: DictConfig) -> dict:
     try:
         results = _run(cfg, aggregator, out_dir)
         logger.log_results(results)
-        return results
-    finally:
-        logger.finish()
+    except BaseException:
+        logger.finish(exit_code=1)  # a failed run must not look finished in W&B
+        raise
+    logger.finish()
+    return results
 
 
 def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:

@@ -66,7 +66,7 @@ class NullLogger:
     def log_results(self, results: dict) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -123,8 +123,8 @@ class WandbLogger(NullLogger):
                 for k, v in m.items()}
         self.run.summary.update(flat | {"timings_s": results["timings_s"], "experts_cached": results["experts_cached"]})
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
 
 
 class Timer:

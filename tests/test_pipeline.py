@@ -80,7 +80,7 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     tmp, _ = default_run
     trained = read_results(tmp / "out")
     files = tmp / "cache" / "experts"
-    pattern = next(files.glob("*/")).as_posix() + "/expert_*.safetensors"
+    pattern = next(p for p in files.iterdir() if p.is_dir()).as_posix() + "/expert_*.safetensors"
     init = next((tmp / "cache" / "bases").glob("*/init.safetensors"))
     run_cli([*FAST, "experts=files", f"experts.paths='{pattern}'", f"experts.init={init}"], tmp_path)
     r = read_results(tmp_path / "out")
@@ -96,8 +96,12 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     (["train.init=warm", "data.public_size=0"], "data.public_size=0"),
     (["experts=files", "experts.paths=/nonexistent/*.safetensors", "aggregator.pivot=soup"], "matches no files"),
     (["experts=files", "experts.paths=/nonexistent/*.safetensors"], "experts.init is not set"),
+    (["experts=files", "experts.paths=/nonexistent/*.safetensors", "experts.init=/nonexistent/init.pt"],
+     "does not exist; check experts.init"),
     (["data=cifar10_shards", "data.root=/nonexistent", "data.download=false"], "data.root=/nonexistent"),
-    (["train.init=independent"], "pivot=init needs the experts' shared initialisation"),
+    (["train.init=independent"], "needs the experts' shared initialisation (pivot=init), but train.init=independent"),
+    (["aggregator=ties", "train.init=independent"], "use train.init=shared|warm, or give experts.init"),
+    (["aggregator.device=cuda"] if not torch.cuda.is_available() else ["aggregator.epochs=0"], "aggregator."),
     (["train.epochs=abc"], "train.epochs must be an integer"),
     (["aggregator=greedy_soup"], "is not data-free: it needs a validation split"),
     (["aggregator.optimizer._target_=torch.optim.LBFGS"], "needs an optimizer that steps on a given gradient"),
@@ -121,7 +125,7 @@ def test_unknown_aggregator_lists_the_options(tmp_path):
 
 def test_experts_that_do_not_fit_the_model_are_refused(default_run, tmp_path):
     tmp, _ = default_run
-    pattern = next((tmp / "cache" / "experts").glob("*/")).as_posix() + "/expert_*.safetensors"
+    pattern = next(p for p in (tmp / "cache" / "experts").iterdir() if p.is_dir()).as_posix() + "/expert_*.safetensors"
     proc = run_cli([*FAST, "experts=files", f"experts.paths={pattern}", "aggregator.pivot=soup", "model=cnn"],
                    tmp_path, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

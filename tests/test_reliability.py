@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ def test_same_command_twice_gives_identical_results_and_bytes(tmp_path):
     assert a["metrics"] == b["metrics"] and a["soup"] == b["soup"]
     assert [e["id/acc"] for e in a["experts"]] == [e["id/acc"] for e in b["experts"]]
     assert (tmp_path / "a/out/aggregate.safetensors").read_bytes() == (tmp_path / "b/out/aggregate.safetensors").read_bytes()
+    # cache entries are byte-identical too, so their hashes (and the keys built on them) are the same everywhere
+    assert [Path(e["path"]).read_bytes() for e in a["experts"]] == [Path(e["path"]).read_bytes() for e in b["experts"]]
+    assert a["experts"][0]["path"].split("/experts/")[1] == b["experts"][0]["path"].split("/experts/")[1]
 
 
 def test_run_killed_while_training_experts_resumes_to_the_same_result(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ame.errors import AMEError, require
-from ame.io import file_lock, is_verified, save_verified
+from ame.io import file_lock, is_verified, read_metadata, save_verified
 from ame.report import progress
 
 log = logging.getLogger(__name__)
@@ -191,5 +191,5 @@ def _read_cache(name: str, path: Path) -> ImageData | None:
         return None
     with safe_open(str(path), "pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}
-        classes = json.loads(f.metadata()["classes"])
+    classes = json.loads(read_metadata(path)["classes"])
     return ImageData(name, t["train_x"], t["train_y"], t["test_x"], t["test_y"], classes)
