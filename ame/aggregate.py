@@ -23,6 +23,7 @@ from typing import Callable, Collection
 import torch
 from torch import Tensor
 
+from ame.device import resolve_device
 from ame.errors import AMEError, require
 from ame.io import StateDict
 from ame.report import progress
@@ -189,8 +190,7 @@ class AME:
     def check(self) -> None:
         """Fail now, before any expert is trained, if the optimizer or the device cannot work:
         one step of the optimizer on a dummy parameter."""
-        require(self.device in ("cpu", "auto") or (str(self.device).startswith("cuda") and torch.cuda.is_available()),
-                f"aggregator.device={self.device!r} but CUDA is not available; use cpu or auto")
+        resolve_device(self.device, "aggregator.device")
         w = torch.nn.Parameter(torch.zeros(1))
         w.grad = torch.zeros(1)
         _step(self._optimizer(w))
@@ -223,8 +223,7 @@ class AME:
         spec = FlatSpec.of(first, buffers)
         copied = {k: first[k].clone() for k in spec.copied}
         del first  # experts stream: one is held at a time
-        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if self.device == "auto" else self.device)
+        device = resolve_device(self.device, "aggregator.device")
         # Flat float32 buffers for the iterate and the pseudogradient: an AME step is one pass that
         # writes g = w − x_i (or x_pivot − x_i) straight from the expert's tensors, and one fused
         # optimizer kernel. On CUDA the expert is staged through pinned memory and copied once.

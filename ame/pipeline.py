@@ -10,12 +10,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ame.aggregate import AME, FlatSpec, average, distance
 from ame.data import split
+from ame.device import resolve_device
 from ame.errors import AMEError, instantiate, require
 from ame.evaluate import Evaluator, accuracy
 from ame.experts import config_hash, file_experts, trained_experts
 from ame.io import save_state_dict, write_json
 from ame.report import Timer, format_table, progress, write_results
-from ame.train import buffer_names, build_model, check_train_cfg, resolve_device
+from ame.train import buffer_names, build_model, check_train_cfg
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _check(cfg: DictConfig):
                        + ("train.init=independent" if cfg.experts.source == "train" else "experts.init is not set")
                        + f"; {fix}")
     getattr(aggregator, "check", lambda: None)()  # e.g. the optimizer's settings, before any training
-    resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
+    resolve_device(cfg.train.device, "train.device"), resolve_device(cfg.eval.device, "eval.device")
     return aggregator
 
 
@@ -88,7 +89,7 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
     timer = Timer()
     seed = int(cfg.seed)
-    train_device, agg_device = resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
+    train_device, eval_device = resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
     torch.manual_seed(seed)
 
     with timer("data"):
@@ -115,14 +116,14 @@ def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
         else:  # the declared exception (greedy soup): scored on the held-out validation split
             val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]
             aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers,
-                                   score=lambda sd: accuracy(model, data, sd, val_x, val_y, agg_device))
+                                   score=lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device))
     soup = average(ex.experts, buffers=buffers)
-    pivot = aggregator.pivot(ex.experts, ex.init, buffers)
+    pivot = soup if getattr(aggregator, "pivot_kind", None) == "soup" else aggregator.pivot(ex.experts, ex.init, buffers)
 
     with timer("evaluate"):
         evaluator = Evaluator(model, data, list(cfg.eval.corruptions), list(cfg.eval.severities),
                               cfg.eval.ood_subsample, ex.class_counts, seed=int(cfg.eval.seed),
-                              batch_size=int(cfg.eval.batch_size), device=agg_device)
+                              batch_size=int(cfg.eval.batch_size), device=eval_device)
         metrics = evaluator(aggregate)
         params = [k for k, v in aggregate.items() if v.is_floating_point() and k not in buffers]
         scale, to_soup, to_pivot = (distance(a, b, params) for a, b in ((pivot, soup), (aggregate, soup), (aggregate, pivot)))

@@ -20,13 +20,6 @@ from ame.report import progress
 INITS = ("shared", "warm", "independent")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    require(name == "cpu" or torch.cuda.is_available(), f"device={name!r} but CUDA is not available; use cpu or auto")
-    return torch.device(name)
-
-
 def build_model(model_cfg: DictConfig, data: ImageData, seed: int) -> nn.Module:
     """Instantiate ``model_cfg`` for ``data``'s image shape and classes, initialised from ``seed``."""
     torch.manual_seed(seed)

@@ -57,11 +57,13 @@ class ImageData:
         return ((x - mean[:, None, None]) / std[:, None, None]).contiguous(memory_format=torch.channels_last)
 
     def fingerprint(self) -> str:
-        """sha256 of the pixels and labels: what the expert cache keys on, not the file paths."""
-        h = hashlib.sha256()
-        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
-            h.update(t.contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """sha256 of the pixels and labels (computed once): what the caches key on, not file paths."""
+        if "_fingerprint" not in self.__dict__:
+            h = hashlib.sha256()
+            for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+                h.update(t.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
 
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
