@@ -319,3 +319,18 @@ class GreedySoup:
         self.info = {"chosen": sorted(chosen), "val_acc": best,
                      "tried": [{"expert": i, "val_acc": s, "added": a} for i, s, a in history]}
         return average(_Subset(experts, sorted(chosen)), buffers=buffers)
+
+
+class OutputEnsemble:
+    """The output ensemble: the mean of the experts' softmax outputs. It is N networks, not one,
+    so it returns no weights (``single_network = False``): it is the reference that a single merged
+    network tries to reach. The pipeline evaluates it in every run (``results["ensemble"]``, from
+    :meth:`ame.evaluate.Evaluator.ensemble_probabilities`); with ``aggregator=ensemble`` those are
+    the run's metrics and no aggregate file is written."""
+
+    data_free = True
+    single_network = False
+    pivot_kind = None
+
+    def __init__(self, name: str = "ensemble"):
+        self.name, self.info = name, {}

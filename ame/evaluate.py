@@ -13,7 +13,7 @@ run's architecture to a flat dict of metrics:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from ame.data import ImageData
 from ame.data.corruptions import CORRUPTIONS, corrupt
 from ame.errors import require
 from ame.io import StateDict
+from ame.report import progress
 
 
 @torch.inference_mode()
@@ -67,6 +68,18 @@ class Evaluator:
         self.model.load_state_dict(sd)
         return {"id": self.logits(self.test_x).softmax(1),
                 **{k: self.logits(x).softmax(1) for k, x in self.corrupted.items()}}
+
+    def ensemble_probabilities(self, experts: Sequence[StateDict],
+                               each: Callable[[int, dict], None] | None = None) -> dict:
+        """The output ensemble's :meth:`probabilities`: the mean of the experts' softmax outputs,
+        one expert loaded at a time; ``each(i, probs)`` sees each expert's own outputs on the way."""
+        total = None
+        for i in progress(range(len(experts)), "evaluating experts"):
+            probs = self.probabilities(experts[i])
+            if each is not None:
+                each(i, probs)
+            total = probs if total is None else {k: v + probs[k] for k, v in total.items()}
+        return {k: v / len(experts) for k, v in total.items()}
 
     def metrics(self, probs: dict, shard: int | None = None) -> dict[str, float]:
         """Metrics from :meth:`probabilities` (of one network, or averaged over an ensemble)."""

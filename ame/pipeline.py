@@ -9,13 +9,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ame.aggregate import AME, FlatSpec, average, distance
+from ame.align import align_experts
 from ame.data import split
 from ame.device import resolve_device
 from ame.errors import AMEError, instantiate, require
 from ame.evaluate import Evaluator, accuracy
 from ame.experts import config_hash, file_experts, trained_experts
 from ame.io import save_state_dict, write_json
-from ame.report import Timer, format_table, progress, write_results
+from ame.report import Timer, format_table, write_results
 from ame.train import buffer_names, build_model, check_train_cfg
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,10 @@ log = logging.getLogger(__name__)
 
 def _check(cfg: DictConfig):
     """Validate the settings that need no data, before anything is trained or written; returns
-    the aggregator."""
+    the aggregator and the aligner (None for ``align=none``)."""
     require(cfg.experts.source in ("train", "files"), f"experts.source must be train or files, got {cfg.experts.source!r}")
     aggregator = instantiate(cfg.aggregator, "aggregator")
+    aligner = instantiate(cfg.align, "align") if cfg.get("align") else None
     if cfg.experts.source == "train":
         check_train_cfg(cfg.train, cfg.data.public_size)
         no_init = cfg.train.init == "independent"
@@ -44,16 +46,16 @@ def _check(cfg: DictConfig):
                        + f"; {fix}")
     getattr(aggregator, "check", lambda: None)()  # e.g. the optimizer's settings, before any training
     resolve_device(cfg.train.device, "train.device"), resolve_device(cfg.eval.device, "eval.device")
-    return aggregator
+    return aggregator, aligner
 
 
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline for ``cfg``, logging to ``cfg.logger``; returns the ``results.json`` dict."""
     out_dir = Path(cfg.paths.output_dir)
-    aggregator = _check(cfg)
+    aggregator, aligner = _check(cfg)
     logger = instantiate(cfg.logger, "logger")(dir=out_dir, config=OmegaConf.to_container(cfg, resolve=True))
     try:
-        results = _run(cfg, aggregator, out_dir)
+        results = _run(cfg, aggregator, aligner, out_dir)
         logger.log_results(results)
     except BaseException:
         logger.finish(exit_code=1)  # a failed run must not look finished in W&B
@@ -72,12 +74,10 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     if path is not None and path.is_file():
         return json.loads(path.read_text())
     own = ex.class_counts is not None
-    experts, mean_probs = [], None
-    for i in progress(range(len(ex.experts)), "evaluating experts"):
-        probs = evaluator.probabilities(ex.experts[i])
-        experts.append(evaluator.metrics(probs, shard=i if own else None))
-        mean_probs = probs if mean_probs is None else {k: v + probs[k] for k, v in mean_probs.items()}
-    ensemble = evaluator.metrics({k: v / len(ex.experts) for k, v in mean_probs.items()})
+    experts: list[dict] = []
+    mean = evaluator.ensemble_probabilities(
+        ex.experts, lambda i, probs: experts.append(evaluator.metrics(probs, shard=i if own else None)))
+    ensemble = evaluator.metrics(mean)
     ref = {"soup": evaluator(soup), "experts": experts,
            "ensemble": {**ensemble, "single_network": False},  # the output ensemble: N networks, not one
            "base": evaluator(ex.init) if cfg.experts.source == "train" and cfg.train.init == "warm" else None}
@@ -86,7 +86,7 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     return ref
 
 
-def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
+def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
     timer = Timer()
     seed = int(cfg.seed)
     train_device, eval_device = resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
@@ -110,32 +110,45 @@ def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
     reference.check(ex.experts[0], f"expert 0 ({ex.experts.names[0]})", against=against)
     if ex.init is not None:
         reference.check(ex.init, "the initialisation (experts.init)", against=against)
+    if aligner is not None:
+        with timer("align"):
+            ex = align_experts(ex, aligner, model, data.shape, ex.root or out_dir, config_hash(cfg.align))
+    single = getattr(aggregator, "single_network", True)  # the output ensemble is N networks: no weights
     with timer("aggregate"):
-        if getattr(aggregator, "data_free", True):
+        if not single:
+            aggregate = None
+        elif getattr(aggregator, "data_free", True):
             aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers)
         else:  # the declared exception (greedy soup): scored on the held-out validation split
             val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]
             aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers,
                                    score=lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device))
     soup = average(ex.experts, buffers=buffers)
-    pivot = soup if getattr(aggregator, "pivot_kind", None) == "soup" else aggregator.pivot(ex.experts, ex.init, buffers)
 
     with timer("evaluate"):
         evaluator = Evaluator(model, data, list(cfg.eval.corruptions), list(cfg.eval.severities),
                               cfg.eval.ood_subsample, ex.class_counts, seed=int(cfg.eval.seed),
                               batch_size=int(cfg.eval.batch_size), device=eval_device)
-        metrics = evaluator(aggregate)
-        params = [k for k, v in aggregate.items() if v.is_floating_point() and k not in buffers]
-        scale, to_soup, to_pivot = (distance(a, b, params) for a, b in ((pivot, soup), (aggregate, soup), (aggregate, pivot)))
-        metrics |= {"dist/scale": scale,  # ‖pivot − soup‖: the unit of the relative distances
-                    "dist/soup": to_soup / scale if scale > 0 else None,  # None when the pivot is the soup
-                    "dist/pivot": to_pivot / scale if scale > 0 else None,
-                    "dist/soup_l2": to_soup, "dist/pivot_l2": to_pivot}
+        ref = _reference_metrics(evaluator, ex, soup, cfg)
+        if single:
+            metrics = evaluator(aggregate)
+            pivot = soup if getattr(aggregator, "pivot_kind", None) == "soup" else aggregator.pivot(ex.experts, ex.init, buffers)
+            params = [k for k, v in aggregate.items() if v.is_floating_point() and k not in buffers]
+            scale, to_soup, to_pivot = (distance(a, b, params)
+                                        for a, b in ((pivot, soup), (aggregate, soup), (aggregate, pivot)))
+            metrics |= {"dist/scale": scale,  # ‖pivot − soup‖: the unit of the relative distances
+                        "dist/soup": to_soup / scale if scale > 0 else None,  # None when the pivot is the soup
+                        "dist/pivot": to_pivot / scale if scale > 0 else None,
+                        "dist/soup_l2": to_soup, "dist/pivot_l2": to_pivot}
+        else:
+            metrics = {k: v for k, v in ref["ensemble"].items() if k != "single_network"}
         ref = _reference_metrics(evaluator, ex, soup, cfg)
         results = {
             "aggregator": getattr(aggregator, "name", type(aggregator).__name__),
             "data_free": bool(getattr(aggregator, "data_free", False)),
             "aggregator_info": dict(getattr(aggregator, "info", {})),
+            "single_network": single,
+            "align": aligner.info if aligner is not None else None,
             "metrics": metrics,
             "soup": ref["soup"],
             "experts": [{"shard_size": n, "path": str(p), **m}
@@ -148,7 +161,8 @@ def _run(cfg: DictConfig, aggregator, out_dir: Path) -> dict:
                      "val_size": len(shards.val)},
         }
     results["timings_s"] = timer.seconds
-    save_state_dict(aggregate, out_dir / "aggregate.safetensors", {"aggregator": results["aggregator"]})
+    if single:
+        save_state_dict(aggregate, out_dir / "aggregate.safetensors", {"aggregator": results["aggregator"]})
     write_results(results, out_dir)
     print(format_table(results))
     log.info("results: %s", out_dir / "results.json")

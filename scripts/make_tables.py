@@ -26,7 +26,7 @@ COLUMNS = [("id/acc", "ID acc", 100), ("id/nll", "ID NLL", 1), ("ood/acc", "OOD 
            ("dist/soup", "dist. to soup", 1)]
 
 
-IGNORED = ("seed=", "hydra.", "hydra/", "logger", "paths.")
+IGNORED = ("seed=", "hydra.", "hydra/", "logger", "paths.", "experiment=")
 
 
 def overrides(results_file: Path) -> list[str]:

@@ -183,14 +183,21 @@ def test_output_ensemble_is_the_mean_of_the_experts_softmax(tmp_path):
     data = load_digits()
     nets = [MLP(1, 8, 10, hidden=[16]) for _ in range(3)]
     ev = Evaluator(MLP(1, 8, 10, hidden=[16]), data, ["contrast"], [3], None, None)
-    probs = [ev.probabilities(n.state_dict()) for n in nets]
-    mean = {k: sum(p[k] for p in probs) / 3 for k in probs[0]}
+    mean = ev.ensemble_probabilities([n.state_dict() for n in nets])
     with torch.no_grad():
         manual = sum(n(data.normalize(data.test_x)).softmax(1) for n in nets) / 3
     assert torch.allclose(mean["id"], manual, atol=1e-6)
     m = ev.metrics(mean)
     assert m["id/acc"] == float((manual.argmax(1) == data.test_y).float().mean())
     assert abs(m["id/nll"] + float(manual.gather(1, data.test_y[:, None]).log().mean())) < 1e-5
+
+
+def test_aggregator_ensemble_reports_the_ensemble_and_writes_no_weights(default_run, tmp_path):
+    run_cli([*FAST, "aggregator=ensemble"], tmp_path)  # the same experts as default_run, from its cache?
+    r = read_results(tmp_path / "out")
+    assert r["aggregator"] == "ensemble" and r["single_network"] is False and r["data_free"] is True
+    assert r["metrics"] == {k: v for k, v in r["ensemble"].items() if k != "single_network"}
+    assert not (tmp_path / "out" / "aggregate.safetensors").exists()
 
 
 def test_results_report_the_output_ensemble(default_run):
