@@ -19,7 +19,12 @@ def main(cfg: DictConfig) -> float:
     except AMEError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    return results["metrics"]["id/acc"]  # the objective for Hydra sweepers
+    metric = cfg.get("optimized_metric", "id/acc")  # the objective for Hydra sweepers (e.g. Optuna)
+    if metric not in results["metrics"]:
+        print(f"error: optimized_metric={metric} is not among this run's metrics "
+              f"({', '.join(sorted(results['metrics']))}); choose one of them", file=sys.stderr)
+        sys.exit(1)
+    return results["metrics"][metric]
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@
 statistics; ``batch`` stores running statistics as buffers, which aggregators average."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch.nn as nn
 
-from ame.errors import require
+from ame.errors import AMEError, require
 
 NORMS = ("none", "batch", "group")
 
@@ -86,3 +87,31 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)))
+
+
+def timm_model(in_channels: int, image_size: int, num_classes: int, name: str = "vit_small_patch16_224",
+               pretrained: str | None = None, **kwargs) -> nn.Module:
+    """A timm model (e.g. ViT-S/16) for ``image_size``² images and ``num_classes`` classes;
+    ``pretrained``: a local weights file for ``name`` (nothing is downloaded). timm drops the
+    file's classifier head when the classes differ and resamples the position embedding."""
+    import logging
+
+    import timm
+
+    require(name in timm.list_models(), f"model.name={name!r} is not a timm model; e.g. vit_small_patch16_224")
+    if pretrained:
+        path = Path(str(pretrained)).expanduser()
+        require(path.is_file(), f"model.pretrained={pretrained} not found; give a local weights file for {name} "
+                "(e.g. timm's model.safetensors) or model.pretrained=null")
+        overlay = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    else:
+        logging.getLogger(__name__).warning(
+            "model.pretrained is not set: %s starts from random weights (the paper fine-tunes a pretrained "
+            "ViT-S); set model.pretrained=/path/to/weights (or AME_VIT_WEIGHTS)", name)
+        overlay = {"pretrained": False}
+    try:
+        return timm.create_model(name, num_classes=num_classes, img_size=image_size, in_chans=in_channels,
+                                 **overlay, **kwargs)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise AMEError(f"model: cannot build {name} from model.pretrained={pretrained} "
+                       f"({str(e).splitlines()[0][:120]}); is the file a {name} checkpoint?") from None

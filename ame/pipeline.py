@@ -44,6 +44,9 @@ def _check(cfg: DictConfig):
                        f"{' (pivot=init)' if isinstance(aggregator, AME) else ''}, but "
                        + ("train.init=independent" if cfg.experts.source == "train" else "experts.init is not set")
                        + f"; {fix}")
+    if str(cfg.get("optimized_metric")).startswith("val/"):
+        require(int(cfg.data.get("val_size", 0)) > 0, f"optimized_metric={cfg.optimized_metric} is measured on a "
+                "validation split, but data.val_size=0; set data.val_size (e.g. data.val_size=1000)")
     getattr(aggregator, "check", lambda: None)()  # e.g. the optimizer's settings, before any training
     resolve_device(cfg.train.device, "train.device"), resolve_device(cfg.eval.device, "eval.device")
     return aggregator, aligner
@@ -97,7 +100,8 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
     with timer("shards"):
         splitter = instantiate(cfg.data.shards, "data.shards")
         shards = split(data.train_y.numpy(), splitter, seed=seed, public_size=int(cfg.data.public_size),
-                       val_size=int(cfg.data.get("val_size", 0)))
+                       val_size=int(cfg.data.get("val_size", 0)),
+                       groups=None if data.train_groups is None else data.train_groups.numpy())
     with timer("experts"):
         if cfg.experts.source == "train":
             ex = trained_experts(cfg, data, shards, train_device)
@@ -130,6 +134,7 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
                               cfg.eval.ood_subsample, ex.class_counts, seed=int(cfg.eval.seed),
                               batch_size=int(cfg.eval.batch_size), device=eval_device)
         ref = _reference_metrics(evaluator, ex, soup, cfg)
+        tuned = str(cfg.get("optimized_metric")).startswith("val/")
         if single:
             metrics = evaluator(aggregate)
             pivot = soup if getattr(aggregator, "pivot_kind", None) == "soup" else aggregator.pivot(ex.experts, ex.init, buffers)
@@ -140,12 +145,17 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
                         "dist/soup": to_soup / scale if scale > 0 else None,  # None when the pivot is the soup
                         "dist/pivot": to_pivot / scale if scale > 0 else None,
                         "dist/soup_l2": to_soup, "dist/pivot_l2": to_pivot}
+            if len(shards.val):  # held out before sharding: for choosing hyperparameters, not for reporting
+                metrics["val/acc"] = accuracy(model, data, aggregate, data.train_x[shards.val],
+                                              data.train_y[shards.val], eval_device)
         else:
             metrics = {k: v for k, v in ref["ensemble"].items() if k != "single_network"}
         ref = _reference_metrics(evaluator, ex, soup, cfg)
         results = {
             "aggregator": getattr(aggregator, "name", type(aggregator).__name__),
-            "data_free": bool(getattr(aggregator, "data_free", False)),
+            # a run whose hyperparameters a sweeper picks on validation data is no longer data-free
+            "data_free": bool(getattr(aggregator, "data_free", False)) and not tuned,
+            "tuned_on_validation": tuned,
             "aggregator_info": dict(getattr(aggregator, "info", {})),
             "single_network": single,
             "align": aligner.info if aligner is not None else None,

@@ -46,6 +46,7 @@ def load(dirs: list[Path]) -> list[dict]:
         kept = [o for o in overrides(f) if not o.startswith(IGNORED)]
         r["setting"] = ", ".join(o for o in kept if not o.startswith("aggregator"))
         r["variant"] = ", ".join(o for o in kept if o.startswith("aggregator.") and "=" in o)
+        r["overrides"] = dict(o.lstrip("+~").split("=", 1) for o in kept if "=" in o)
         out.append(r)
     return out
 

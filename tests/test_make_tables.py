@@ -53,3 +53,36 @@ def test_out_writes_markdown_latex_and_csv_with_the_same_numbers(tmp_path):
     assert "soup (aggregate) & 60.00 $\\pm$ 14.14 &" in (tmp_path / "t.tex").read_text().replace("\\_", "_")
     rows = {r["network"]: r for r in csv.DictReader(open(tmp_path / "t.csv"))}
     assert float(rows["soup (aggregate)"]["id/acc_mean"]) == 0.6 and rows["soup (aggregate)"]["runs"] == "2"
+
+
+def test_fig1_series_average_seeds_per_line_and_the_png_is_deterministic(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_figures import series
+    from make_tables import load
+
+    n = 0
+    for agg, lrs in (("soup", [None]), ("ame_adagrad", ["0.01", "0.1"])):
+        for lr in lrs:
+            for shards in (2, 4):
+                for epochs in (1, 2, 4):
+                    for seed in (0, 1):
+                        acc = 0.4 + 0.01 * epochs + 0.05 * (shards == 4) + 0.02 * seed + (0.1 if lr == "0.1" else 0)
+                        o = [f"data.shards.num_shards={shards}", f"train.epochs={epochs}", f"seed={seed}",
+                             f"aggregator={agg}"] + ([f"aggregator.optimizer.lr={lr}"] if lr else [])
+                        write_run(tmp_path / "runs" / agg / str(n), agg, seed, acc, o)
+                        n += 1
+    s = series(load([tmp_path / "runs"]), "train.epochs", "data.shards.num_shards", "id/acc")
+    assert set(s) == {"soup", "ame_adagrad"}
+    assert list(s["ame_adagrad"]) == [(2.0, "lr=0.01"), (2.0, "lr=0.1"), (4.0, "lr=0.01"), (4.0, "lr=0.1")]
+    xs, ys, runs = zip(*s["ame_adagrad"][(4.0, "lr=0.1")])
+    assert xs == (1.0, 2.0, 4.0) and runs == (2, 2, 2)
+    assert [round(y, 6) for y in ys] == [0.57, 0.58, 0.6]  # 0.4 + 0.01 e + 0.05 + 0.1 + mean seed bonus 0.01
+    pngs = []
+    for name in ("a.png", "b.png"):
+        subprocess.run([sys.executable, str(ROOT / "scripts/make_figures.py"), "fig1", str(tmp_path / "runs"),
+                        "--out", str(tmp_path / name)], check=True, capture_output=True)
+        pngs.append((tmp_path / name).read_bytes())
+    assert pngs[0][:8] == b"\x89PNG\r\n\x1a\n" and pngs[0] == pngs[1]
+    subprocess.run([sys.executable, str(ROOT / "scripts/make_figures.py"), "bars", str(tmp_path / "runs"),
+                    "--out", str(tmp_path / "bars.png")], check=True, capture_output=True)
+    assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"

@@ -26,6 +26,7 @@ def test_default_run_writes_the_results_contract(default_run):
     tmp, proc = default_run
     r = read_results(tmp / "out")
     assert r["aggregator"] == "ame_adam" and r["data_free"] is True and r["experts_cached"] is False
+    assert r["tuned_on_validation"] is False and r["single_network"] is True and r["align"] is None
     for block in (r["metrics"], r["soup"], r["base"], *r["experts"]):
         assert METRIC_KEYS <= block.keys()
         assert 0 <= block["id/acc"] <= 1 and block["id/nll"] > 0
@@ -106,6 +107,10 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     (["aggregator=greedy_soup"], "is not data-free: it needs a validation split"),
     (["aggregator.optimizer._target_=torch.optim.LBFGS"], "needs an optimizer that steps on a given gradient"),
     (["model=cnn", "model.widths=[8,8,8,8]"], "model.widths has 4 blocks"),
+    (["optimized_metric=val/acc"], "data.val_size=0; set data.val_size"),
+    (["align=weight_matching", "align.max_iter=0"], "align.max_iter must be an integer"),
+    (["align=weight_matching", "model=resnet20", "train.init=independent", "aggregator=soup"],
+     "GroupNorm with 8 groups"),
 ])
 def test_bad_input_is_one_clear_line_and_nothing_is_written(args, message, tmp_path):
     proc = run_cli([*FAST, *args], tmp_path, check=False)
@@ -198,6 +203,20 @@ def test_aggregator_ensemble_reports_the_ensemble_and_writes_no_weights(default_
     assert r["aggregator"] == "ensemble" and r["single_network"] is False and r["data_free"] is True
     assert r["metrics"] == {k: v for k, v in r["ensemble"].items() if k != "single_network"}
     assert not (tmp_path / "out" / "aggregate.safetensors").exists()
+
+
+def test_optuna_search_tunes_on_validation_and_says_the_result_is_not_data_free(tmp_path):
+    run_cli(["-m", *FAST, "hparams_search=ame_optuna", "hydra.sweeper.n_trials=3", "data.val_size=150"], tmp_path,
+            out="opt")
+    runs = [read_results(tmp_path / "opt" / str(i)) for i in range(3)]
+    assert all(r["data_free"] is False and r["tuned_on_validation"] is True for r in runs)
+    assert all(0 <= r["metrics"]["val/acc"] <= 1 and "id/acc" in r["metrics"] for r in runs)
+    assert sum(r["experts_cached"] for r in runs) == 2  # one expert set for every trial
+    from omegaconf import OmegaConf
+
+    best = OmegaConf.load(tmp_path / "opt" / "optimization_results.yaml")
+    assert best.best_value == max(r["metrics"]["val/acc"] for r in runs)
+    assert set(best.best_params) == {"aggregator.optimizer.lr", "aggregator.pivot", "aggregator.epochs"}
 
 
 def test_results_report_the_output_ensemble(default_run):

@@ -1,5 +1,6 @@
 """Stage 1-2: datasets as uint8 tensors, shard splitting, and corrupted test sets."""
 from ame.data.datasets import ImageData, load_cifar, load_digits
+from ame.data.landmarks import load_gld23k
 from ame.data.shards import Split, split
 
-__all__ = ["ImageData", "load_cifar", "load_digits", "Split", "split"]
+__all__ = ["ImageData", "load_cifar", "load_digits", "load_gld23k", "Split", "split"]

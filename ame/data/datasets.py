@@ -31,6 +31,7 @@ class ImageData:
     test_x: Tensor
     test_y: Tensor
     classes: list[str]
+    train_groups: Tensor | None = None  # int64 (N,): who contributed each image (GLD-23K clients), if known
     mean: Tensor = field(init=False)  # per-channel, on the [0, 1] scale, from the training images
     std: Tensor = field(init=False)
 
@@ -60,8 +61,9 @@ class ImageData:
         """sha256 of the pixels and labels (computed once): what the caches key on, not file paths."""
         if "_fingerprint" not in self.__dict__:
             h = hashlib.sha256()
-            for t in (self.train_x, self.train_y, self.test_x, self.test_y):
-                h.update(t.contiguous().numpy().tobytes())
+            for t in (self.train_x, self.train_y, self.test_x, self.test_y, self.train_groups):
+                if t is not None:
+                    h.update(t.contiguous().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -156,17 +158,7 @@ def load_cifar(name: str, root: str, download: bool = True, cache_dir: str | Non
     root = Path(root).expanduser().resolve()
     folder = _find_image_folder(root, name)
     source = f"imagefolder:{folder}" if folder else f"torchvision:{root}"
-    if cache_dir:
-        key = hashlib.sha256(f"{name}|{source}".encode()).hexdigest()[:16]
-        cache = Path(cache_dir) / "datasets" / f"{name}-{key}.safetensors"
-        with file_lock(cache.with_suffix(".lock")):
-            cached = _read_cache(name, cache)
-            if cached is not None:
-                return cached
-            data = _decode(name, root, folder, download)
-            _write_cache(data, cache, source)
-            return data
-    return _decode(name, root, folder, download)
+    return cached(name, source, cache_dir, lambda: _decode(name, root, folder, download))
 
 
 def _decode(name: str, root: Path, folder: Path | None, download: bool) -> ImageData:
@@ -177,8 +169,25 @@ def _decode(name: str, root: Path, folder: Path | None, download: bool) -> Image
     return _load_torchvision(name, root, download)
 
 
+def cached(name: str, source: str, cache_dir: str | None, build) -> ImageData:
+    """``build()``, decoded once per (``name``, ``source``) and then read from ``cache_dir``
+    (verified by sha256; a damaged entry is decoded again)."""
+    if not cache_dir:
+        return build()
+    key = hashlib.sha256(f"{name}|{source}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / "datasets" / f"{name}-{key}.safetensors"
+    with file_lock(cache.with_suffix(".lock")):
+        data = _read_cache(name, cache)
+        if data is None:
+            data = build()
+            _write_cache(data, cache, source)
+        return data
+
+
 def _write_cache(data: ImageData, path: Path, source: str) -> None:
     tensors = {"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y}
+    if data.train_groups is not None:
+        tensors["train_groups"] = data.train_groups
     save_verified(tensors, path, {"classes": json.dumps(data.classes), "source": source})
 
 
@@ -194,4 +203,4 @@ def _read_cache(name: str, path: Path) -> ImageData | None:
     with safe_open(str(path), "pt") as f:
         t = {k: f.get_tensor(k) for k in f.keys()}
     classes = json.loads(read_metadata(path)["classes"])
-    return ImageData(name, t["train_x"], t["train_y"], t["test_x"], t["test_y"], classes)
+    return ImageData(name, t["train_x"], t["train_y"], t["test_x"], t["test_y"], classes, t.get("train_groups"))

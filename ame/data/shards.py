@@ -6,6 +6,7 @@ gives the same indices on every machine.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -88,12 +89,34 @@ def classes(labels: np.ndarray, num_shards: int, rng: np.random.Generator, k: in
     return [np.array(s, dtype=np.int64) for s in shards]
 
 
+def natural(labels: np.ndarray, num_shards: int, rng: np.random.Generator,
+            groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """The data's own clients (GLD-23K's 233 photographers), grouped whole into ``num_shards``
+    shards of near-equal size: clients in a seeded random order, largest first, each to the
+    currently smallest shard. With ``num_shards`` = the number of clients, one client per shard."""
+    require(groups is not None, "data/shards=natural needs a dataset that records its clients (data=gld23k); "
+            "use data/shards=iid or dirichlet")
+    _check(labels, num_shards)
+    clients = rng.permutation(np.unique(groups))
+    members = {c: np.flatnonzero(groups == c) for c in clients}
+    require(num_shards <= len(clients), f"data.shards.num_shards={num_shards}, but the data has only "
+            f"{len(clients)} clients; lower num_shards")
+    shards: list[list[np.ndarray]] = [[] for _ in range(num_shards)]
+    sizes = np.zeros(num_shards, dtype=np.int64)
+    for c in sorted(clients, key=lambda c: -len(members[c])):  # stable: ties keep the seeded order
+        k = int(np.argmin(sizes))
+        shards[k].append(members[c])
+        sizes[k] += len(members[c])
+    return [np.sort(np.concatenate(s)) for s in shards]
+
+
 def split(labels: np.ndarray, splitter: Callable[..., list[np.ndarray]], seed: int, public_size: int = 0,
-          val_size: int = 0) -> Split:
+          val_size: int = 0, groups: np.ndarray | None = None) -> Split:
     """Take out ``public_size`` examples, then ``val_size`` more (a validation split, for the
     aggregators that are not data-free), uniformly at random; then shard the rest with
     ``splitter(labels, rng=...)`` (one of the functions above, with its settings bound: the
-    ``data.shards`` config). Returned indices refer to the full training set."""
+    ``data.shards`` config), which also gets the examples' ``groups`` (client ids) if it takes them.
+    Returned indices refer to the full training set."""
     labels = np.asarray(labels)
     require(0 <= public_size < len(labels),
             f"data.public_size must be in [0, {len(labels)}), got {public_size}")
@@ -103,5 +126,6 @@ def split(labels: np.ndarray, splitter: Callable[..., list[np.ndarray]], seed: i
     perm = rng.permutation(len(labels))
     public, val = np.sort(perm[:public_size]), np.sort(perm[public_size:public_size + val_size])
     rest = np.sort(perm[public_size + val_size:])
-    local = splitter(labels[rest], rng=rng)
+    takes_groups = "groups" in inspect.signature(splitter).parameters
+    local = splitter(labels[rest], rng=rng, **({"groups": np.asarray(groups)[rest]} if takes_groups and groups is not None else {}))
     return Split([np.sort(rest[s]) for s in local], public, val)

@@ -1,0 +1,131 @@
+"""PNG figures from the ``results.json`` files under run / multirun directories (matplotlib).
+
+    python scripts/make_figures.py fig1 multirun/fig1 --out experiments/fig1/fig1.png
+    python scripts/make_figures.py bars multirun/table --out experiments/table/table.png
+
+``fig1`` (the paper's Fig. 1 design): one panel per aggregator, a metric (``--metric``, default
+``id/acc``) against an override (``--x``, default ``train.epochs``), one line per value of another
+(``--line``, default ``data.shards.num_shards``, coloured dark to light) and one line style per
+aggregator setting (e.g. ``aggregator.optimizer.lr``); mean over seeds. ``bars``: one panel per
+setting, the rows of ``make_tables.py`` (base, experts, ensemble, soup, each aggregator) as bars of
+ID and OOD accuracy. Runs are read and grouped as in ``make_tables.py``; the same inputs give the
+same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_tables import load, rows  # noqa: E402
+
+SAVE = {"dpi": 150, "metadata": {"Software": None}}  # no version stamp: deterministic bytes
+STYLES = ["-", "--", ":", "-."]
+
+
+def _number(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def series(results: list[dict], x: str, line: str, metric: str) -> dict:
+    """{panel (aggregator): {(line value, variant): [(x, mean over seeds, runs)]}}, sorted by x."""
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in results:
+        o = r["overrides"]
+        if x not in o or line not in o or not isinstance(r["metrics"].get(metric), (int, float)):
+            continue
+        variant = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in o.items() if k.startswith("aggregator.")
+                            and k not in (x, line))
+        acc[r["aggregator"]][(_number(o[line]), variant)][_number(o[x])].append(r["metrics"][metric])
+    return {panel: {key: [(xv, statistics.mean(v), len(v)) for xv, v in sorted(pts.items())]
+                    for key, pts in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1]))}
+            for panel, lines in acc.items()}
+
+
+def fig1(results: list[dict], out: Path, x: str, line: str, metric: str) -> None:
+    data = series(results, x, line, metric)
+    if not data:
+        raise SystemExit(f"no runs with the overrides {x} and {line} and the metric {metric}")
+    panels = sorted(data, key=lambda p: p not in ("soup", "ame_sgd"))  # GD (= the soup) first, as in the paper
+    levels = sorted({k[0] for lines in data.values() for k in lines})
+    colours = dict(zip(levels, plt.cm.viridis([0.85 * i / max(1, len(levels) - 1) for i in range(len(levels))])))
+    lo = min(y for lines in data.values() for pts in lines.values() for _, y, _ in pts)
+    hi = max(y for lines in data.values() for pts in lines.values() for _, y, _ in pts)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        variants = list(dict.fromkeys(k[1] for k in data[panel]))
+        for (level, variant), pts in data[panel].items():
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], STYLES[variants.index(variant) % len(STYLES)],
+                    color=colours[level], marker="o", markersize=3,
+                    label=f"{line.split('.')[-1]}={level:g}" + (f", {variant}" if variant else ""))
+        ax.set_title(panel)
+        ax.set_xlabel(x)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({p[0] for pts in data[panel].values() for p in pts})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.set_ylim(100 * lo - 1, 100 * hi + 1)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel(f"{metric} (%)")
+    fig.tight_layout()
+    fig.savefig(out, **SAVE)
+
+
+def bars(results: list[dict], out: Path, metrics=("id/acc", "ood/acc")) -> None:
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    fig, axes = plt.subplots(len(settings), 1, figsize=(9, 3.2 * len(settings)), squeeze=False)
+    for ax, setting in zip(axes[:, 0], settings):
+        table = rows([r for r in results if r["setting"] == setting])
+        width = 0.8 / len(metrics)
+        for j, metric in enumerate(metrics):
+            means, errs = [], []
+            for _, ms in table:
+                v = [100 * m[metric] for m in ms if isinstance(m.get(metric), (int, float))]
+                means.append(statistics.mean(v) if v else float("nan"))
+                errs.append(statistics.stdev(v) if len(v) > 1 else 0.0)
+            ax.bar([i + (j - (len(metrics) - 1) / 2) * width for i in range(len(table))], means, width, yerr=errs,
+                   label=metric, capsize=2)
+        ax.set_xticks(range(len(table)), [name.replace(" (aggregate)", "") for name, _ in table], rotation=35,
+                      ha="right", fontsize=7)
+        finite = [100 * m[k] for _, ms in table for m in ms for k in metrics if isinstance(m.get(k), (int, float))]
+        ax.set_ylim(min(finite) - 3, max(finite) + 2)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(setting or "defaults", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, **SAVE)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kind", choices=["fig1", "bars"])
+    ap.add_argument("dirs", nargs="+", type=Path, help="run or multirun directories (or results.json files)")
+    ap.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    ap.add_argument("--x", default="train.epochs", help="fig1: the override on the x axis")
+    ap.add_argument("--line", default="data.shards.num_shards", help="fig1: one line per value of this override")
+    ap.add_argument("--metric", default="id/acc", help="fig1: the metric on the y axis")
+    args = ap.parse_args()
+    results = load(args.dirs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.kind == "fig1":
+        fig1(results, args.out, args.x, args.line, args.metric)
+    else:
+        bars(results, args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
