@@ -249,8 +249,6 @@ class AME:
                     torch.sub(ref, x, out=g)
                 else:
                     spec.subtract(ref, sd, out=g)
-                if not torch.isfinite(g.sum()):  # one reduction; the per-tensor check names the culprit
-                    spec.check(sd, _name(experts, i))
                 if epoch == 0:  # buffers: the ζ-weighted mean (uniform, or by shard size)
                     averaged += spec.flatten(sd, spec.averaged).double() * (zeta[i] / sum(zeta))
                 del sd  # a lazily loaded expert is released before the next one is read
@@ -265,7 +263,11 @@ class AME:
                 _step(opt)
                 if on_gpu:
                     torch.cuda.current_stream().synchronize()  # before the staging buffer is refilled
-        if not torch.isfinite(w).all():
+        if not (torch.isfinite(w).all() and torch.isfinite(averaged).all()):
+            # NaN/Inf propagate through every optimizer step, so one check at the end suffices; only
+            # then are the experts scanned, to name one with NaN/Inf values if there is one
+            for i in range(n):
+                spec.check(experts[i], _name(experts, i))
             raise AMEError("the aggregate has NaN/Inf weights: the AME optimizer diverged; lower aggregator.optimizer.lr")
         out = {**spec.unflatten(w.detach().cpu()), **spec.unflatten(averaged, spec.averaged), **copied}
         return {k: out[k] for k in spec.reference}

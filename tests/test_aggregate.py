@@ -128,11 +128,14 @@ def test_lazy_experts_from_files_give_the_same_aggregate(tmp_path):
     (lambda sd: sd.__setitem__("layer.weight", torch.zeros(5, 3, dtype=torch.float64)), "float64"),
     (lambda sd: sd["layer.bias"].__setitem__(2, float("nan")), "NaN/Inf"),
     (lambda sd: sd["layer.bias"].__setitem__(0, float("inf")), "NaN/Inf"),
+    (lambda sd: sd["norm.running_mean"].__setitem__(1, float("nan")), "NaN/Inf values in 'norm.running_mean'"),
 ])
 def test_bad_experts_give_one_clear_error(mutate, message):
     ex = tiny_experts(3)
     mutate(ex[2])
-    for agg in (AME(sgd(), pivot="first", lr_schedule="harmonic"), lambda e, s, i, b: average(e, buffers=b)):
+    adam = functools.partial(torch.optim.Adam, lr=0.1)
+    for agg in (AME(sgd(), pivot="first", lr_schedule="harmonic"), AME(adam, pivot="zero", order="shuffle"),
+                lambda e, s, i, b: average(e, buffers=b)):
         with pytest.raises(AMEError, match="expert 2") as err:
             agg(ex, [1] * 3, None, BUFFERS)
         assert message in str(err.value) and "\n" not in str(err.value)
