@@ -206,16 +206,13 @@ class WeightMatching:
                      "cosine_to_reference_before": before, "cosine_to_reference_after": after}
 
 
-def align_experts(ex, aligner: WeightMatching, model: nn.Module, input_shape: Sequence[int], out_root: Path,
-                  key: str):
+def align_experts(ex, aligner: WeightMatching, spec: PermutationSpec, out_root: Path, key: str):
     """Align ``ex`` (an :class:`ame.experts.ExpertSet`) and return the set of aligned experts, written
     to ``out_root/aligned-<key>`` (reused when already complete: the key hashes the experts and the
     alignment settings)."""
     from ame.experts import Experts, _Entry  # experts.py does not need alignment, so no cycle at import
 
-    spec = permutation_spec(model, input_shape)
-    if not spec.axes:
-        raise AMEError(f"align: {type(model).__name__} has no hidden units to permute; use align=none")
+    require(len(spec.axes) > 0, "align: the model has no hidden units to permute; use align=none")
     root = out_root / f"aligned-{key}"
     entry = _Entry(root, {"experts": ex.fingerprint, "align": key})
     names = [f"expert_{i:03d}.safetensors" for i in range(len(ex.experts))]

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ame.aggregate import AME, FlatSpec, average, distance
-from ame.align import align_experts
+from ame.align import align_experts, permutation_spec
 from ame.data import split
 from ame.device import resolve_device
 from ame.errors import AMEError, instantiate, require
@@ -102,12 +102,13 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
         shards = split(data.train_y.numpy(), splitter, seed=seed, public_size=int(cfg.data.public_size),
                        val_size=int(cfg.data.get("val_size", 0)),
                        groups=None if data.train_groups is None else data.train_groups.numpy())
+    model = build_model(cfg.model, data, seed)
+    spec = permutation_spec(model, data.shape) if aligner is not None else None  # refuse before training
     with timer("experts"):
         if cfg.experts.source == "train":
             ex = trained_experts(cfg, data, shards, train_device)
         else:
             ex = file_experts(cfg.experts)
-    model = build_model(cfg.model, data, seed)
     buffers = buffer_names(model)
     reference = FlatSpec.of(model.state_dict(), buffers)
     against = f"model={cfg.model._target_.rsplit('.', 1)[-1]}"
@@ -116,7 +117,7 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
         reference.check(ex.init, "the initialisation (experts.init)", against=against)
     if aligner is not None:
         with timer("align"):
-            ex = align_experts(ex, aligner, model, data.shape, ex.root or out_dir, config_hash(cfg.align))
+            ex = align_experts(ex, aligner, spec, ex.root or out_dir, config_hash(cfg.align))
     single = getattr(aggregator, "single_network", True)  # the output ensemble is N networks: no weights
     with timer("aggregate"):
         if not single:
