@@ -18,7 +18,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ame.data import ImageData
 from ame.data.corruptions import CORRUPTIONS, corrupt

@@ -2,7 +2,6 @@
 offline run, bring-your-own experts, and one clear line for each bad input."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -51,7 +51,7 @@ def test_run_killed_while_training_experts_resumes_to_the_same_result(tmp_path):
     rerun = run_cli(args, tmp_path, out="resumed")
     assert "from the cache" in rerun.stdout and "4 of 4 from the cache" not in rerun.stdout
     assert read_results(tmp_path / "resumed")["experts_cached"] is False
-    fresh = run_cli(args, tmp_path / "fresh")  # uninterrupted, its own cache
+    run_cli(args, tmp_path / "fresh")  # uninterrupted, its own cache
     assert read_results(tmp_path / "resumed")["metrics"] == read_results(tmp_path / "fresh" / "out")["metrics"]
 
 
