@@ -6,7 +6,8 @@
 ``fig1`` (the paper's Fig. 1 design): one panel per aggregator, a metric (``--metric``, default
 ``id/acc``) against an override (``--x``, default ``train.epochs``), one line per value of another
 (``--line``, default ``data.shards.num_shards``, coloured dark to light) and one line style per
-aggregator setting (e.g. ``aggregator.optimizer.lr``); mean over seeds. ``bars``: one panel per
+aggregator setting (e.g. ``aggregator.optimizer.lr``); mean over seeds; the numbers also go to a
+Markdown table beside the PNG (``fig1.md``). ``bars``: one panel per
 setting, the rows of ``make_tables.py`` (base, experts, ensemble, soup, each aggregator) as bars of
 ID and OOD accuracy. Runs are read and grouped as in ``make_tables.py``; the same inputs give the
 same bytes.
@@ -23,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_tables import load, rows  # noqa: E402
@@ -53,6 +55,22 @@ def series(results: list[dict], x: str, line: str, metric: str) -> dict:
             for panel, lines in acc.items()}
 
 
+def references(results: list[dict], x: str, line: str, metric: str) -> dict:
+    """Series of the networks every run reports beside its aggregate (one value per expert set):
+    {"experts (mean)" | "output ensemble" | "base (warm start)": {(line value, ""): [(x, mean, runs)]}}."""
+    pick = {"experts (mean)": lambda r: statistics.mean(e[metric] for e in r["experts"]),
+            "output ensemble": lambda r: (r.get("ensemble") or {}).get(metric),
+            "base (warm start)": lambda r: (r.get("base") or {}).get(metric)}
+    sets = {tuple(e["path"] for e in r["experts"]): r for r in results
+            if x in r["overrides"] and line in r["overrides"]}.values()
+    out = {}
+    for name, f in pick.items():
+        rows = [dict(r, metrics={metric: f(r)}) for r in sets]
+        found = series([dict(r, aggregator=name) for r in rows], x, line, metric)
+        out.update(found)
+    return out
+
+
 def fig1(results: list[dict], out: Path, x: str, line: str, metric: str) -> None:
     data = series(results, x, line, metric)
     if not data:
@@ -62,13 +80,17 @@ def fig1(results: list[dict], out: Path, x: str, line: str, metric: str) -> None
     colours = dict(zip(levels, plt.cm.viridis([0.85 * i / max(1, len(levels) - 1) for i in range(len(levels))])))
     lo = min(y for lines in data.values() for pts in lines.values() for _, y, _ in pts)
     hi = max(y for lines in data.values() for pts in lines.values() for _, y, _ in pts)
+    bases = [r["base"][metric] for r in results if isinstance((r.get("base") or {}).get(metric), float)]
+    lo, hi = min([lo, *bases]), max([hi, *bases])
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharey=True, squeeze=False)
     for ax, panel in zip(axes[0], panels):
         variants = list(dict.fromkeys(k[1] for k in data[panel]))
         for (level, variant), pts in data[panel].items():
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], STYLES[variants.index(variant) % len(STYLES)],
-                    color=colours[level], marker="o", markersize=3,
-                    label=f"{line.split('.')[-1]}={level:g}" + (f", {variant}" if variant else ""))
+                    color=colours[level], marker="o", markersize=3)
+        if any(variants):  # line styles: this panel's settings
+            ax.legend(handles=[Line2D([], [], color="black", linestyle=STYLES[i % len(STYLES)], label=v)
+                               for i, v in enumerate(variants)], fontsize=6, loc="lower left")
         ax.set_title(panel)
         ax.set_xlabel(x)
         ax.set_xscale("log", base=2)
@@ -77,10 +99,33 @@ def fig1(results: list[dict], out: Path, x: str, line: str, metric: str) -> None
         ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.set_ylim(100 * lo - 1, 100 * hi + 1)
-        ax.legend(fontsize=6)
+    refs = references(results, x, line, metric)
+    base = [y for pts in refs.get("base (warm start)", {}).values() for _, y, _ in pts]
+    if base:  # one shared warm start: a horizontal reference in every panel
+        for ax in axes[0]:
+            ax.axhline(100 * statistics.mean(base), color="grey", linestyle="--", linewidth=0.8)
+        axes[0][-1].text(1.0, 100 * statistics.mean(base), " base", color="grey", fontsize=7, va="center",
+                         transform=axes[0][-1].get_yaxis_transform())
     axes[0][0].set_ylabel(f"{metric} (%)")
-    fig.tight_layout()
+    fig.legend(handles=[Line2D([], [], color=colours[v], marker="o", markersize=3, label=f"{line.split('.')[-1]}={v:g}")
+                        for v in levels], loc="upper center", ncol=len(levels), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(out, **SAVE)
+    out.with_suffix(".md").write_text(series_table({**refs, **data}, [*refs, *panels], x, line, metric))
+
+
+def series_table(data: dict, panels: list[str], x: str, line: str, metric: str) -> str:
+    """The plotted numbers as a Markdown table: one row per line, one column per x value."""
+    xs = sorted({p[0] for lines in data.values() for pts in lines.values() for p in pts})
+    head = f"| aggregator | setting | {line.split('.')[-1]} | " + " | ".join(f"{x.split('.')[-1]}={v:g}" for v in xs) + " |"
+    out = [head, "|---|---|---:|" + "---:|" * len(xs)]
+    for panel in panels:
+        for (level, variant), pts in sorted(data[panel].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            by_x = {p[0]: p[1] for p in pts}
+            out.append(f"| {panel} | {variant} | {level:g} | "
+                       + " | ".join(f"{100 * by_x[v]:.2f}" if v in by_x else "" for v in xs) + " |")
+    runs = sum(p[2] for lines in data.values() for pts in lines.values() for p in pts)
+    return "\n".join(out) + f"\n\n{metric} in %, mean over seeds; {runs} run(s).\n"
 
 
 def bars(results: list[dict], out: Path, metrics=("id/acc", "ood/acc")) -> None:
