@@ -113,13 +113,30 @@ class _Entry:
             self.manifest = {"config": spec, "files": {}}
 
     def valid(self, name: str) -> bool:
+        """The file is there and is the one recorded. Its sha256 is checked once; after that an
+        unchanged (size, mtime) stands for it, so a run does not re-hash gigabytes of experts."""
         path = self.root / name
-        return path.is_file() and self.manifest["files"].get(name) == sha256_file(path)
+        if not path.is_file() or name not in self.manifest["files"]:
+            return False
+        stat = self.manifest.setdefault("stat", {})
+        if stat.get(name) == _stat(path):
+            return True
+        if sha256_file(path) != self.manifest["files"][name]:
+            return False
+        stat[name] = _stat(path)
+        write_json(self.manifest, self.manifest_path)
+        return True
 
     def put(self, name: str, sd: StateDict, metadata: dict[str, str]) -> None:
         save_state_dict(sd, self.root / name, metadata)
         self.manifest["files"][name] = sha256_file(self.root / name)
+        self.manifest.setdefault("stat", {})[name] = _stat(self.root / name)
         write_json(self.manifest, self.manifest_path)
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torch.device) -> ExpertSet:
