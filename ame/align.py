@@ -29,7 +29,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ame.errors import AMEError, require
-from ame.io import StateDict, write_json
+from ame.io import StateDict, file_lock, sha256_file, write_json
 from ame.report import progress
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,11 @@ def permutation_spec(model: nn.Module, input_shape: Sequence[int]) -> Permutatio
         gm = fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 — fx raises many kinds; all mean the same thing here
         raise AMEError(f"align: cannot trace {type(model).__name__} with torch.fx ({e}); use align=none") from None
-    ShapeProp(gm).propagate(torch.zeros(2, *input_shape))
+    try:
+        ShapeProp(gm).propagate(torch.zeros(2, *input_shape))
+    except Exception as e:  # noqa: BLE001
+        raise AMEError(f"align: cannot run {type(model).__name__} on a {tuple(input_shape)} input ({e}); "
+                       "use align=none") from None
     modules = dict(gm.named_modules())
     parent: dict[str, str] = {_FIXED: _FIXED}
 
@@ -92,12 +96,16 @@ def permutation_spec(model: nn.Module, input_shape: Sequence[int]) -> Permutatio
         if node.op == "placeholder":
             space[node] = _FIXED
         elif node.op == "output":
+            require(src is not None, "align: the model's output is not a single tensor; use align=none")
             union(src, _FIXED)  # the logits keep their order
         elif node.op == "call_module":
             m, name = modules[node.target], node.target
+            require(name not in parent, f"align: {name} is called twice (shared weights); use align=none")
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 require(not isinstance(m, nn.Conv2d) or m.groups == 1,
                         f"align: {name} is a grouped convolution, which weight matching does not handle; use align=none")
+                require(not isinstance(m, nn.Linear) or len(node.args[0].meta["tensor_meta"].shape) == 2,
+                        f"align: {name} is a Linear layer on a non-flat input; use align=none")
                 members[src].append((f"{name}.weight", 1))
                 parent[name], sizes[name] = name, m.weight.shape[0]
                 members[name] += [(f"{name}.weight", 0)] + ([(f"{name}.bias", 0)] if m.bias is not None else [])
@@ -123,7 +131,9 @@ def permutation_spec(model: nn.Module, input_shape: Sequence[int]) -> Permutatio
                 raise AMEError(f"align: cannot derive permutations through {name} ({type(m).__name__}); "
                                "use align=none")
         elif node.op == "call_function" and node.target in (operator.add, torch.add):
-            a, b = (space[x] for x in node.args[:2])
+            a, b = (space.get(x) if isinstance(x, fx.Node) else None for x in node.args[:2])
+            require(a is not None and b is not None, f"align: cannot derive permutations through {node.name} "
+                    "(an addition with a constant); use align=none")
             space[node] = union(a, b)  # a residual connection: both sides share one permutation
         elif node.op == "call_function" and node.target in _PASS_FUNCTIONS:
             space[node] = src
@@ -210,17 +220,20 @@ def align_experts(ex, aligner: WeightMatching, spec: PermutationSpec, out_root: 
     """Align ``ex`` (an :class:`ame.experts.ExpertSet`) and return the set of aligned experts, written
     to ``out_root/aligned-<key>`` (reused when already complete: the key hashes the experts and the
     alignment settings)."""
-    from ame.experts import Experts, _Entry  # experts.py does not need alignment, so no cycle at import
+    from ame.experts import Experts, _Entry, config_hash  # experts.py does not import this module
 
     require(len(spec.axes) > 0, "align: the model has no hidden units to permute; use align=none")
-    root = out_root / f"aligned-{key}"
-    entry = _Entry(root, {"experts": ex.fingerprint, "align": key})
+    # the exact expert files (their hashes) and the settings: other experts never reuse these copies
+    fingerprint = ex.fingerprint or config_hash({"files": [sha256_file(p) for p in ex.experts.paths]})
+    root = out_root / f"aligned-{config_hash({'experts': fingerprint, 'align': key})}"
     names = [f"expert_{i:03d}.safetensors" for i in range(len(ex.experts))]
-    if all(entry.valid(n) for n in names) and "info" in entry.manifest:
-        aligner.info = entry.manifest["info"]
-    else:
-        for sd, name in zip(aligner(ex.experts, spec), names):  # the aligner first: it records info when exhausted
-            entry.put(name, {k: v.contiguous() for k, v in sd.items()}, {})
-        entry.manifest["info"] = aligner.info
-        write_json(entry.manifest, entry.manifest_path)
-    return replace(ex, experts=Experts([root / n for n in names]), root=root, fingerprint=f"{ex.fingerprint}-{key}")
+    with file_lock(root.with_suffix(".lock")):  # parallel jobs align a set once
+        entry = _Entry(root, {"experts": fingerprint, "align": key})
+        if all(entry.valid(n) for n in names) and "info" in entry.manifest:
+            aligner.info = entry.manifest["info"]
+        else:
+            for sd, name in zip(aligner(ex.experts, spec), names):  # the aligner first: it records info when exhausted
+                entry.put(name, {k: v.contiguous() for k, v in sd.items()}, {})
+            entry.manifest["info"] = aligner.info
+            write_json(entry.manifest, entry.manifest_path)
+    return replace(ex, experts=Experts([root / n for n in names]), root=root, fingerprint=f"{fingerprint}-{key}")

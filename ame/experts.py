@@ -2,8 +2,9 @@
 
 Trained experts live in ``<cache_dir>/experts/<key>/``, the key hashing everything that
 determines them (data content and config, shards, model, training, seed). Each file is written
-atomically and recorded with its sha256 in ``manifest.json``; a file missing from the manifest
-or whose hash differs is retrained, so an interrupted run resumes where it stopped, and a file
+atomically and recorded with its sha256 (and size and mtime) in ``manifest.json``; a file missing
+from the manifest or whose hash differs is retrained (the hash is checked again whenever the size or
+mtime changed), so an interrupted run resumes where it stopped, and a file
 lock makes concurrent jobs train a set once.
 """
 from __future__ import annotations
@@ -73,14 +74,23 @@ def config_hash(spec) -> str:
     return hashlib.sha256(json.dumps(_strip(spec), sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _model_spec(model_cfg: DictConfig) -> dict:
+    """The model config, with a pretrained weights file named by its content (not its path)."""
+    spec = OmegaConf.to_container(model_cfg, resolve=True)
+    path = Path(str(spec.get("pretrained") or "")).expanduser()
+    if spec.get("pretrained") and path.is_file():
+        spec["pretrained"] = f"sha256:{sha256_file(path)}"
+    return spec
+
+
 def cache_key(cfg: DictConfig, data: ImageData, base_sha: str | None = None) -> tuple[str, dict]:
     """Hash of everything that determines the experts: the data by content (not by path), the
     settings, and the exact base file they start from (``base_sha``)."""
     train = OmegaConf.to_container(cfg.train, resolve=True)
     if train["init"] != "warm":
         train.pop("warm_epochs", None), train.pop("warm_lr", None)
-    spec = {"version": CACHE_VERSION, "data": data.fingerprint(), "seed": int(cfg.seed), "base": base_sha,
-            "train": train, **{g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("data", "model")}}
+    spec = {"version": CACHE_VERSION, "content": data.fingerprint(), "seed": int(cfg.seed), "base": base_sha,
+            "train": train, "data": OmegaConf.to_container(cfg.data, resolve=True), "model": _model_spec(cfg.model)}
     return config_hash(spec), _strip(spec)
 
 
@@ -90,7 +100,7 @@ def base_key(cfg: DictConfig, data: ImageData) -> tuple[str, dict]:
     experts' epochs, nor their lr when ``warm_lr`` is set). Sweeps over shards or expert epochs
     thus share one base."""
     spec = {"version": CACHE_VERSION, "data": data.fingerprint(), "seed": int(cfg.seed), "init": cfg.train.init,
-            "model": OmegaConf.to_container(cfg.model, resolve=True)}
+            "model": _model_spec(cfg.model)}
     if cfg.train.init == "warm":
         train = OmegaConf.to_container(cfg.train, resolve=True)
         train.pop("epochs")

@@ -44,7 +44,16 @@ def _check(cfg: DictConfig):
                        f"{' (pivot=init)' if isinstance(aggregator, AME) else ''}, but "
                        + ("train.init=independent" if cfg.experts.source == "train" else "experts.init is not set")
                        + f"; {fix}")
+    name = getattr(aggregator, "name", "?")
+    if aligner is not None:
+        require(getattr(aggregator, "pivot_kind", None) != "init",
+                f"align=weight_matching permutes the experts but not their shared initialisation, which "
+                f"aggregator={name} uses; use aggregator.pivot=soup|first|zero (AME) or align=none")
+        require(cfg.experts.source != "train" or aligner.reference < int(cfg.data.shards.num_shards),
+                f"align.reference={aligner.reference}, but there are only {cfg.data.shards.num_shards} experts")
     if str(cfg.get("optimized_metric")).startswith("val/"):
+        require(getattr(aggregator, "single_network", True), f"optimized_metric={cfg.optimized_metric} needs a "
+                f"single network to score; aggregator={name} is an output ensemble; tune another aggregator")
         require(int(cfg.data.get("val_size", 0)) > 0, f"optimized_metric={cfg.optimized_metric} is measured on a "
                 "validation split, but data.val_size=0; set data.val_size (e.g. data.val_size=1000)")
     getattr(aggregator, "check", lambda: None)()  # e.g. the optimizer's settings, before any training
@@ -151,7 +160,6 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
                                               data.train_y[shards.val], eval_device)
         else:
             metrics = {k: v for k, v in ref["ensemble"].items() if k != "single_network"}
-        ref = _reference_metrics(evaluator, ex, soup, cfg)
         results = {
             "aggregator": getattr(aggregator, "name", type(aggregator).__name__),
             # a run whose hyperparameters a sweeper picks on validation data is no longer data-free

@@ -40,18 +40,34 @@ def _number(v: str):
         return v
 
 
+def _order(v) -> tuple:
+    """Numbers in numeric order, then strings."""
+    return (0, v, "") if isinstance(v, float) else (1, 0, str(v))
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def series(results: list[dict], x: str, line: str, metric: str) -> dict:
-    """{panel (aggregator): {(line value, variant): [(x, mean over seeds, runs)]}}, sorted by x."""
+    """{panel (aggregator): {(line value, variant): [(x, mean over seeds, runs)]}}, sorted by x.
+    Runs must differ only in ``x``, ``line``, the aggregator and the seed: anything else (another
+    dataset, model, init, ...) is refused rather than averaged in."""
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    rest = set()
     for r in results:
         o = r["overrides"]
         if x not in o or line not in o or not isinstance(r["metrics"].get(metric), (int, float)):
             continue
+        rest.add(", ".join(f"{k}={v}" for k, v in o.items() if k not in (x, line) and not k.startswith("aggregator")))
+        if len(rest) > 1:
+            raise SystemExit(f"runs from several settings ({' | '.join(sorted(rest)) or 'defaults'}); plot one "
+                             "setting's directory at a time")
         variant = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in o.items() if k.startswith("aggregator.")
                             and k not in (x, line))
         acc[r["aggregator"]][(_number(o[line]), variant)][_number(o[x])].append(r["metrics"][metric])
-    return {panel: {key: [(xv, statistics.mean(v), len(v)) for xv, v in sorted(pts.items())]
-                    for key, pts in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1]))}
+    return {panel: {key: [(xv, statistics.mean(v), len(v)) for xv, v in sorted(pts.items(), key=lambda kv: _order(kv[0]))]
+                    for key, pts in sorted(lines.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1]))}
             for panel, lines in acc.items()}
 
 
@@ -65,7 +81,8 @@ def references(results: list[dict], x: str, line: str, metric: str) -> dict:
             if x in r["overrides"] and line in r["overrides"]}.values()
     out = {}
     for name, f in pick.items():
-        rows = [dict(r, metrics={metric: f(r)}) for r in sets]
+        rows = [dict(r, metrics={metric: f(r)}, overrides={k: v for k, v in r["overrides"].items()
+                                                           if not k.startswith("aggregator")}) for r in sets]
         found = series([dict(r, aggregator=name) for r in rows], x, line, metric)
         out.update(found)
     return out
@@ -76,7 +93,7 @@ def fig1(results: list[dict], out: Path, x: str, line: str, metric: str) -> None
     if not data:
         raise SystemExit(f"no runs with the overrides {x} and {line} and the metric {metric}")
     panels = sorted(data, key=lambda p: p not in ("soup", "ame_sgd"))  # GD (= the soup) first, as in the paper
-    levels = sorted({k[0] for lines in data.values() for k in lines})
+    levels = sorted({k[0] for lines in data.values() for k in lines}, key=_order)
     colours = dict(zip(levels, plt.cm.viridis([0.85 * i / max(1, len(levels) - 1) for i in range(len(levels))])))
     lo = min(y for lines in data.values() for pts in lines.values() for _, y, _ in pts)
     hi = max(y for lines in data.values() for pts in lines.values() for _, y, _ in pts)
@@ -94,8 +111,8 @@ def fig1(results: list[dict], out: Path, x: str, line: str, metric: str) -> None
         ax.set_title(panel)
         ax.set_xlabel(x)
         ax.set_xscale("log", base=2)
-        ticks = sorted({p[0] for pts in data[panel].values() for p in pts})
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ticks = sorted({p[0] for pts in data[panel].values() for p in pts}, key=_order)
+        ax.set_xticks(ticks, [_fmt(t) for t in ticks])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.set_ylim(100 * lo - 1, 100 * hi + 1)
@@ -107,7 +124,7 @@ def fig1(results: list[dict], out: Path, x: str, line: str, metric: str) -> None
         axes[0][-1].text(1.0, 100 * statistics.mean(base), " base", color="grey", fontsize=7, va="center",
                          transform=axes[0][-1].get_yaxis_transform())
     axes[0][0].set_ylabel(f"{metric} (%)")
-    fig.legend(handles=[Line2D([], [], color=colours[v], marker="o", markersize=3, label=f"{line.split('.')[-1]}={v:g}")
+    fig.legend(handles=[Line2D([], [], color=colours[v], marker="o", markersize=3, label=f"{line.split('.')[-1]}={_fmt(v)}")
                         for v in levels], loc="upper center", ncol=len(levels), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(out, **SAVE)
@@ -116,13 +133,13 @@ def fig1(results: list[dict], out: Path, x: str, line: str, metric: str) -> None
 
 def series_table(data: dict, panels: list[str], x: str, line: str, metric: str) -> str:
     """The plotted numbers as a Markdown table: one row per line, one column per x value."""
-    xs = sorted({p[0] for lines in data.values() for pts in lines.values() for p in pts})
-    head = f"| aggregator | setting | {line.split('.')[-1]} | " + " | ".join(f"{x.split('.')[-1]}={v:g}" for v in xs) + " |"
+    xs = sorted({p[0] for lines in data.values() for pts in lines.values() for p in pts}, key=_order)
+    head = f"| aggregator | setting | {line.split('.')[-1]} | " + " | ".join(f"{x.split('.')[-1]}={_fmt(v)}" for v in xs) + " |"
     out = [head, "|---|---|---:|" + "---:|" * len(xs)]
     for panel in panels:
-        for (level, variant), pts in sorted(data[panel].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for (level, variant), pts in sorted(data[panel].items(), key=lambda kv: (kv[0][1], _order(kv[0][0]))):
             by_x = {p[0]: p[1] for p in pts}
-            out.append(f"| {panel} | {variant} | {level:g} | "
+            out.append(f"| {panel} | {variant} | {_fmt(level)} | "
                        + " | ".join(f"{100 * by_x[v]:.2f}" if v in by_x else "" for v in xs) + " |")
     runs = sum(p[2] for lines in data.values() for pts in lines.values() for p in pts)
     return "\n".join(out) + f"\n\n{metric} in %, mean over seeds; {runs} run(s).\n"

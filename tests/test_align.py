@@ -90,3 +90,23 @@ def test_aligned_soup_of_independent_experts_beats_the_unaligned_soup(tmp_path):
     assert plain["align"] is None and aligned["align"]["method"] == "weight_matching"
     assert [e["id/acc"] for e in plain["experts"]] == [e["id/acc"] for e in aligned["experts"]]  # same functions
     assert aligned["metrics"]["id/acc"] > plain["metrics"]["id/acc"] + 0.1  # measured: 0.63 → 0.94
+
+
+def test_aligned_copies_follow_the_expert_files_never_stale(tmp_path):
+    from ame.align import align_experts
+    from ame.experts import ExpertSet, Experts
+    from ame.io import save_state_dict
+
+    spec = permutation_spec(_random_net("cnn_batchnorm", 0), MODELS["cnn_batchnorm"][1])
+    paths = [tmp_path / f"e{i}.safetensors" for i in range(2)]
+    for i, p in enumerate(paths):
+        save_state_dict(_random_net("cnn_batchnorm", i).state_dict(), p)
+    ex = ExpertSet(Experts(paths), [1, 1], None, None, cached=True)
+    first = align_experts(ex, WeightMatching(), spec, tmp_path / "out", "k")
+    again = align_experts(ex, WeightMatching(), spec, tmp_path / "out", "k")
+    assert again.root == first.root  # the same files: reused
+    save_state_dict(_random_net("cnn_batchnorm", 5).state_dict(), paths[1])  # a different expert, same path
+    changed = align_experts(ex, WeightMatching(), spec, tmp_path / "out", "k")
+    assert changed.root != first.root
+    fresh = spec.apply(weight_matching(spec, ex.experts[0], ex.experts[1]), ex.experts[1])
+    assert all(torch.equal(changed.experts[1][k], fresh[k]) for k in fresh)

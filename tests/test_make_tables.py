@@ -86,3 +86,12 @@ def test_fig1_series_average_seeds_per_line_and_the_png_is_deterministic(tmp_pat
     subprocess.run([sys.executable, str(ROOT / "scripts/make_figures.py"), "bars", str(tmp_path / "runs"),
                     "--out", str(tmp_path / "bars.png")], check=True, capture_output=True)
     assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fig1_refuses_to_average_runs_from_different_settings(tmp_path):
+    for i, data in enumerate(("cifar10_shards", "gld23k")):
+        write_run(tmp_path / str(i), "soup", 0, 0.5, [f"data={data}", "data.shards.num_shards=2", "train.epochs=1",
+                                                      "aggregator=soup"])
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/make_figures.py"), "fig1", str(tmp_path),
+                          "--out", str(tmp_path / "f.png")], capture_output=True, text=True)
+    assert out.returncode != 0 and "several settings" in out.stderr and not (tmp_path / "f.png").exists()

@@ -128,3 +128,23 @@ def test_cache_entries_are_hashed_once_then_trusted_while_unchanged(tmp_path, mo
     assert experts_mod._Entry(tmp_path / "e", {"k": 1}).valid("a.safetensors") and len(hashed) == 1
     (tmp_path / "e" / "a.safetensors").write_bytes(b"not the recorded file")
     assert not experts_mod._Entry(tmp_path / "e", {"k": 1}).valid("a.safetensors") and len(hashed) == 2
+
+
+@pytest.mark.parametrize("init", ["independent", "shared"])
+def test_expert_cache_key_depends_on_the_data_content_not_only_its_config(init, tmp_path):
+    cfg = compose_cfg([f"train.init={init}"], tmp_path)
+    a, b = load_digits(), load_digits()
+    b.train_x[0] = 255 - b.train_x[0]  # same config, different pixels
+    assert cache_key(cfg, a)[0] != cache_key(cfg, b)[0]
+
+
+def test_pretrained_weights_are_keyed_by_content_not_path(tmp_path):
+    from ame.experts import _model_spec
+    from omegaconf import OmegaConf
+
+    (tmp_path / "w.safetensors").write_bytes(b"one")
+    (tmp_path / "v.safetensors").write_bytes(b"one")
+    spec = lambda name: _model_spec(OmegaConf.create({"_target_": "m", "pretrained": str(tmp_path / name)}))  # noqa: E731
+    assert spec("w.safetensors") == spec("v.safetensors") and spec("w.safetensors")["pretrained"].startswith("sha256:")
+    (tmp_path / "w.safetensors").write_bytes(b"two")
+    assert spec("w.safetensors") != spec("v.safetensors")
