@@ -92,7 +92,8 @@ def fig1(results: list[dict], out: Path, x: str, line: str, metric: str) -> None
     data = series(results, x, line, metric)
     if not data:
         raise SystemExit(f"no runs with the overrides {x} and {line} and the metric {metric}")
-    panels = sorted(data, key=lambda p: p not in ("soup", "ame_sgd"))  # GD (= the soup) first, as in the paper
+    paper = ["soup", "ame_sgd", "ame_adagrad", "ame_adamw", "ame_adadelta"]  # the paper's panel order: GD first
+    panels = sorted(data, key=lambda p: paper.index(p) if p in paper else len(paper))
     levels = sorted({k[0] for lines in data.values() for k in lines}, key=_order)
     colours = dict(zip(levels, plt.cm.viridis([0.85 * i / max(1, len(levels) - 1) for i in range(len(levels))])))
     lo = min(y for lines in data.values() for pts in lines.values() for _, y, _ in pts)
@@ -128,10 +129,11 @@ def fig1(results: list[dict], out: Path, x: str, line: str, metric: str) -> None
                         for v in levels], loc="upper center", ncol=len(levels), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(out, **SAVE)
-    out.with_suffix(".md").write_text(series_table({**refs, **data}, [*refs, *panels], x, line, metric))
+    out.with_suffix(".md").write_text(series_table({**refs, **data}, [*refs, *panels], x, line, metric,
+                                                   sum(p[2] for lines in data.values() for pts in lines.values() for p in pts)))
 
 
-def series_table(data: dict, panels: list[str], x: str, line: str, metric: str) -> str:
+def series_table(data: dict, panels: list[str], x: str, line: str, metric: str, runs: int) -> str:
     """The plotted numbers as a Markdown table: one row per line, one column per x value."""
     xs = sorted({p[0] for lines in data.values() for pts in lines.values() for p in pts}, key=_order)
     head = f"| aggregator | setting | {line.split('.')[-1]} | " + " | ".join(f"{x.split('.')[-1]}={_fmt(v)}" for v in xs) + " |"
@@ -141,7 +143,6 @@ def series_table(data: dict, panels: list[str], x: str, line: str, metric: str) 
             by_x = {p[0]: p[1] for p in pts}
             out.append(f"| {panel} | {variant} | {_fmt(level)} | "
                        + " | ".join(f"{100 * by_x[v]:.2f}" if v in by_x else "" for v in xs) + " |")
-    runs = sum(p[2] for lines in data.values() for pts in lines.values() for p in pts)
     return "\n".join(out) + f"\n\n{metric} in %, mean over seeds; {runs} run(s).\n"
 
 
