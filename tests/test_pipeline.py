@@ -226,3 +226,16 @@ def test_results_report_the_output_ensemble(default_run):
     r = read_results(tmp / "out")
     assert r["ensemble"]["single_network"] is False and METRIC_KEYS <= r["ensemble"].keys()
     assert "output ensemble (N networks)" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["fig1", "table", "ablations", "align"])
+def test_experiment_configs_compose_on_cifar(name, tmp_path):
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg([f"experiment={name}"], tmp_path)
+    assert cfg.data.dataset._target_ == "ame.data.load_cifar" and cfg.model._target_ == "ame.models.CNN"
+    assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if name == "align":
+        assert cfg.train.init == "independent" and cfg.aggregator.name == "soup"
