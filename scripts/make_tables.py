@@ -26,6 +26,8 @@ COLUMNS = [("id/acc", "ID acc", 100), ("id/nll", "ID NLL", 1), ("ood/acc", "OOD 
            ("dist/soup", "dist. to soup", 1)]
 
 
+ORDER = ["soup", "weighted_soup", "ame_sgd", "ame_adam", "ame_adamw", "ame_adagrad", "ame_adadelta", "ame_rmsprop",
+         "task_arithmetic", "ties", "dare", "greedy_soup", "ensemble"]  # aggregator rows: soups first, as in the paper
 IGNORED = ("seed=", "hydra.", "hydra/", "logger", "paths.", "experiment=")
 
 
@@ -63,7 +65,9 @@ def rows(results: list[dict]) -> list[tuple[str, list[dict]]]:
     if all(r.get("ensemble") for r in by_set):
         out.append(("output ensemble (N networks)", [r["ensemble"] for r in by_set]))
     out.append(("soup", [r["soup"] for r in by_set]))
-    for name, variant in dict.fromkeys((r["aggregator"], r["variant"]) for r in results):
+    found = list(dict.fromkeys((r["aggregator"], r["variant"]) for r in results))
+    rank = {name: i for i, name in enumerate(ORDER)}
+    for name, variant in sorted(found, key=lambda nv: rank.get(nv[0], len(ORDER))):  # stable: variants in run order
         label = f"{name} (aggregate{', ' + variant if variant else ''})"
         out.append((label, [r["metrics"] for r in results if (r["aggregator"], r["variant"]) == (name, variant)]))
     return out

@@ -95,3 +95,12 @@ def test_fig1_refuses_to_average_runs_from_different_settings(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts/make_figures.py"), "fig1", str(tmp_path),
                           "--out", str(tmp_path / "f.png")], capture_output=True, text=True)
     assert out.returncode != 0 and "several settings" in out.stderr and not (tmp_path / "f.png").exists()
+
+
+def test_aggregator_rows_put_the_soups_first_whatever_the_folder_names(tmp_path):
+    for name in ("ame_adagrad", "ame_adam", "weighted_soup", "soup"):  # alphabetical folders: ame_* first
+        write_run(tmp_path / f"aggregator={name}", name, 0, 0.5, [f"aggregator={name}"])
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split(" (aggregate")[0].strip("| ") for line in out.splitlines() if "(aggregate" in line]
+    assert rows == ["soup", "weighted_soup", "ame_adam", "ame_adagrad"]
