@@ -150,7 +150,8 @@ def bars(results: list[dict], out: Path, metrics=("id/acc", "ood/acc")) -> None:
     settings = list(dict.fromkeys(r["setting"] for r in results))
     fig, axes = plt.subplots(len(settings), 1, figsize=(9, 3.2 * len(settings)), squeeze=False)
     for ax, setting in zip(axes[:, 0], settings):
-        table = rows([r for r in results if r["setting"] == setting])
+        table = [(name, ms) for name, ms in rows([r for r in results if r["setting"] == setting])
+                 if name != "soup (aggregate)"]  # the same network as the reference "soup" bar
         width = 0.8 / len(metrics)
         for j, metric in enumerate(metrics):
             means, errs = [], []
