@@ -302,9 +302,6 @@ class GreedySoup:
     def __init__(self, name: str = "greedy_soup"):
         self.name, self.info = name, {}
 
-    def pivot(self, experts: Sequence[StateDict], init: StateDict | None, buffers: Collection[str] = ()) -> StateDict:
-        return average(experts, buffers=buffers)
-
     def __call__(self, experts: Sequence[StateDict], sizes: Sequence[int], init: StateDict | None = None,
                  buffers: Collection[str] = (), score: Callable[[StateDict], float] | None = None) -> StateDict:
         require(score is not None, "greedy_soup needs held-out data: set data.val_size (e.g. data.val_size=1000)")
@@ -332,7 +329,6 @@ class OutputEnsemble:
 
     data_free = True
     single_network = False
-    pivot_kind = None
 
     def __init__(self, name: str = "ensemble"):
-        self.name, self.info = name, {}
+        self.name = name

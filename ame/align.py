@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ame.errors import AMEError, require
+from ame.errors import AMEError, positive_int, require
 from ame.io import StateDict, file_lock, sha256_file, write_json
 from ame.report import progress
 
@@ -48,13 +48,12 @@ class PermutationSpec:
     axes: dict[str, list[tuple[str, int]]]
     sizes: dict[str, int]
 
-    def apply(self, perms: dict[str, torch.Tensor], sd: StateDict, skip: str | None = None) -> StateDict:
-        """``sd`` with unit ``i`` of every space ``p`` taken from unit ``perms[p][i]`` (all but ``skip``)."""
+    def apply(self, perms: dict[str, torch.Tensor], sd: StateDict) -> StateDict:
+        """``sd`` with unit ``i`` of every space ``p`` taken from unit ``perms[p][i]``."""
         out = dict(sd)
         for p, axes in self.axes.items():
-            if p != skip:
-                for key, axis in axes:
-                    out[key] = out[key].index_select(axis, perms[p])
+            for key, axis in axes:
+                out[key] = out[key].index_select(axis, perms[p])
         return out
 
 
@@ -144,6 +143,7 @@ def permutation_spec(model: nn.Module, input_shape: Sequence[int]) -> Permutatio
         root = find(s)
         if root != _FIXED:
             axes[root] += pairs
+    require(len(axes) > 0, f"align: {type(model).__name__} has no hidden units to permute; use align=none")
     return PermutationSpec(dict(axes), {p: sizes[p] for p in axes})
 
 
@@ -155,16 +155,28 @@ def weight_matching(spec: PermutationSpec, ref: StateDict, sd: StateDict, max_it
     perms = {p: torch.arange(n) for p, n in spec.sizes.items()}
     rng = np.random.default_rng(seed)
     names = list(spec.axes)
+    where: dict[str, list[tuple[str, int]]] = {}  # key -> the (permutation, axis) pairs acting on it
+    for q, pairs in spec.axes.items():
+        for key, axis in pairs:
+            where.setdefault(key, []).append((q, axis))
+    fixed = {p: [ref[key].double().movedim(axis, 0).reshape(spec.sizes[p], -1) for key, axis in spec.axes[p]]
+             for p in names}  # the reference's side of every cost matrix: the same on every pass
+
+    def others(key: str, p: str) -> torch.Tensor:
+        """``sd[key]`` with every permutation but ``p`` applied."""
+        t = sd[key]
+        for q, axis in where[key]:
+            if q != p:
+                t = t.index_select(axis, perms[q])
+        return t
+
     for _ in range(max_iter):
         improved = False
         for p in rng.permutation(names):
-            others = spec.apply(perms, sd, skip=p)  # every other permutation applied
             n = spec.sizes[p]
             cost = torch.zeros(n, n, dtype=torch.float64)
-            for key, axis in spec.axes[p]:
-                a = ref[key].double().movedim(axis, 0).reshape(n, -1)
-                b = others[key].double().movedim(axis, 0).reshape(n, -1)
-                cost += a @ b.T
+            for a, (key, axis) in zip(fixed[p], spec.axes[p]):
+                cost += a @ others(key, p).double().movedim(axis, 0).reshape(n, -1).T
             _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
             new = torch.from_numpy(cols)
             rows = torch.arange(n)
@@ -192,7 +204,7 @@ class WeightMatching:
     """
 
     def __init__(self, max_iter: int = 100, reference: int = 0, seed: int = 0):
-        require(isinstance(max_iter, int) and max_iter >= 1, f"align.max_iter must be an integer ≥ 1, got {max_iter!r}")
+        positive_int(max_iter, "align.max_iter")
         require(isinstance(reference, int) and reference >= 0,
                 f"align.reference must be an expert's index ≥ 0, got {reference!r}")
         self.max_iter, self.reference, self.seed = max_iter, reference, seed
@@ -206,7 +218,7 @@ class WeightMatching:
         keys = sorted({k for pairs in spec.axes.values() for k, _ in pairs})
         before, after = [], []
         for i in progress(range(len(experts)), "aligning experts"):
-            sd = experts[i]
+            sd = ref if i == self.reference else experts[i]
             aligned = sd if i == self.reference else spec.apply(
                 weight_matching(spec, ref, sd, self.max_iter, self.seed), sd)
             before.append(_cosine(ref, sd, keys))
@@ -222,7 +234,6 @@ def align_experts(ex, aligner: WeightMatching, spec: PermutationSpec, out_root: 
     alignment settings)."""
     from ame.experts import Experts, _Entry, config_hash  # experts.py does not import this module
 
-    require(len(spec.axes) > 0, "align: the model has no hidden units to permute; use align=none")
     # the exact expert files (their hashes) and the settings: other experts never reuse these copies
     fingerprint = ex.fingerprint or config_hash({"files": [sha256_file(p) for p in ex.experts.paths]})
     root = out_root / f"aligned-{config_hash({'experts': fingerprint, 'align': key})}"

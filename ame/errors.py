@@ -11,6 +11,13 @@ def require(ok: bool, message: str) -> None:
         raise AMEError(message)
 
 
+def positive_int(value, key: str, minimum: int = 1) -> int:
+    """``value`` if it is an integer ≥ ``minimum`` (not a bool), else one clear error naming ``key``."""
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+            f"{key} must be an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
 def instantiate(node, what: str, **kwargs):
     """``hydra.utils.instantiate`` whose failures read as one line: an :class:`AMEError` raised by
     the constructor passes through (Hydra wraps it), anything else is prefixed with ``what``."""

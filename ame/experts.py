@@ -9,6 +9,7 @@ lock makes concurrent jobs train a set once.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -79,8 +80,15 @@ def _model_spec(model_cfg: DictConfig) -> dict:
     spec = OmegaConf.to_container(model_cfg, resolve=True)
     path = Path(str(spec.get("pretrained") or "")).expanduser()
     if spec.get("pretrained") and path.is_file():
-        spec["pretrained"] = f"sha256:{sha256_file(path)}"
+        spec["pretrained"] = f"sha256:{_file_sha(str(path.resolve()), *_stat(path))}"
     return spec
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per process while its size and mtime stay the same (base_key and
+    cache_key both need the pretrained weights' hash)."""
+    return sha256_file(path)
 
 
 def cache_key(cfg: DictConfig, data: ImageData, base_sha: str | None = None) -> tuple[str, dict]:

@@ -98,7 +98,7 @@ def timm_model(in_channels: int, image_size: int, num_classes: int, name: str = 
 
     import timm
 
-    require(name in timm.list_models(), f"model.name={name!r} is not a timm model; e.g. vit_small_patch16_224")
+    require(timm.is_model(name), f"model.name={name!r} is not a timm model; e.g. vit_small_patch16_224")
     if pretrained:
         path = Path(str(pretrained)).expanduser()
         require(path.is_file(), f"model.pretrained={pretrained} not found; give a local weights file for {name} "

@@ -128,13 +128,13 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
         with timer("align"):
             ex = align_experts(ex, aligner, spec, ex.root or out_dir, config_hash(cfg.align))
     single = getattr(aggregator, "single_network", True)  # the output ensemble is N networks: no weights
+    val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
     with timer("aggregate"):
         if not single:
             aggregate = None
         elif getattr(aggregator, "data_free", True):
             aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers)
         else:  # the declared exception (greedy soup): scored on the held-out validation split
-            val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]
             aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers,
                                    score=lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device))
     soup = average(ex.experts, buffers=buffers)
@@ -155,9 +155,8 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
                         "dist/soup": to_soup / scale if scale > 0 else None,  # None when the pivot is the soup
                         "dist/pivot": to_pivot / scale if scale > 0 else None,
                         "dist/soup_l2": to_soup, "dist/pivot_l2": to_pivot}
-            if len(shards.val):  # held out before sharding: for choosing hyperparameters, not for reporting
-                metrics["val/acc"] = accuracy(model, data, aggregate, data.train_x[shards.val],
-                                              data.train_y[shards.val], eval_device)
+            if len(val_y):  # for choosing hyperparameters, not for reporting
+                metrics["val/acc"] = accuracy(model, data, aggregate, val_x, val_y, eval_device)
         else:
             metrics = {k: v for k, v in ref["ensemble"].items() if k != "single_network"}
         results = {

@@ -21,7 +21,7 @@ from typing import Collection, Sequence
 import torch
 from torch import Tensor
 
-from ame.aggregate import FlatSpec, _name, average
+from ame.aggregate import FlatSpec, _name
 from ame.errors import require
 from ame.io import StateDict
 
@@ -64,16 +64,25 @@ class TaskVectors:
         require(n > 0, "no experts to aggregate; check experts.paths or data.shards.num_shards")
         spec = FlatSpec.of(experts[0], buffers)
         base = spec.flatten(self.pivot(experts, init, buffers))
-        taus = lambda: (self.task_vector(spec, base, experts[i], i, _name(experts, i)) for i in range(n))  # noqa: E731
+        copied = {k: experts[0][k].clone() for k in spec.copied}
+        averaged = torch.zeros(sum(spec.reference[k].numel() for k in spec.averaged), dtype=torch.float64)
+
+        def taus(buffers_too: bool = False):
+            for i in range(n):
+                sd = experts[i]
+                if buffers_too:  # float buffers (BatchNorm statistics): their plain mean, as in the soup
+                    averaged.add_((1.0 / n) * spec.flatten(sd, spec.averaged).double())
+                yield self.task_vector(spec, base, sd, i, _name(experts, i))
+
         elected = None
         if self.sign_election:
             elected = torch.sign(sum(taus()))
         total, count = torch.zeros_like(base), torch.zeros_like(base)
-        for tau in taus():
+        for tau in taus(buffers_too=True):
             if elected is not None:
                 tau = torch.where(torch.sign(tau) == elected, tau, torch.zeros_like(tau))
             total += tau
             count += (tau != 0).float()
         merged = total / count.clamp_min(1) if self.combine == "mean" else total
-        out = {**average(experts, buffers=buffers), **spec.unflatten(base + self.scaling * merged)}
+        out = {**spec.unflatten(averaged, spec.averaged), **copied, **spec.unflatten(base + self.scaling * merged)}
         return {k: out[k] for k in spec.reference}

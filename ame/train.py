@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ame.data import ImageData
-from ame.errors import AMEError, instantiate, require
+from ame.errors import AMEError, instantiate, positive_int, require
 from ame.report import progress
 
 INITS = ("shared", "warm", "independent")
@@ -78,10 +78,11 @@ def fit(model: nn.Module, data: ImageData, idx: np.ndarray, train_cfg: DictConfi
     x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
     bs = int(train_cfg.batch_size)
     opt = instantiate(train_cfg.optimizer, "train.optimizer", **({"lr": lr} if lr is not None else {}))(model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(train_cfg.lr_schedule, epochs * math.ceil(len(idx) / bs)))
+    steps = epochs * math.ceil(len(idx) / bs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(train_cfg.lr_schedule, steps))
     g = torch.Generator().manual_seed(seed)
     batches = _batches(x, y, bs, epochs, train_cfg.augment, g)
-    for xb, yb in progress(batches, "steps", total=epochs * math.ceil(len(idx) / bs)):
+    for xb, yb in progress(batches, "steps", total=steps):
         with _autocast(device):
             loss = F.cross_entropy(model(data.normalize(xb)), yb, label_smoothing=float(train_cfg.label_smoothing))
         opt.zero_grad(set_to_none=True)
@@ -116,6 +117,7 @@ def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarr
     streams = [_batches(data.train_x[s].to(device), data.train_y[s].to(device), bs, epochs, train_cfg.augment,
                         torch.Generator().manual_seed(seed)) for s, seed in zip(shards, seeds)]
     names = [k for k, _ in models[0].named_parameters()]
+    each = [dict(m.named_parameters()) for m in models]  # the same Parameter objects on every step
     template = models[0]
 
     def forward(params, x):
@@ -131,7 +133,7 @@ def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarr
             if active[i]:
                 xb, yb = next(stream)
                 xs[i, :len(yb)], ys[i, :len(yb)], mask[i, :len(yb)] = xb, yb, 1.0
-        params = {k: torch.stack([dict(m.named_parameters())[k] for m in models]) for k in names}
+        params = {k: torch.stack([named[k] for named in each]) for k in names}
         with _autocast(device):
             logits = vmap(forward)(params, data.normalize(xs.flatten(0, 1)).reshape(n, bs, c, h, w))
         per = F.cross_entropy(logits.flatten(0, 1).float(), ys.flatten(), reduction="none",
@@ -151,22 +153,16 @@ def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarr
     return [m.eval() for m in models]
 
 
-def _positive_int(value, key: str) -> int:
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            f"{key} must be an integer ≥ 1, got {value!r}")
-    return value
-
-
 def check_train_cfg(train_cfg: DictConfig, public_size) -> None:
     require(train_cfg.init in INITS, f"train.init must be one of {INITS}, got {train_cfg.init!r}")
-    _positive_int(train_cfg.epochs, "train.epochs")
-    _positive_int(train_cfg.batch_size, "train.batch_size")
+    positive_int(train_cfg.epochs, "train.epochs")
+    positive_int(train_cfg.batch_size, "train.batch_size")
     require(isinstance(public_size, int) and public_size >= 0,
             f"data.public_size must be an integer ≥ 0, got {public_size!r}")
     if train_cfg.init == "warm":
         require(public_size > 0, "train.init=warm trains a shared base on the public split, but data.public_size=0; "
                 "set data.public_size (e.g. 10000) or use train.init=shared")
-        _positive_int(train_cfg.warm_epochs, "train.warm_epochs")
+        positive_int(train_cfg.warm_epochs, "train.warm_epochs")
 
 
 def expert_seed(seed: int, i: int) -> int:

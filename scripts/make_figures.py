@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_tables import load, rows  # noqa: E402
+from make_tables import expert_set, load, rows  # noqa: E402
 
 SAVE = {"dpi": 150, "metadata": {"Software": None}}  # no version stamp: deterministic bytes
 STYLES = ["-", "--", ":", "-."]
@@ -77,7 +77,7 @@ def references(results: list[dict], x: str, line: str, metric: str) -> dict:
     pick = {"experts (mean)": lambda r: statistics.mean(e[metric] for e in r["experts"]),
             "output ensemble": lambda r: (r.get("ensemble") or {}).get(metric),
             "base (warm start)": lambda r: (r.get("base") or {}).get(metric)}
-    sets = {tuple(e["path"] for e in r["experts"]): r for r in results
+    sets = {expert_set(r): r for r in results
             if x in r["overrides"] and line in r["overrides"]}.values()
     out = {}
     for name, f in pick.items():

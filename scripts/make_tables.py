@@ -53,9 +53,14 @@ def load(dirs: list[Path]) -> list[dict]:
     return out
 
 
+def expert_set(r: dict) -> tuple:
+    """Which experts a run aggregated (their files): runs sharing it share the reference rows."""
+    return tuple(e["path"] for e in r["experts"])
+
+
 def rows(results: list[dict]) -> list[tuple[str, list[dict]]]:
     """(row name, one metrics dict per run) in display order; reference rows once per expert set."""
-    by_set = {tuple(e["path"] for e in r["experts"]): r for r in results}.values()
+    by_set = {expert_set(r): r for r in results}.values()
     out = []
     if any(r.get("base") for r in by_set):
         out.append(("base (warm start)", [r["base"] for r in by_set if r.get("base")]))
@@ -91,7 +96,7 @@ def markdown(results: list[dict]) -> str:
              "|---|" + "---:|" * len(COLUMNS)]
     for name, ms in rows(results):
         lines.append(f"| {name} | " + " | ".join(cell([m.get(k) for m in ms], s) for k, _, s in COLUMNS) + " |")
-    sets = len({tuple(e["path"] for e in r["experts"]) for r in results})
+    sets = len({expert_set(r) for r in results})
     return "\n".join(lines) + f"\n\nAccuracies in %; {sets} expert set(s), {len(results)} run(s).\n"
 
 

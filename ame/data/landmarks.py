@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ame.data.datasets import ImageData, cached
-from ame.errors import AMEError, require
+from ame.errors import AMEError, positive_int, require
 from ame.report import progress
 
 
@@ -55,8 +55,7 @@ def _decode(rows: list[dict[str, str]], image_dir: Path, size: int, what: str) -
 def load_gld23k(root: str, train_csv: str = "mini_gld_train_split.csv", test_csv: str = "mini_gld_test.csv",
                 image_dir: str = "images", image_size: int = 224, cache_dir: str | None = None) -> ImageData:
     """GLD-23K from ``root`` (see the module docstring), at ``image_size``², cached as uint8."""
-    require(isinstance(image_size, int) and image_size >= 8, f"data.dataset.image_size must be an integer ≥ 8, "
-            f"got {image_size!r}")
+    positive_int(image_size, "data.dataset.image_size", minimum=8)
     root_path = Path(root).expanduser().resolve()
     files = [root_path / train_csv, root_path / test_csv]
     stamp = "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" if f.is_file() else str(f) for f in files)
