@@ -1,124 +1,683 @@
-"""Common corruptions (after Hendrycks & Dietterich's CIFAR-10-C protocol), batched in torch.
+"""The 19 common corruptions of CIFAR-10-C (Hendrycks & Dietterich, ICLR 2019), batched in torch.
 
-Each function maps float images in [0, 1], shape (B, C, H, W), and a severity 1..5 to corrupted
-images in [0, 1]; the severity parameters are CIFAR-10-C's. Noise draws come from a seeded
-``torch.Generator``, so a corrupted test set is the same on every run: :func:`corrupt` builds it
-once per run, as uint8, for every network to be evaluated on.
+Each corruption follows the published generator (``make_cifar_c.py`` in hendrycks/robustness)
+with its CIFAR severity parameters, re-derived from the operations it calls rather than copied:
+skimage's ``gaussian`` (scipy's separable Gaussian, edge pixels replicated), cv2's ``filter2D``
+and ``warpAffine`` (fixed-point coordinates, mirrored borders), scipy's ``zoom`` and
+``map_coordinates`` (order 1), PIL's BOX resize (its integer coefficients), ImageMagick's motion
+blur (one-sided Gaussian taps along a line, edge pixels, 16-bit quanta), skimage's HSV. Random
+draws come from a seeded ``torch.Generator`` with the reference's distributions, so a corrupted
+set is the same on every run; the operation applied to the draws is the reference's
+(``scripts/check_cifar_c.py`` compares them, draw for draw, with the reference's libraries).
+
+A corruption maps float64 images on the [0, 1] scale, shape (B, C, H, W), to the reference's
+output on the [0, 255] scale; :func:`corrupt` converts to uint8 as the reference does, by
+truncation. Grey images (C = 1) go through the colour corruptions as R = G = B and come back as
+PIL's luma. The parameters are CIFAR's (32 px); on other sizes the size-bound quantities
+(elastic displacement, plasma map, frost texture scale) scale with the image.
 """
 from __future__ import annotations
 
+import functools
+import math
+from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ame.errors import require
+from ame.errors import AMEError, require
 
+STANDARD = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+            "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+            "jpeg_compression")
+EXTRAS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+FAMILIES = {"noise": STANDARD[0:3], "blur": STANDARD[3:7], "weather": STANDARD[7:11], "digital": STANDARD[11:15]}
+VERSION = "2"  # of the generated sets: part of every cache key, bumped when an output changes
+
+
+# ───────────────────────────── helpers: the reference's primitives ─────────────────────────────
+
+def _out(x: Tensor) -> Tensor:
+    """The reference's ``np.clip(x, 0, 1) * 255``."""
+    return x.clamp(0, 1) * 255
+
+
+def _index(n: int, lo: int, hi: int, mode: str, device=None) -> Tensor:
+    """Indices of positions lo..hi-1 of an axis of length n under a border mode: ``edge``
+    (scipy 'nearest'), ``symmetric`` (scipy 'reflect': dcba|abcd), ``reflect101`` (cv2's default,
+    scipy 'mirror': dcb|abcd)."""
+    i = torch.arange(lo, hi, device=device)
+    if mode == "edge":
+        return i.clamp(0, n - 1)
+    if n == 1:
+        return torch.zeros_like(i)
+    if mode == "symmetric":
+        i = i % (2 * n)
+        return torch.where(i < n, i, 2 * n - 1 - i)
+    i = i.abs() % (2 * n - 2)  # reflect101
+    return torch.where(i < n, i, 2 * n - 2 - i)
+
+
+def _conv1d(x: Tensor, k: Tensor, dim: int, mode: str) -> Tensor:
+    """Correlate ``x`` along ``dim`` with the odd-length kernel ``k``, borders by ``mode``."""
+    r, n = len(k) // 2, x.shape[dim]
+    xp = x.index_select(dim, _index(n, -r, n + r, mode, x.device))
+    out = torch.zeros_like(x)
+    for j, w in enumerate(k.tolist()):
+        if w != 0:
+            out += w * xp.narrow(dim, j, n)
+    return out
+
+
+def _gaussian_taps(sigma: float, truncate: float) -> Tensor:
+    """scipy's ``gaussian_filter1d`` weights: radius int(truncate·σ + 0.5), normalised."""
+    r = int(truncate * sigma + 0.5)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 / sigma**2 * t**2)
+    return k / k.sum()
+
+
+def gaussian_filter(x: Tensor, sigma: float, mode: str = "edge", truncate: float = 4.0) -> Tensor:
+    """skimage's ``gaussian`` over the last two axes (each channel alone); σ = 0 is the identity."""
+    if sigma <= 1e-15:
+        return x.clone()
+    k = _gaussian_taps(sigma, truncate)
+    return _conv1d(_conv1d(x, k, -2, mode), k, -1, mode)
+
+
+def _zoom_matrix(n: int, z: float) -> Tensor:
+    """One axis of the reference's ``clipped_zoom``: crop the centre ceil(n/z) pixels, zoom by z
+    with scipy's order-1 spline (output round(ch·z); coordinate i·(ch−1)/(out−1)), trim the centre
+    n. As an (n × n) matrix acting on that axis."""
+    ch = int(math.ceil(n / z))
+    top = (n - ch) // 2
+    m = int(round(ch * z))
+    pos = torch.arange(m, dtype=torch.float64) * ((ch - 1) / (m - 1) if m > 1 else 0.0)
+    i0 = pos.floor().long().clamp(max=ch - 1)
+    f = pos - i0
+    a = torch.zeros(m, n, dtype=torch.float64)
+    a[torch.arange(m), top + i0] += 1 - f
+    hi = (i0 + 1).clamp(max=ch - 1)
+    a[torch.arange(m), top + hi] += f
+    trim = (m - n) // 2
+    return a[trim:trim + n]
+
+
+def _clipped_zoom(x: Tensor, z: float) -> Tensor:
+    h, w = x.shape[-2:]
+    return _zoom_matrix(h, z).to(x) @ x @ _zoom_matrix(w, z).to(x).T
+
+
+def rgb2hsv(x: Tensor) -> Tensor:
+    """skimage's ``rgb2hsv`` on (B, 3, H, W); hue in [0, 1)."""
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    delta = v - x.amin(1)
+    s = torch.where(delta == 0, torch.zeros_like(v), delta / torch.where(v == 0, torch.ones_like(v), v))
+    d = torch.where(delta == 0, torch.ones_like(delta), delta)
+    h = torch.where(r == v, (g - b) / d, torch.zeros_like(v))
+    h = torch.where(g == v, 2 + (b - r) / d, h)
+    h = torch.where(b == v, 4 + (r - g) / d, h)
+    h = torch.where(delta == 0, torch.zeros_like(h), (h / 6) % 1)
+    return torch.stack([h, s, v], 1)
+
+
+def hsv2rgb(x: Tensor) -> Tensor:
+    """skimage's ``hsv2rgb`` on (B, 3, H, W)."""
+    h, s, v = x.unbind(1)
+    hi = torch.floor(h * 6)
+    f = h * 6 - hi
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    hi = hi.long() % 6
+    table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = torch.zeros_like(x)
+    for k, rgb in enumerate(table):
+        out = torch.where((hi == k)[:, None], torch.stack(rgb, 1), out)
+    return out
+
+
+def _gray(x: Tensor) -> Tensor:
+    """cv2's RGB2GRAY (ITU-R 601 luma), (B, 3, H, W) → (B, 1, H, W)."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+
+
+def _uniform(g: torch.Generator, shape, lo: float, hi: float) -> Tensor:
+    return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
+
+
+def _randint(g: torch.Generator, lo: int, hi: int, shape) -> Tensor:
+    """Integers in [lo, hi), numpy's ``randint``."""
+    return torch.randint(lo, hi, shape, generator=g)
+
+
+# ───────────────────────────── noise ─────────────────────────────
 
 def gaussian_noise(x: Tensor, s: int, g: torch.Generator) -> Tensor:
     c = [0.04, 0.06, 0.08, 0.09, 0.10][s - 1]
-    return x + c * torch.randn(x.shape, generator=g)
+    return _out(x + c * torch.randn(x.shape, generator=g, dtype=x.dtype))
 
 
 def shot_noise(x: Tensor, s: int, g: torch.Generator) -> Tensor:
     c = [500, 250, 100, 75, 50][s - 1]
-    return torch.poisson(x * c, generator=g) / c
+    return _out(torch.poisson(x * c, generator=g) / c)
 
 
 def impulse_noise(x: Tensor, s: int, g: torch.Generator) -> Tensor:
-    c = [0.01, 0.02, 0.03, 0.05, 0.07][s - 1]  # salt-and-pepper: a fraction c of values, half 0, half 1
-    u = torch.rand(x.shape, generator=g)
-    salt = torch.rand(x.shape, generator=g) < 0.5
-    return torch.where(u < c, salt.to(x.dtype), x)
+    """skimage's ``random_noise(mode='s&p', amount=c)``: a fraction c of values flipped, half to 1."""
+    c = [0.01, 0.02, 0.03, 0.05, 0.07][s - 1]
+    flipped = torch.rand(x.shape, generator=g) <= c
+    salted = torch.rand(x.shape, generator=g) <= 0.5
+    return _out(torch.where(flipped, salted.to(x.dtype), x))
 
 
 def speckle_noise(x: Tensor, s: int, g: torch.Generator) -> Tensor:
     c = [0.06, 0.1, 0.12, 0.16, 0.2][s - 1]
-    return x + x * c * torch.randn(x.shape, generator=g)
+    return _out(x + x * c * torch.randn(x.shape, generator=g, dtype=x.dtype))
 
 
-def _conv_same(x: Tensor, kernel: Tensor) -> Tensor:
-    """Depthwise 2-D convolution with reflected borders (cv2's BORDER_REFLECT_101)."""
-    kh, kw = kernel.shape
-    ph, pw = kh // 2, kw // 2
-    require(ph < x.shape[-2] and pw < x.shape[-1], f"blur kernel {kh}×{kw} too large for {tuple(x.shape[-2:])} images")
-    c = x.shape[1]
-    xp = F.pad(x, (pw, pw, ph, ph), mode="reflect")
-    return F.conv2d(xp, kernel.to(x.dtype).expand(c, 1, kh, kw), groups=c)
-
-
-def _gaussian_kernel(sigma: float, radius: int) -> Tensor:
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = k / k.sum()
-    return (k[:, None] * k[None, :]).float()
-
+# ───────────────────────────── blur ─────────────────────────────
 
 def gaussian_blur(x: Tensor, s: int, g: torch.Generator) -> Tensor:
-    sigma = [0.4, 0.6, 0.7, 0.8, 1.0][s - 1]
-    radius = min(int(4 * sigma + 0.5), (min(x.shape[-2:]) - 1) // 2)  # skimage truncates at 4σ
-    return _conv_same(x, _gaussian_kernel(sigma, radius))
+    return _out(gaussian_filter(x, [0.4, 0.6, 0.7, 0.8, 1.0][s - 1]))
 
 
-def _disk(radius: float, alias_blur: float) -> Tensor:
+def disk_kernel(radius: float, alias_blur: float) -> Tensor:
+    """The reference's ``disk``: a normalised aliased disk on a 17 × 17 grid (radius ≤ 8), blurred
+    by cv2's 3 × 3 ``GaussianBlur`` (σ = alias_blur, mirrored borders), trimmed to its support."""
+    require(radius <= 8, "defocus_blur: disk radius above 8 is not a CIFAR parameter")
     t = torch.arange(-8, 9, dtype=torch.float64)
-    disk = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius**2).double()
-    disk = disk / disk.sum()
-    k = F.conv2d(F.pad(disk[None, None], (1, 1, 1, 1)), _gaussian_kernel(alias_blur, 1).double()[None, None])[0, 0]
-    rows, cols = k.abs().sum(1) > 1e-12, k.abs().sum(0) > 1e-12  # trim to the kernel's support
-    k = k[rows][:, cols]
-    return (k / k.sum()).float()
+    d = ((t[:, None] ** 2 + t[None, :] ** 2) <= radius**2).to(torch.float32)
+    d = (d / d.sum()).double()
+    k = torch.exp(-torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) / (2 * alias_blur**2))
+    k = (k / k.sum()).float().double()  # cv2.getGaussianKernel, cast to the disk's float32
+    d = _conv1d(_conv1d(d, k, 0, "reflect101"), k, 1, "reflect101").float().double()
+    keep_r, keep_c = d.abs().sum(1) > 0, d.abs().sum(0) > 0
+    return d[keep_r][:, keep_c]
+
+
+def _filter2d(x: Tensor, kernel: Tensor) -> Tensor:
+    """cv2's ``filter2D`` (correlation, BORDER_REFLECT_101) on the last two axes."""
+    kh, kw = kernel.shape
+    h, w = x.shape[-2:]
+    xp = x.index_select(-2, _index(h, -(kh // 2), h + kh // 2, "reflect101"))
+    xp = xp.index_select(-1, _index(w, -(kw // 2), w + kw // 2, "reflect101"))
+    out = torch.zeros_like(x)
+    for i in range(kh):
+        for j in range(kw):
+            if kernel[i, j] != 0:
+                out += float(kernel[i, j]) * xp[..., i:i + h, j:j + w]
+    return out
 
 
 def defocus_blur(x: Tensor, s: int, g: torch.Generator) -> Tensor:
     radius, alias = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)][s - 1]
-    return _conv_same(x, _disk(radius, alias))
+    return _out(_filter2d(x, disk_kernel(radius, alias)))
 
+
+_GLASS = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)]
+
+
+def glass_shuffle(x: Tensor, shifts: Tensor) -> Tensor:
+    """The reference's "locally shuffle pixels" loop, for every image at once. For h = H−1 … 2,
+    then w = W−1 … 2, it runs ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` with (h', w') = (h + dy,
+    w + dx), dx, dy ∈ {−1, 0} (``shifts[b, it, i, j] = (dx, dy)`` for the i-th h and j-th w of the
+    loop). On an RGB array both right-hand sides are views, so the second assignment writes back
+    the value just copied: each step copies pixel (h', w') into (h, w) and swaps nothing. And as
+    h' ≤ h, w' ≤ w while the loop walks h and w downwards, every pixel a step reads is one the loop
+    has not written yet: one pass of the loop is exactly one gather from its input."""
+    b, c, h, w = x.shape
+    hs = torch.arange(h - 1, 1, -1)[:, None]
+    ws = torch.arange(w - 1, 1, -1)[None, :]
+    for it in range(shifts.shape[1]):
+        d = shifts[:, it]  # (B, H−2, W−2, 2)
+        src = ((hs + d[..., 1]) * w + ws + d[..., 0]).reshape(b, 1, -1).expand(b, c, -1)
+        moved = x.reshape(b, c, h * w).gather(2, src).reshape(b, c, h - 2, w - 2)
+        x = x.clone()
+        x[:, :, 2:, 2:] = moved.flip(-2, -1)  # loop order is descending: row i is h = H−1−i
+    return x
+
+
+def glass_blur(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    sigma, delta, iters = _GLASS[s - 1]
+    b, _, h, w = x.shape
+    shifts = _randint(g, -delta, delta, (b, iters, h - 2, w - 2, 2))
+    return glass_blur_with(x, s, shifts)
+
+
+def glass_blur_with(x: Tensor, s: int, shifts: Tensor) -> Tensor:
+    sigma = _GLASS[s - 1][0]
+    u8 = torch.floor(gaussian_filter(x, sigma) * 255)  # np.uint8 of the first blur: truncation
+    return _out(gaussian_filter(glass_shuffle(u8, shifts) / 255, sigma))
+
+
+def motion_kernel(radius: float, sigma: float, angle: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ImageMagick's ``MotionBlurImage`` kernel: width 2⌈radius⌉+1 taps e^{−i²/2σ²}/Σ at pixel
+    offsets (⌈i·cos a − ½⌉, ⌈i·sin a − ½⌉), i = 0 … width−1 (one-sided). Returns (weights, dx, dy)."""
+    width = int(2 * math.ceil(radius) + 1)
+    i = np.arange(width, dtype=np.float64)
+    k = np.exp(-(i * i) / (2 * sigma * sigma)) / (math.sqrt(2 * math.pi) * sigma)
+    k /= k.sum()
+    a = math.pi * angle / 180
+    px, py = width * math.sin(a), width * math.cos(a)
+    hyp = math.hypot(px, py)
+    return k, np.ceil(i * py / hyp - 0.5).astype(np.int64), np.ceil(i * px / hyp - 0.5).astype(np.int64)
+
+
+def imagemagick_motion_blur(u8: Tensor, radius: float, sigma: float, angles: Tensor) -> Tensor:
+    """ImageMagick's motion blur of uint8-valued images (B, C, H, W), one angle per image, read
+    back as 8-bit: edge pixels beyond the border, sums rounded to 16-bit quanta, then to 8 bits."""
+    b, c, h, w = u8.shape
+    taps = [motion_kernel(radius, sigma, float(a)) for a in angles.tolist()]
+    k = taps[0][0]
+    offs = torch.from_numpy(np.stack([np.concatenate([dx, dy]) for _, dx, dy in taps]))
+    patterns, which = torch.unique(offs, dim=0, return_inverse=True)
+    p = int(offs.abs().max()) if len(offs) else 0
+    xp = u8.index_select(-2, _index(h, -p, h + p, "edge")).index_select(-1, _index(w, -p, w + p, "edge"))
+    out = torch.empty_like(u8)
+    n = len(k)
+    for j, pat in enumerate(patterns.tolist()):
+        idx = (which == j).nonzero()[:, 0]
+        src = xp[idx]
+        acc = torch.zeros((len(idx), c, h, w), dtype=torch.float64)
+        for i in range(n):
+            dx, dy = pat[i], pat[n + i]
+            acc += k[i] * src[..., p + dy:p + dy + h, p + dx:p + dx + w]
+        q = torch.floor(acc * 257 + 0.5).clamp(0, 65535)  # ClampToQuantum, Q16
+        out[idx] = torch.floor((q + 128) / 257)  # ScaleQuantumToChar
+    return out
+
+
+def motion_blur(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    return motion_blur_with(x, s, _uniform(g, (len(x),), -45, 45))
+
+
+def motion_blur_with(x: Tensor, s: int, angles: Tensor) -> Tensor:
+    radius, sigma = [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)][s - 1]
+    return imagemagick_motion_blur(torch.round(x * 255), radius, sigma, angles)  # the PNG holds uint8
+
+
+def zoom_factors(s: int) -> np.ndarray:
+    """The reference's ``np.arange(1, 1.06, 0.01)`` … ``np.arange(1, 1.26, 0.01)``, float steps included."""
+    return np.arange(1, [1.06, 1.11, 1.16, 1.21, 1.26][s - 1], 0.01)
+
+
+def zoom_blur(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    x = x.float().double()  # the reference zooms float32 images
+    zs = zoom_factors(s)
+    out = sum(_clipped_zoom(x, float(z)).float().double() for z in zs)
+    return _out((x + out) / (len(zs) + 1))
+
+
+# ───────────────────────────── weather ─────────────────────────────
+
+_SNOW = [(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+         (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)]
+
+
+def snow(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    c = _SNOW[s - 1]
+    b, _, h, w = x.shape
+    layer = c[0] + c[1] * torch.randn((b, 1, h, w), generator=g, dtype=torch.float64)
+    return snow_with(x, s, layer, _uniform(g, (b,), -135, -45))
+
+
+def snow_with(x: Tensor, s: int, layer: Tensor, angles: Tensor) -> Tensor:
+    c = _SNOW[s - 1]
+    x = x.float().double()
+    layer = _clipped_zoom(layer, c[2])
+    layer = torch.where(layer < c[3], torch.zeros_like(layer), layer)
+    flakes = torch.floor(layer.clamp(0, 1) * 255)  # PIL 'L' image of the layer (astype(uint8))
+    flakes = imagemagick_motion_blur(flakes, c[4], c[5], angles) / 255
+    x = c[6] * x + (1 - c[6]) * torch.maximum(x, (_gray(x).float().double() * 1.5 + 0.5))
+    return _out(x + flakes + flakes.flip(-2, -1))
+
+
+def _frost_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("imagecorruptions")  # its data files only: the module is not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise AMEError("frost needs the frost textures of the 'imagecorruptions' package; pip install imagecorruptions")
+    return Path(list(spec.submodule_search_locations)[0]) / "frost"
+
+
+@functools.lru_cache(maxsize=8)
+def frost_textures(scale: float) -> tuple[Tensor, ...]:
+    """The reference's frost1-5 (it draws ``randint(5)``: frost6 is never used), RGB, resized by
+    ``scale`` as cv2.resize(fx=fy=scale) does (bilinear)."""
+    import cv2
+
+    out = []
+    for name in ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg"):
+        im = cv2.imread(str(_frost_dir() / name))
+        require(im is not None, f"frost: cannot read the texture {_frost_dir() / name}; reinstall imagecorruptions")
+        if scale != 1:
+            im = cv2.resize(im, (0, 0), fx=scale, fy=scale)
+        out.append(torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1))).double())
+    return tuple(out)
+
+
+_FROST = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)]
+
+
+def frost_scale(h: int, w: int) -> float:
+    """0.2 at CIFAR's 32 px, proportionally more for larger images, at most 1 (ImageNet-C's)."""
+    return min(1.0, 0.2 * max(h, w) / 32)
+
+
+def frost(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    b, _, h, w = x.shape
+    tex = frost_textures(frost_scale(h, w))
+    small = min(min(t.shape[1] for t in tex) - h, min(t.shape[2] for t in tex) - w)
+    require(small > 0, f"frost: {h}×{w} images are larger than the frost textures; leave frost out of eval.corruptions")
+    which = _randint(g, 0, 5, (b,))
+    u = torch.rand((b, 2), generator=g, dtype=torch.float64)
+    starts = torch.stack([(u[:, 0] * torch.tensor([tex[i].shape[1] - h for i in which.tolist()])).floor(),
+                          (u[:, 1] * torch.tensor([tex[i].shape[2] - w for i in which.tolist()])).floor()], 1).long()
+    return frost_with(x, s, which, starts)
+
+
+def frost_with(x: Tensor, s: int, which: Tensor, starts: Tensor) -> Tensor:
+    """c0·x + c1·(a crop of texture ``which[b]`` at ``starts[b]``), on the uint8 scale."""
+    c = _FROST[s - 1]
+    b, _, h, w = x.shape
+    tex = frost_textures(frost_scale(h, w))
+    crops = torch.stack([tex[i][:, y0:y0 + h, x0:x0 + w] for i, (y0, x0) in zip(which.tolist(), starts.tolist())])
+    return (c[0] * torch.round(x * 255) + c[1] * crops).clamp(0, 255)
+
+
+def plasma_fractal(b: int, mapsize: int, decay: float, g: torch.Generator | None = None, draw=None) -> Tensor:
+    """The reference's diamond-square height map (random, in [0, 1]) for ``b`` images at once.
+    ``draw(shape)`` gives the U(−1, 1) draws (default: from ``g``), in the reference's order."""
+    draw = draw or (lambda shape: _uniform(g, shape, -1, 1))
+    require(mapsize & (mapsize - 1) == 0, "plasma_fractal: mapsize must be a power of two")
+    m = torch.zeros((b, mapsize, mapsize), dtype=torch.float64)
+    step, wibble = mapsize, 100.0
+
+    def wibbled(a: Tensor) -> Tensor:
+        return a / 4 + wibble * (wibble * draw(a.shape))
+
+    while step >= 2:
+        half = step // 2
+        corners = m[:, 0::step, 0::step]
+        sq = corners + corners.roll(-1, 1)
+        sq = sq + sq.roll(-1, 2)
+        m[:, half::step, half::step] = wibbled(sq)
+        dr = m[:, half::step, half::step]
+        ul = m[:, 0::step, 0::step]
+        m[:, 0::step, half::step] = wibbled(dr + dr.roll(1, 1) + ul + ul.roll(-1, 2))
+        m[:, half::step, 0::step] = wibbled(dr + dr.roll(1, 2) + ul + ul.roll(-1, 1))
+        step //= 2
+        wibble /= decay
+    m = m - m.amin((1, 2), keepdim=True)
+    return m / m.amax((1, 2), keepdim=True)
+
+
+_FOG = [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)]
+
+
+def fog(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    h, w = x.shape[-2:]
+    size = 1 << max(1, math.ceil(math.log2(max(h, w))))  # 32 for CIFAR
+    return fog_with(x, s, plasma_fractal(len(x), size, _FOG[s - 1][1], g)[:, :h, :w])
+
+
+def fog_with(x: Tensor, s: int, plasma: Tensor) -> Tensor:
+    c = _FOG[s - 1][0]
+    peak = x.amax((1, 2, 3), keepdim=True)
+    x = x + c * plasma[:, None]
+    return _out(x * peak / (peak + c))
+
+
+def brightness(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    c = [0.05, 0.1, 0.15, 0.2, 0.3][s - 1]
+    hsv = rgb2hsv(x)
+    hsv[:, 2] = (hsv[:, 2] + c).clamp(0, 1)
+    return _out(hsv2rgb(hsv))
+
+
+# ───────────────────────────── digital ─────────────────────────────
 
 def contrast(x: Tensor, s: int, g: torch.Generator) -> Tensor:
     c = [0.75, 0.5, 0.4, 0.3, 0.15][s - 1]
     mean = x.mean(dim=(-2, -1), keepdim=True)
-    return (x - mean) * c + mean
+    return _out((x - mean) * c + mean)
 
 
-def brightness(x: Tensor, s: int, g: torch.Generator) -> Tensor:
-    """HSV value + c, hue and saturation kept: RGB scales by min(V + c, 1) / V (V = max channel)."""
-    c = [0.05, 0.1, 0.15, 0.2, 0.3][s - 1]
-    v = x.amax(dim=1, keepdim=True)
-    scale = (v + c).clamp(max=1) / v.clamp_min(1e-12)
-    return torch.where(v > 0, x * scale, torch.full_like(x, c))
+def saturate(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    c = [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)][s - 1]
+    hsv = rgb2hsv(x)
+    hsv[:, 1] = (hsv[:, 1] * c[0] + c[1]).clamp(0, 1)
+    return _out(hsv2rgb(hsv))
 
 
 def jpeg_compression(x: Tensor, s: int, g: torch.Generator) -> Tensor:
-    from torchvision.io import decode_jpeg, encode_jpeg
+    """PIL's JPEG encoder at the severity's quality (4:2:0 chroma), decoded by PIL."""
+    import io
+
+    from PIL import Image
 
     quality = [80, 65, 58, 50, 40][s - 1]
-    u8 = list(to_uint8(x))
-    out = decode_jpeg(encode_jpeg(u8, quality=quality))
-    return torch.stack(out).float() / 255
+    u8 = torch.round(x * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = np.empty_like(u8)
+    for i, im in enumerate(u8):
+        buf = io.BytesIO()
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(buf, "JPEG", quality=quality)
+        out[i] = np.asarray(Image.open(buf)).reshape(im.shape)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).double()
+
+
+def pil_box_matrix(n_in: int, n_out: int) -> Tensor:
+    """PIL's BOX resampling of one axis as its integer (22-bit fixed-point) coefficients: output
+    pixel j averages the input pixels whose centres lie in (c − ½·scale, c + ½·scale], c = (j + ½)·scale."""
+    scale = n_in / n_out
+    fscale = max(scale, 1.0)
+    support = 0.5 * fscale
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for j in range(n_out):
+        centre = (j + 0.5) * scale
+        lo = max(int(centre - support + 0.5), 0)
+        hi = min(int(centre + support + 0.5), n_in)
+        wts = [1.0 if -0.5 < (i - centre + 0.5) / fscale <= 0.5 else 0.0 for i in range(lo, hi)]
+        total = sum(wts)
+        for i, wt in zip(range(lo, hi), wts):
+            a[j, i] = int(0.5 + wt / total * (1 << 22)) if total else 0
+    return a
+
+
+def _pil_resize(u8: Tensor, h: int, w: int) -> Tensor:
+    """PIL's ``resize(BOX)`` of uint8-valued images: horizontal pass, rounded to uint8, then vertical."""
+    def apply(x: Tensor, a: Tensor) -> Tensor:  # a acts on the last axis
+        return (torch.floor((x @ a.T + (1 << 21)) / (1 << 22))).clamp(0, 255)
+    x = u8
+    if w != u8.shape[-1]:
+        x = apply(x, pil_box_matrix(u8.shape[-1], w))
+    if h != u8.shape[-2]:
+        x = apply(x.transpose(-1, -2), pil_box_matrix(u8.shape[-2], h)).transpose(-1, -2)
+    return x
 
 
 def pixelate(x: Tensor, s: int, g: torch.Generator) -> Tensor:
     c = [0.95, 0.9, 0.85, 0.75, 0.65][s - 1]
     h, w = x.shape[-2:]
-    small = F.interpolate(x, size=(max(1, int(h * c)), max(1, int(w * c))), mode="area")
-    return F.interpolate(small, size=(h, w), mode="nearest")
+    u8 = torch.round(x * 255)
+    return _pil_resize(_pil_resize(u8, int(h * c), int(w * c)), h, w)
 
 
-CORRUPTIONS = {f.__name__: f for f in (gaussian_noise, shot_noise, impulse_noise, speckle_noise, gaussian_blur,
-                                       defocus_blur, contrast, brightness, jpeg_compression, pixelate)}
+def _affine_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """cv2.getAffineTransform: the 2 × 3 matrix taking the three ``src`` points to ``dst``."""
+    a = np.zeros((6, 6))
+    a[0::2, 0:2], a[0::2, 2], a[1::2, 3:5], a[1::2, 5] = src, 1, src, 1
+    return np.linalg.solve(a, dst.reshape(6)).reshape(2, 3)
+
+
+def _warp_affine(x: Tensor, m: np.ndarray) -> Tensor:
+    """cv2.warpAffine (bilinear, BORDER_REFLECT_101) of (C, H, W) by the forward matrix ``m``:
+    sources at m⁻¹·(x, y), in cv2's fixed point (1/1024 per term, then 1/32 sub-pixel steps)."""
+    c, h, w = x.shape
+    a = np.vstack([m, [0, 0, 1]])
+    inv = np.linalg.inv(a)[:2]
+    xs, ys = np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64)
+    rnd = lambda v: np.floor(v * 1024 + 0.5).astype(np.int64)  # saturate_cast<int> of a double: round
+    X = rnd(inv[0, 0] * xs)[None, :] + rnd(inv[0, 1] * ys + inv[0, 2])[:, None] + 16
+    Y = rnd(inv[1, 0] * xs)[None, :] + rnd(inv[1, 1] * ys + inv[1, 2])[:, None] + 16
+    X, Y = X >> 5, Y >> 5
+    x0, y0, fx, fy = X >> 5, Y >> 5, (X & 31) / 32, (Y & 31) / 32
+    out = 0
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            iy = torch.from_numpy(_reflect101(y0 + dy, h))
+            ix = torch.from_numpy(_reflect101(x0 + dx, w))
+            wt = torch.from_numpy((wy * wx).astype(np.float32)).double()
+            out = out + wt * x[:, iy, ix]
+    return out
+
+
+def _reflect101(i: np.ndarray, n: int) -> np.ndarray:
+    i = np.abs(i) % (2 * n - 2) if n > 1 else np.zeros_like(i)
+    return np.where(i < n, i, 2 * n - 2 - i)
+
+
+def _map_coordinates(x: Tensor, yy: Tensor, xx: Tensor) -> Tensor:
+    """scipy's ``map_coordinates(order=1, mode='reflect')`` of images (B, C, H, W) at coordinates
+    (B, H, W), the same for every channel: coordinates folded into [−½, n−½) (half-sample
+    symmetric), then bilinear with edge neighbours repeated."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w)
+
+    def fold(v: Tensor, n: int) -> Tensor:
+        t = torch.remainder(v + 0.5, 2 * n)
+        t = torch.where(t >= n, 2 * n - t, t)
+        return t - 0.5
+
+    yy, xx = fold(yy, h), fold(xx, w)
+    y0, x0 = yy.floor(), xx.floor()
+    fy, fx = yy - y0, xx - x0
+    out = 0
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            iy = (y0 + dy).long().clamp(0, h - 1)
+            ix = (x0 + dx).long().clamp(0, w - 1)
+            v = flat.gather(2, (iy * w + ix).reshape(b, 1, h * w).expand(b, c, h * w)).reshape(b, c, h, w)
+            out = out + (wy * wx)[:, None] * v
+    return out
+
+
+def _elastic_params(s: int, size: int) -> tuple[float, float, float]:
+    return [(size * 0, size * 0, size * 0.08), (size * 0.05, size * 0.2, size * 0.07),
+            (size * 0.08, size * 0.06, size * 0.06), (size * 0.1, size * 0.04, size * 0.05),
+            (size * 0.1, size * 0.03, size * 0.03)][s - 1]
+
+
+def elastic_transform(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    b, _, h, w = x.shape
+    c = _elastic_params(s, h)
+    return elastic_with(x, s, _uniform(g, (b, 3, 2), -c[2], c[2]), _uniform(g, (b, 2, h, w), -1, 1))
+
+
+def elastic_with(x: Tensor, s: int, jitter: Tensor, fields: Tensor) -> Tensor:
+    """A random affine (three points moved by ``jitter``), then a smooth random displacement
+    (``fields`` smoothed by a σ = c1 Gaussian, truncated at 3σ, mirrored borders, times c0)."""
+    b, ch, h, w = x.shape
+    c = _elastic_params(s, h)
+    x = x.float().double()
+    centre, sq = np.float32([h, w]) // 2, min(h, w) // 3
+    pts1 = np.float32([centre + sq, [centre[0] + sq, centre[1] - sq], centre - sq])
+    warped = torch.stack([
+        _warp_affine(x[i], _affine_from_points(pts1.astype(np.float64),
+                                               (pts1 + jitter[i].numpy().astype(np.float32)).astype(np.float64)))
+        for i in range(b)]).float().double()
+    d = (gaussian_filter(fields, c[1], mode="symmetric", truncate=3) * c[0]).float().double()
+    gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    return _out(_map_coordinates(warped, gy + d[:, 1], gx + d[:, 0]))
+
+
+_SPATTER = [(0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
+            (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)]
+
+
+def spatter(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    c = _SPATTER[s - 1]
+    b, _, h, w = x.shape
+    return spatter_with(x, s, c[0] + c[1] * torch.randn((b, h, w), generator=g, dtype=torch.float64))
+
+
+def spatter_with(x: Tensor, s: int, liquid: Tensor) -> Tensor:
+    """Water (severities 1-3: the liquid's edges, cv2's Canny → distance → equalised emboss, in
+    pale turquoise) or mud (4-5: the thresholded liquid, blurred, in brown) over the image."""
+    c = _SPATTER[s - 1]
+    x = x.float().double()
+    liquid = gaussian_filter(liquid, c[2])
+    liquid = torch.where(liquid < c[3], torch.zeros_like(liquid), liquid)
+    if c[5] == 0:
+        import cv2
+
+        ker = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])
+        ms = []
+        for lay in liquid.numpy():
+            u8 = (np.floor(lay * 255).astype(np.int64) % 256).astype(np.uint8)  # astype(uint8) wraps
+            dist = cv2.distanceTransform(255 - cv2.Canny(u8, 50, 150), cv2.DIST_L2, 5)
+            _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
+            dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
+            dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, ker), (3, 3)).astype(np.float32)
+            m = u8.astype(np.float32) * dist  # the reference multiplies its uint8 layer
+            peak = m.max()
+            ms.append(m / peak * c[4] if peak > 0 else np.zeros_like(m))
+        m = torch.from_numpy(np.stack(ms)).double()[:, None]
+        colour = torch.tensor([175, 238, 238], dtype=torch.float64)[None, :, None, None] / 255
+        return _out(x + m * colour)
+    m = gaussian_filter((liquid > c[3]).float(), c[4]).double()
+    m = torch.where(m < 0.8, torch.zeros_like(m), m)[:, None]
+    colour = torch.tensor([63, 42, 20], dtype=torch.float64)[None, :, None, None] / 255
+    return _out(x * (1 - m) + colour * m)
+
+
+# ───────────────────────────── the suite ─────────────────────────────
+
+CORRUPTIONS = {f.__name__: f for f in (
+    gaussian_noise, shot_noise, impulse_noise, defocus_blur, glass_blur, motion_blur, zoom_blur, snow, frost, fog,
+    brightness, contrast, elastic_transform, pixelate, jpeg_compression, speckle_noise, gaussian_blur, spatter,
+    saturate)}
+_COLOUR = {"brightness", "saturate", "snow", "frost", "spatter"}  # grey images go through these as RGB
+MIN_SIZE = 8
+
+
+def family(name: str) -> str | None:
+    """noise, blur, weather or digital for a standard corruption, None for an extra."""
+    return next((f for f, names in FAMILIES.items() if name in names), None)
 
 
 def to_uint8(x: Tensor) -> Tensor:
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    """The reference's ``np.uint8`` of its [0, 255] output: truncation."""
+    return x.clamp(0, 255).floor().to(torch.uint8)
+
+
+_BATCH = 2048  # images per call: fixed, as the draws of a batch depend on its size
 
 
 def corrupt(x: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
-    """Corrupt uint8 images (B, C, H, W) with corruption ``name`` at ``severity``; returns uint8."""
+    """Corrupt uint8 images (B, C, H, W) with corruption ``name`` at ``severity``; returns uint8.
+    Deterministic in (``seed``, ``name``, ``severity``) and the images."""
     require(name in CORRUPTIONS, f"eval.corruptions: unknown corruption {name!r}; choose from {sorted(CORRUPTIONS)}")
     require(severity in range(1, 6), f"eval.severities must be in 1..5, got {severity}")
+    require(x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] in (1, 3),
+            f"corrupt: expected uint8 images (B, 1|3, H, W), got {x.dtype} {tuple(x.shape)}")
+    require(min(x.shape[-2:]) >= MIN_SIZE,
+            f"{name}: images of {tuple(x.shape[-2:])} px are below the {MIN_SIZE} px the corruptions need")
     g = torch.Generator().manual_seed(seed * 1_000_003 + list(CORRUPTIONS).index(name) * 10 + severity)
-    return to_uint8(CORRUPTIONS[name](x.float() / 255, severity, g))
+    grey = x.shape[1] == 1 and name in _COLOUR
+    out = []
+    for i in range(0, len(x), _BATCH):  # bounded memory; the draws continue from one generator
+        xb = x[i:i + _BATCH].double() / 255
+        if grey:
+            xb = xb.expand(-1, 3, -1, -1)
+        y = CORRUPTIONS[name](xb, severity, g)
+        if grey:  # PIL's 'L' of the RGB result
+            y = (y.clamp(0, 255).floor() * torch.tensor([0.299, 0.587, 0.114], dtype=y.dtype)[:, None, None]).sum(
+                1, keepdim=True) + 0.5
+        out.append(to_uint8(y))
+    return torch.cat(out) if out else x.clone()
 
 
-__all__ = ["CORRUPTIONS", "corrupt", "to_uint8"]
+__all__ = ["CORRUPTIONS", "STANDARD", "EXTRAS", "FAMILIES", "corrupt", "family", "to_uint8"]
