@@ -1,12 +1,17 @@
 """Stage 5: evaluate networks in distribution, under corruptions, and per shard.
 
-An :class:`Evaluator` is built once per run: it holds the test set, the corrupted test sets
-(generated once, deterministically) and the shards' class mixes, and maps any state dict of the
-run's architecture to a flat dict of metrics:
+An :class:`Evaluator` is built once per run: it holds the test set, the out-of-distribution sets
+(the corrupted test sets, generated once and cached, or the published CIFAR-10-C / CIFAR-100-C
+arrays: :mod:`ame.data.ood`) and the shards' class mixes, and maps any state dict of the run's
+architecture to a flat dict of metrics:
 
 - ``id/acc``, ``id/nll``: test accuracy and mean negative log-likelihood;
-- ``ood/<corruption>/acc`` (mean over severities), ``ood/s<k>/acc`` (mean over corruptions)
-  and ``ood/acc`` (mean over all);
+- ``ood/acc``: the mean accuracy over the standard corruptions evaluated (the 15 of CIFAR-10-C)
+  × the severities, as the literature reports it; ``ood/s<k>/acc`` the same at severity k;
+  ``ood/<family>/acc`` over a family's corruptions (noise, blur, weather, digital);
+  ``ood/extra_acc``: the mean over the extras evaluated (speckle_noise, gaussian_blur, spatter,
+  saturate), kept out of the above; ``ood/<corruption>/acc`` (mean over severities) and
+  ``ood/<corruption>/s<k>/acc`` for every corruption evaluated;
 - ``shard/min_acc``: accuracy on the test set reweighted to each shard's class mix, worst shard;
   for an expert also ``shard/own_acc`` (its own shard's mix) and ``shard/other_acc`` (the
   pooled mix of the other shards).
@@ -20,8 +25,8 @@ import torch
 import torch.nn as nn
 
 from ame.data import ImageData
-from ame.data.corruptions import CORRUPTIONS, corrupt
-from ame.errors import require
+from ame.data.corruptions import FAMILIES, STANDARD
+from ame.data.ood import check_names, download_published, generated_sets, published_sets, subsample
 from ame.io import StateDict
 from ame.report import progress
 
@@ -41,18 +46,52 @@ def accuracy(model: nn.Module, data: ImageData, sd: StateDict, x: torch.Tensor, 
     return float((logits(model.to(device).eval(), data, x, device=device).argmax(1) == y).float().mean())
 
 
+def ood_metrics(acc: dict[tuple[str, int], float]) -> dict[str, float]:
+    """The ``ood/*`` metrics from the accuracy on each (corruption, severity) set."""
+    def mean(keys) -> float:
+        return float(np.mean([acc[k] for k in keys]))
+
+    m: dict[str, float] = {}
+    standard = [k for k in acc if k[0] in STANDARD]
+    extra = [k for k in acc if k[0] not in STANDARD]
+    if standard:
+        m["ood/acc"] = mean(standard)
+        for s in dict.fromkeys(s for _, s in standard):
+            m[f"ood/s{s}/acc"] = mean([k for k in standard if k[1] == s])
+        for fam, members in FAMILIES.items():
+            keys = [k for k in standard if k[0] in members]
+            if keys:
+                m[f"ood/{fam}/acc"] = mean(keys)
+    if extra:
+        m["ood/extra_acc"] = mean(extra)
+    for c in dict.fromkeys(c for c, _ in acc):
+        m[f"ood/{c}/acc"] = mean([k for k in acc if k[0] == c])
+        for c2, s in acc:
+            if c2 == c:
+                m[f"ood/{c}/s{s}/acc"] = acc[c, s]
+    return m
+
+
 class Evaluator:
     def __init__(self, model: nn.Module, data: ImageData, corruptions: Sequence[str], severities: Sequence[int],
                  ood_subsample: int | None, class_counts: np.ndarray | None, seed: int = 0,
-                 batch_size: int = 256, device: torch.device | str = "cpu"):
-        unknown = sorted(set(corruptions) - set(CORRUPTIONS))
-        require(not unknown, f"eval.corruptions: unknown {unknown}; choose from {sorted(CORRUPTIONS)}")
+                 batch_size: int = 256, device: torch.device | str = "cpu", extras: Sequence[str] = (),
+                 source: str = "generated", download: str | None = None, cache_dir: str | None = None,
+                 workers: int = 2):
+        names = list(dict.fromkeys([*corruptions, *(extras or ())]))
+        check_names(list(corruptions), "eval.corruptions")
+        check_names(list(extras or ()), "eval.extras")
         self.model, self.data, self.batch_size, self.device = model.to(device).eval(), data, batch_size, device
         self.test_x, self.test_y = data.test_x, data.test_y
-        n = len(self.test_y)
-        keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:ood_subsample or n].sort().values
-        self.ood_y = self.test_y[keep]
-        self.corrupted = {(c, s): corrupt(self.test_x[keep], c, s, seed) for c in corruptions for s in severities}
+        severities = list(severities) if names else []
+        if str(source) == "generated":
+            keep = subsample(len(self.test_y), ood_subsample, seed)
+            self.ood = generated_sets(self.test_x[keep], self.test_y[keep], names, severities, seed,
+                                      cache_dir, workers) if names else {}
+        else:
+            folder = download_published(download, source) if download else source
+            self.ood = published_sets(folder, names, severities, seed, ood_subsample, data.shape,
+                                      data.num_classes) if names else {}
         self.counts = None if class_counts is None else np.asarray(class_counts, dtype=np.float64)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +105,7 @@ class Evaluator:
         corrupted set (key ``(corruption, severity)``)."""
         self.model.load_state_dict(sd)
         return {"id": self.logits(self.test_x).softmax(1),
-                **{k: self.logits(x).softmax(1) for k, x in self.corrupted.items()}}
+                **{k: self.logits(x).softmax(1) for k, (x, _) in self.ood.items()}}
 
     def ensemble_probabilities(self, experts: Sequence[StateDict],
                                each: Callable[[int, dict], None] | None = None) -> dict:
@@ -86,13 +125,8 @@ class Evaluator:
         pred = p.argmax(1)
         m = {"id/acc": float((pred == self.test_y).float().mean()),
              "id/nll": float(-p.gather(1, self.test_y[:, None]).clamp_min(1e-12).log().mean())}
-        if self.corrupted:
-            by_key = {k: float((probs[k].argmax(1) == self.ood_y).float().mean()) for k in self.corrupted}
-            for c in dict.fromkeys(c for c, _ in by_key):
-                m[f"ood/{c}/acc"] = float(np.mean([a for (cc, _), a in by_key.items() if cc == c]))
-            for s in dict.fromkeys(s for _, s in by_key):
-                m[f"ood/s{s}/acc"] = float(np.mean([a for (_, ss), a in by_key.items() if ss == s]))
-            m["ood/acc"] = float(np.mean(list(by_key.values())))
+        if self.ood:
+            m |= ood_metrics({k: float((probs[k].argmax(1) == y).float().mean()) for k, (_, y) in self.ood.items()})
         if self.counts is not None:
             correct = (pred == self.test_y).double()
             per_class = np.array([float(correct[self.test_y == c].mean()) if (self.test_y == c).any() else 0.0

@@ -142,7 +142,10 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
     with timer("evaluate"):
         evaluator = Evaluator(model, data, list(cfg.eval.corruptions), list(cfg.eval.severities),
                               cfg.eval.ood_subsample, ex.class_counts, seed=int(cfg.eval.seed),
-                              batch_size=int(cfg.eval.batch_size), device=eval_device)
+                              batch_size=int(cfg.eval.batch_size), device=eval_device,
+                              extras=list(cfg.eval.get("extras") or []), source=str(cfg.eval.get("source", "generated")),
+                              download=cfg.eval.get("download"), cache_dir=cfg.paths.cache_dir,
+                              workers=int(cfg.eval.get("workers", 2)))
         ref = _reference_metrics(evaluator, ex, soup, cfg)
         tuned = str(cfg.get("optimized_metric")).startswith("val/")
         if single:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,14 +60,30 @@ def _index(n: int, lo: int, hi: int, mode: str, device=None) -> Tensor:
     return torch.where(i < n, i, 2 * n - 2 - i)
 
 
-def _conv1d(x: Tensor, k: Tensor, dim: int, mode: str) -> Tensor:
-    """Correlate ``x`` along ``dim`` with the odd-length kernel ``k``, borders by ``mode``."""
-    r, n = len(k) // 2, x.shape[dim]
-    xp = x.index_select(dim, _index(n, -r, n + r, mode, x.device))
+@functools.lru_cache(maxsize=64)
+def _axis_matrix(n: int, taps: tuple[float, ...], mode: str) -> Tensor:
+    """The (n × n) matrix of a 1-D correlation with odd-length ``taps`` under a border ``mode``
+    (the border folded in, so any radius works on any length)."""
+    r = len(taps) // 2
+    src = _index(n, -r, n + r, mode)  # padded position p reads pixel src[p]
+    a = torch.zeros(n, n, dtype=torch.float64)
+    for t, k in enumerate(taps):
+        a[torch.arange(n), src[t:t + n]] += k
+    return a
+
+
+def _correlate(x: Tensor, kernel: Tensor, mode: str) -> Tensor:
+    """Correlate every (H, W) plane of ``x`` with the odd-sized 2-D ``kernel``, borders by ``mode``:
+    the kernel split by SVD into separable rank-one terms u·vᵀ, each two small matrix products
+    (the border folded into the matrices)."""
+    u, sv, vt = torch.linalg.svd(kernel.double())
     out = torch.zeros_like(x)
-    for j, w in enumerate(k.tolist()):
-        if w != 0:
-            out += w * xp.narrow(dim, j, n)
+    h, w = x.shape[-2:]
+    for r in range(len(sv)):
+        if sv[r] > 1e-12 * sv[0]:
+            gh = _axis_matrix(h, tuple((u[:, r] * sv[r]).tolist()), mode).to(x.dtype)
+            gw = _axis_matrix(w, tuple(vt[r].tolist()), mode).to(x.dtype)
+            out += gh @ x @ gw.T
     return out
 
 
@@ -82,8 +99,9 @@ def gaussian_filter(x: Tensor, sigma: float, mode: str = "edge", truncate: float
     """skimage's ``gaussian`` over the last two axes (each channel alone); σ = 0 is the identity."""
     if sigma <= 1e-15:
         return x.clone()
-    k = _gaussian_taps(sigma, truncate)
-    return _conv1d(_conv1d(x, k, -2, mode), k, -1, mode)
+    taps = tuple(_gaussian_taps(sigma, truncate).tolist())
+    gh, gw = _axis_matrix(x.shape[-2], taps, mode).to(x.dtype), _axis_matrix(x.shape[-1], taps, mode).to(x.dtype)
+    return gh @ x @ gw.T
 
 
 def _zoom_matrix(n: int, z: float) -> Tensor:
@@ -107,6 +125,25 @@ def _zoom_matrix(n: int, z: float) -> Tensor:
 def _clipped_zoom(x: Tensor, z: float) -> Tensor:
     h, w = x.shape[-2:]
     return _zoom_matrix(h, z).to(x) @ x @ _zoom_matrix(w, z).to(x).T
+
+
+@functools.lru_cache(maxsize=16)
+def _zoom_blur_operator(h: int, w: int, s: int) -> Tensor:
+    """zoom_blur as one sparse (HW × HW) matrix on flattened images: (I + Σ_z A_z ⊗ B_z)/(n + 1),
+    A_z, B_z the clipped zooms of the two axes (each output pixel has a few dozen sources)."""
+    zs = zoom_factors(s)
+    rows, cols, vals = [torch.arange(h * w)], [torch.arange(h * w)], [torch.ones(h * w, dtype=torch.float64)]
+    for z in zs:
+        a, b = _zoom_matrix(h, float(z)).to_sparse(), _zoom_matrix(w, float(z)).to_sparse()
+        (ai, aj), (bi, bj) = a.indices(), b.indices()
+        rows.append((ai[:, None] * w + bi[None, :]).reshape(-1))
+        cols.append((aj[:, None] * w + bj[None, :]).reshape(-1))
+        vals.append((a.values()[:, None] * b.values()[None, :]).reshape(-1))
+    with warnings.catch_warnings():  # torch's notes that sparse support is in beta
+        warnings.simplefilter("ignore", UserWarning)
+        m = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]),
+                                    torch.cat(vals) / (len(zs) + 1), (h * w, h * w)).coalesce()
+        return m.float().to_sparse_csr()
 
 
 def rgb2hsv(x: Tensor) -> Tensor:
@@ -191,28 +228,15 @@ def disk_kernel(radius: float, alias_blur: float) -> Tensor:
     d = (d / d.sum()).double()
     k = torch.exp(-torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) / (2 * alias_blur**2))
     k = (k / k.sum()).float().double()  # cv2.getGaussianKernel, cast to the disk's float32
-    d = _conv1d(_conv1d(d, k, 0, "reflect101"), k, 1, "reflect101").float().double()
+    d = _correlate(_correlate(d, k[:, None], "reflect101"), k[None, :], "reflect101").float().double()
     keep_r, keep_c = d.abs().sum(1) > 0, d.abs().sum(0) > 0
     return d[keep_r][:, keep_c]
 
 
-def _filter2d(x: Tensor, kernel: Tensor) -> Tensor:
-    """cv2's ``filter2D`` (correlation, BORDER_REFLECT_101) on the last two axes."""
-    kh, kw = kernel.shape
-    h, w = x.shape[-2:]
-    xp = x.index_select(-2, _index(h, -(kh // 2), h + kh // 2, "reflect101"))
-    xp = xp.index_select(-1, _index(w, -(kw // 2), w + kw // 2, "reflect101"))
-    out = torch.zeros_like(x)
-    for i in range(kh):
-        for j in range(kw):
-            if kernel[i, j] != 0:
-                out += float(kernel[i, j]) * xp[..., i:i + h, j:j + w]
-    return out
-
-
 def defocus_blur(x: Tensor, s: int, g: torch.Generator) -> Tensor:
+    """cv2's ``filter2D`` (correlation, mirrored borders) of each channel with the disk."""
     radius, alias = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)][s - 1]
-    return _out(_filter2d(x, disk_kernel(radius, alias)))
+    return _out(_correlate(x, disk_kernel(radius, alias), "reflect101"))
 
 
 _GLASS = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)]
@@ -251,16 +275,17 @@ def glass_blur_with(x: Tensor, s: int, shifts: Tensor) -> Tensor:
     return _out(gaussian_filter(glass_shuffle(u8, shifts) / 255, sigma))
 
 
-def motion_kernel(radius: float, sigma: float, angle: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def motion_kernel(radius: float, sigma: float, angles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ImageMagick's ``MotionBlurImage`` kernel: width 2⌈radius⌉+1 taps e^{−i²/2σ²}/Σ at pixel
-    offsets (⌈i·cos a − ½⌉, ⌈i·sin a − ½⌉), i = 0 … width−1 (one-sided). Returns (weights, dx, dy)."""
+    offsets (⌈i·cos a − ½⌉, ⌈i·sin a − ½⌉), i = 0 … width−1 (one-sided), for each angle a (degrees).
+    Returns (weights (width,), dx (B, width), dy (B, width))."""
     width = int(2 * math.ceil(radius) + 1)
     i = np.arange(width, dtype=np.float64)
     k = np.exp(-(i * i) / (2 * sigma * sigma)) / (math.sqrt(2 * math.pi) * sigma)
     k /= k.sum()
-    a = math.pi * angle / 180
-    px, py = width * math.sin(a), width * math.cos(a)
-    hyp = math.hypot(px, py)
+    a = math.pi * np.asarray(angles, dtype=np.float64)[:, None] / 180
+    px, py = width * np.sin(a), width * np.cos(a)
+    hyp = np.hypot(px, py)
     return k, np.ceil(i * py / hyp - 0.5).astype(np.int64), np.ceil(i * px / hyp - 0.5).astype(np.int64)
 
 
@@ -268,24 +293,16 @@ def imagemagick_motion_blur(u8: Tensor, radius: float, sigma: float, angles: Ten
     """ImageMagick's motion blur of uint8-valued images (B, C, H, W), one angle per image, read
     back as 8-bit: edge pixels beyond the border, sums rounded to 16-bit quanta, then to 8 bits."""
     b, c, h, w = u8.shape
-    taps = [motion_kernel(radius, sigma, float(a)) for a in angles.tolist()]
-    k = taps[0][0]
-    offs = torch.from_numpy(np.stack([np.concatenate([dx, dy]) for _, dx, dy in taps]))
-    patterns, which = torch.unique(offs, dim=0, return_inverse=True)
-    p = int(offs.abs().max()) if len(offs) else 0
-    xp = u8.index_select(-2, _index(h, -p, h + p, "edge")).index_select(-1, _index(w, -p, w + p, "edge"))
-    out = torch.empty_like(u8)
-    n = len(k)
-    for j, pat in enumerate(patterns.tolist()):
-        idx = (which == j).nonzero()[:, 0]
-        src = xp[idx]
-        acc = torch.zeros((len(idx), c, h, w), dtype=torch.float64)
-        for i in range(n):
-            dx, dy = pat[i], pat[n + i]
-            acc += k[i] * src[..., p + dy:p + dy + h, p + dx:p + dx + w]
-        q = torch.floor(acc * 257 + 0.5).clamp(0, 65535)  # ClampToQuantum, Q16
-        out[idx] = torch.floor((q + 128) / 257)  # ScaleQuantumToChar
-    return out
+    k, dx, dy = motion_kernel(radius, sigma, angles.numpy())
+    rows = (torch.arange(h)[None, None, :] + torch.from_numpy(dy)[:, :, None]).clamp(0, h - 1) * w  # (B, taps, H)
+    cols = (torch.arange(w)[None, None, :] + torch.from_numpy(dx)[:, :, None]).clamp(0, w - 1)  # (B, taps, W)
+    flat = u8.float().reshape(b, c, h * w)
+    acc = torch.zeros((b, c, h * w))
+    for i in range(len(k)):
+        src = (rows[:, i, :, None] + cols[:, i, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+        acc.add_(flat.gather(2, src), alpha=float(k[i]))
+    q = torch.floor(acc.double() * 257 + 0.5).clamp(0, 65535)  # ClampToQuantum, Q16
+    return torch.floor((q + 128) / 257).reshape(b, c, h, w).to(u8.dtype)  # ScaleQuantumToChar
 
 
 def motion_blur(x: Tensor, s: int, g: torch.Generator) -> Tensor:
@@ -303,10 +320,12 @@ def zoom_factors(s: int) -> np.ndarray:
 
 
 def zoom_blur(x: Tensor, s: int, g: torch.Generator) -> Tensor:
-    x = x.float().double()  # the reference zooms float32 images
-    zs = zoom_factors(s)
-    out = sum(_clipped_zoom(x, float(z)).float().double() for z in zs)
-    return _out((x + out) / (len(zs) + 1))
+    """The mean of the image and its clipped zooms by each factor (scipy order 1), in float32 as
+    the reference zooms float32 images."""
+    b, c, h, w = x.shape
+    flat = x.float().reshape(b * c, h * w)
+    out = (_zoom_blur_operator(h, w, s) @ flat.T).T
+    return _out(out.reshape(b, c, h, w))
 
 
 # ───────────────────────────── weather ─────────────────────────────
@@ -324,13 +343,13 @@ def snow(x: Tensor, s: int, g: torch.Generator) -> Tensor:
 
 def snow_with(x: Tensor, s: int, layer: Tensor, angles: Tensor) -> Tensor:
     c = _SNOW[s - 1]
-    x = x.float().double()
+    x = x.float()
     layer = _clipped_zoom(layer, c[2])
     layer = torch.where(layer < c[3], torch.zeros_like(layer), layer)
     flakes = torch.floor(layer.clamp(0, 1) * 255)  # PIL 'L' image of the layer (astype(uint8))
     flakes = imagemagick_motion_blur(flakes, c[4], c[5], angles) / 255
-    x = c[6] * x + (1 - c[6]) * torch.maximum(x, (_gray(x).float().double() * 1.5 + 0.5))
-    return _out(x + flakes + flakes.flip(-2, -1))
+    x = c[6] * x + (1 - c[6]) * torch.maximum(x, _gray(x) * 1.5 + 0.5)
+    return _out(x.double() + flakes + flakes.flip(-2, -1))
 
 
 def _frost_dir() -> Path:
@@ -354,7 +373,7 @@ def frost_textures(scale: float) -> tuple[Tensor, ...]:
         require(im is not None, f"frost: cannot read the texture {_frost_dir() / name}; reinstall imagecorruptions")
         if scale != 1:
             im = cv2.resize(im, (0, 0), fx=scale, fy=scale)
-        out.append(torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1))).double())
+        out.append(torch.from_numpy(np.ascontiguousarray(im[..., ::-1].transpose(2, 0, 1))).float())
     return tuple(out)
 
 
@@ -465,7 +484,7 @@ def jpeg_compression(x: Tensor, s: int, g: torch.Generator) -> Tensor:
         buf = io.BytesIO()
         Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(buf, "JPEG", quality=quality)
         out[i] = np.asarray(Image.open(buf)).reshape(im.shape)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).double()
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float()
 
 
 def pil_box_matrix(n_in: int, n_out: int) -> Tensor:
@@ -501,42 +520,57 @@ def _pil_resize(u8: Tensor, h: int, w: int) -> Tensor:
 def pixelate(x: Tensor, s: int, g: torch.Generator) -> Tensor:
     c = [0.95, 0.9, 0.85, 0.75, 0.65][s - 1]
     h, w = x.shape[-2:]
-    u8 = torch.round(x * 255)
+    u8 = torch.round(x.double() * 255)  # float64: the fixed-point sums need 40 bits
     return _pil_resize(_pil_resize(u8, int(h * c), int(w * c)), h, w)
 
 
 def _affine_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """cv2.getAffineTransform: the 2 × 3 matrix taking the three ``src`` points to ``dst``."""
+    """cv2.getAffineTransform for a batch: the (B, 2, 3) matrices taking the three ``src`` points
+    (3, 2) to ``dst`` (B, 3, 2)."""
     a = np.zeros((6, 6))
     a[0::2, 0:2], a[0::2, 2], a[1::2, 3:5], a[1::2, 5] = src, 1, src, 1
-    return np.linalg.solve(a, dst.reshape(6)).reshape(2, 3)
+    return np.linalg.solve(a[None], dst.reshape(-1, 6, 1)).reshape(-1, 2, 3)
 
 
 def _warp_affine(x: Tensor, m: np.ndarray) -> Tensor:
-    """cv2.warpAffine (bilinear, BORDER_REFLECT_101) of (C, H, W) by the forward matrix ``m``:
-    sources at m⁻¹·(x, y), in cv2's fixed point (1/1024 per term, then 1/32 sub-pixel steps)."""
-    c, h, w = x.shape
-    a = np.vstack([m, [0, 0, 1]])
-    inv = np.linalg.inv(a)[:2]
+    """cv2.warpAffine (bilinear, BORDER_REFLECT_101) of images (B, C, H, W) by forward matrices
+    (B, 2, 3): sources at m⁻¹·(x, y), in cv2's fixed point (each term rounded to 1/1024, the sum
+    to 1/32-pixel steps), neighbours outside mirrored."""
+    b, c, h, w = x.shape
+    full = np.concatenate([m, np.broadcast_to([[[0.0, 0.0, 1.0]]], (len(m), 1, 3))], 1)
+    inv = np.linalg.inv(full)[:, :2]
     xs, ys = np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64)
-    rnd = lambda v: np.floor(v * 1024 + 0.5).astype(np.int64)  # saturate_cast<int> of a double: round
-    X = rnd(inv[0, 0] * xs)[None, :] + rnd(inv[0, 1] * ys + inv[0, 2])[:, None] + 16
-    Y = rnd(inv[1, 0] * xs)[None, :] + rnd(inv[1, 1] * ys + inv[1, 2])[:, None] + 16
-    X, Y = X >> 5, Y >> 5
-    x0, y0, fx, fy = X >> 5, Y >> 5, (X & 31) / 32, (Y & 31) / 32
-    out = 0
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            iy = torch.from_numpy(_reflect101(y0 + dy, h))
-            ix = torch.from_numpy(_reflect101(x0 + dx, w))
-            wt = torch.from_numpy((wy * wx).astype(np.float32)).double()
-            out = out + wt * x[:, iy, ix]
-    return out
+
+    def fixed(row: np.ndarray) -> np.ndarray:  # saturate_cast<int>(v·1024) per term, + round_delta, >> 5
+        v = np.rint(row[:, 0, None, None] * xs[None, None, :] * 1024).astype(np.int64)
+        v = v + np.rint((row[:, 1, None, None] * ys[None, :, None] + row[:, 2, None, None]) * 1024).astype(np.int64)
+        return (v + 16) >> 5
+
+    X, Y = torch.from_numpy(fixed(inv[:, 0])), torch.from_numpy(fixed(inv[:, 1]))
+    x0, y0 = X >> 5, Y >> 5
+    fx, fy = (X & 31).float() / 32, (Y & 31).float() / 32
+    idx = torch.stack([_reflect101(y0 + dy, h) * w + _reflect101(x0 + dx, w) for dy in (0, 1) for dx in (0, 1)], 1)
+    wts = torch.stack([wy * wx for wy in (1 - fy, fy) for wx in (1 - fx, fx)], 1)
+    return _bilinear(x, idx, wts)
 
 
-def _reflect101(i: np.ndarray, n: int) -> np.ndarray:
-    i = np.abs(i) % (2 * n - 2) if n > 1 else np.zeros_like(i)
-    return np.where(i < n, i, 2 * n - 2 - i)
+def _bilinear(x: Tensor, idx: Tensor, wts: Tensor) -> Tensor:
+    """Σ over 4 corners of weight × pixel: ``idx``, ``wts`` (B, 4, H, W) flat pixel indices and weights."""
+    b, c, h, w = x.shape
+    v = x.reshape(b, c, h * w).gather(2, idx.reshape(b, 1, 4 * h * w).expand(b, c, 4 * h * w))
+    return (v.reshape(b, c, 4, h * w) * wts.to(x.dtype).reshape(b, 1, 4, h * w)).sum(2).reshape(b, c, h, w)
+
+
+def _reflect101(i: Tensor, n: int) -> Tensor:
+    """cv2's BORDER_REFLECT_101 index (dcb|abcd|cba), any distance out."""
+    if n == 1:
+        return torch.zeros_like(i)
+    while True:
+        i = i.abs()
+        out = i >= n
+        if not out.any():
+            return i
+        i = torch.where(out, 2 * n - 2 - i, i)
 
 
 def _map_coordinates(x: Tensor, yy: Tensor, xx: Tensor) -> Tensor:
@@ -544,7 +578,6 @@ def _map_coordinates(x: Tensor, yy: Tensor, xx: Tensor) -> Tensor:
     (B, H, W), the same for every channel: coordinates folded into [−½, n−½) (half-sample
     symmetric), then bilinear with edge neighbours repeated."""
     b, c, h, w = x.shape
-    flat = x.reshape(b, c, h * w)
 
     def fold(v: Tensor, n: int) -> Tensor:
         t = torch.remainder(v + 0.5, 2 * n)
@@ -554,14 +587,10 @@ def _map_coordinates(x: Tensor, yy: Tensor, xx: Tensor) -> Tensor:
     yy, xx = fold(yy, h), fold(xx, w)
     y0, x0 = yy.floor(), xx.floor()
     fy, fx = yy - y0, xx - x0
-    out = 0
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            iy = (y0 + dy).long().clamp(0, h - 1)
-            ix = (x0 + dx).long().clamp(0, w - 1)
-            v = flat.gather(2, (iy * w + ix).reshape(b, 1, h * w).expand(b, c, h * w)).reshape(b, c, h, w)
-            out = out + (wy * wx)[:, None] * v
-    return out
+    iy0, ix0 = y0.long(), x0.long()
+    idx = torch.stack([(iy0 + dy).clamp(0, h - 1) * w + (ix0 + dx).clamp(0, w - 1) for dy in (0, 1) for dx in (0, 1)], 1)
+    wts = torch.stack([wy * wx for wy in (1 - fy, fy) for wx in (1 - fx, fx)], 1)
+    return _bilinear(x, idx, wts)
 
 
 def _elastic_params(s: int, size: int) -> tuple[float, float, float]:
@@ -581,13 +610,10 @@ def elastic_with(x: Tensor, s: int, jitter: Tensor, fields: Tensor) -> Tensor:
     (``fields`` smoothed by a σ = c1 Gaussian, truncated at 3σ, mirrored borders, times c0)."""
     b, ch, h, w = x.shape
     c = _elastic_params(s, h)
-    x = x.float().double()
     centre, sq = np.float32([h, w]) // 2, min(h, w) // 3
     pts1 = np.float32([centre + sq, [centre[0] + sq, centre[1] - sq], centre - sq])
-    warped = torch.stack([
-        _warp_affine(x[i], _affine_from_points(pts1.astype(np.float64),
-                                               (pts1 + jitter[i].numpy().astype(np.float32)).astype(np.float64)))
-        for i in range(b)]).float().double()
+    pts2 = pts1[None] + jitter.numpy().astype(np.float32)
+    warped = _warp_affine(x.float(), _affine_from_points(pts1.astype(np.float64), pts2.astype(np.float64)))
     d = (gaussian_filter(fields, c[1], mode="symmetric", truncate=3) * c[0]).float().double()
     gy, gx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
     return _out(_map_coordinates(warped, gy + d[:, 1], gx + d[:, 0]))
@@ -607,7 +633,7 @@ def spatter_with(x: Tensor, s: int, liquid: Tensor) -> Tensor:
     """Water (severities 1-3: the liquid's edges, cv2's Canny → distance → equalised emboss, in
     pale turquoise) or mud (4-5: the thresholded liquid, blurred, in brown) over the image."""
     c = _SPATTER[s - 1]
-    x = x.float().double()
+    x = x.float()
     liquid = gaussian_filter(liquid, c[2])
     liquid = torch.where(liquid < c[3], torch.zeros_like(liquid), liquid)
     if c[5] == 0:
@@ -624,12 +650,12 @@ def spatter_with(x: Tensor, s: int, liquid: Tensor) -> Tensor:
             m = u8.astype(np.float32) * dist  # the reference multiplies its uint8 layer
             peak = m.max()
             ms.append(m / peak * c[4] if peak > 0 else np.zeros_like(m))
-        m = torch.from_numpy(np.stack(ms)).double()[:, None]
-        colour = torch.tensor([175, 238, 238], dtype=torch.float64)[None, :, None, None] / 255
+        m = torch.from_numpy(np.stack(ms))[:, None]
+        colour = torch.tensor([175, 238, 238], dtype=torch.float32)[None, :, None, None] / 255
         return _out(x + m * colour)
-    m = gaussian_filter((liquid > c[3]).float(), c[4]).double()
+    m = gaussian_filter((liquid > c[3]).float(), c[4])
     m = torch.where(m < 0.8, torch.zeros_like(m), m)[:, None]
-    colour = torch.tensor([63, 42, 20], dtype=torch.float64)[None, :, None, None] / 255
+    colour = torch.tensor([63, 42, 20], dtype=torch.float32)[None, :, None, None] / 255
     return _out(x * (1 - m) + colour * m)
 
 
@@ -669,7 +695,7 @@ def corrupt(x: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
     grey = x.shape[1] == 1 and name in _COLOUR
     out = []
     for i in range(0, len(x), _BATCH):  # bounded memory; the draws continue from one generator
-        xb = x[i:i + _BATCH].double() / 255
+        xb = x[i:i + _BATCH].float() / 255
         if grey:
             xb = xb.expand(-1, 3, -1, -1)
         y = CORRUPTIONS[name](xb, severity, g)
