@@ -390,11 +390,17 @@ def frost(x: Tensor, s: int, g: torch.Generator) -> Tensor:
     tex = frost_textures(frost_scale(h, w))
     small = min(min(t.shape[1] for t in tex) - h, min(t.shape[2] for t in tex) - w)
     require(small > 0, f"frost: {h}×{w} images are larger than the frost textures; leave frost out of eval.corruptions")
+    return frost_with(x, s, *frost_draws(b, h, w, g))
+
+
+def frost_draws(b: int, h: int, w: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Per image: a texture, ``randint(5)`` (frost1-5), and a crop corner, uniform over the
+    texture's (rows − h) × (columns − w) positions (``randint(0, rows − h)``, ...)."""
+    tex = frost_textures(frost_scale(h, w))
     which = _randint(g, 0, 5, (b,))
     u = torch.rand((b, 2), generator=g, dtype=torch.float64)
-    starts = torch.stack([(u[:, 0] * torch.tensor([tex[i].shape[1] - h for i in which.tolist()])).floor(),
-                          (u[:, 1] * torch.tensor([tex[i].shape[2] - w for i in which.tolist()])).floor()], 1).long()
-    return frost_with(x, s, which, starts)
+    room = torch.tensor([[tex[i].shape[1] - h, tex[i].shape[2] - w] for i in which.tolist()])
+    return which, (u * room).floor().long()
 
 
 def frost_with(x: Tensor, s: int, which: Tensor, starts: Tensor) -> Tensor:
