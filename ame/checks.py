@@ -46,19 +46,18 @@ def seed(value, key: str) -> int:
 def optimizer_works(node, key: str) -> None:
     """Build the optimizer ``node`` (a ``_partial_`` torch.optim class) on a dummy parameter and take
     one step, so a bad class or setting fails now, whatever exception it raises, in one line."""
-    opt = instantiate(node, key)
+    make = instantiate(node, key)
+    name = getattr(getattr(make, "func", make), "__name__", "the optimizer")
     w = torch.nn.Parameter(torch.zeros(2))
     w.grad = torch.ones(2)
     try:
-        opt = opt([w])
-        opt.step()
+        make([w]).step()
     except AMEError:
         raise
     except Exception as e:  # noqa: BLE001 — any failure of a user-chosen class is a bad input
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AMEError(f"{key}: {type(opt).__name__ if isinstance(opt, torch.optim.Optimizer) else 'the optimizer'} "
-                       f"cannot train here ({first[:160]}); use a torch.optim optimizer such as SGD, Adam or AdamW "
-                       f"with valid settings") from None
+        raise AMEError(f"{key}: {name} cannot train here ({first[:160]}); use a torch.optim optimizer such as "
+                       f"SGD, Adam or AdamW with valid settings") from None
     require(torch.isfinite(w).all(), f"{key}: one step on a dummy parameter gave NaN/Inf; check its settings")
 
 
