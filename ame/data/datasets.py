@@ -74,7 +74,7 @@ class ImageData:
         return self._fingerprint
 
 
-_CHUNK_BYTES = 32 << 20  # images handled at once by the statistics and the fingerprint
+_CHUNK_BYTES = 8 << 20  # images handled at once by the statistics and the fingerprint
 
 
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
