@@ -126,6 +126,7 @@ def test_a_bad_job_does_not_stop_the_joblib_launcher(tmp_path):
     assert "Traceback" not in proc.stderr and "job 0 (" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_sweep_without_failures_ends_zero_even_after_a_failed_sweep_in_the_same_dir(tmp_path):
     run_cli(["-m", *FAST, "train.epochs=1", "aggregator.optimizer.lr=-1"], tmp_path, check=False)
     assert (tmp_path / "out" / "0" / "error.json").exists()
@@ -160,7 +161,10 @@ DAMAGES = {
 }
 
 
-@pytest.mark.parametrize("damage", list(DAMAGES))
+FAST_DAMAGES = ("expert: one byte flipped, same size and mtime", "reference metrics {}")
+
+
+@pytest.mark.parametrize("damage", [d if d in FAST_DAMAGES else pytest.param(d, marks=pytest.mark.slow) for d in DAMAGES])
 def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached_run, tmp_path):
     import shutil
 
