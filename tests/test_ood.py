@@ -19,15 +19,15 @@ def images():
     return torch.randint(0, 256, (12, 3, 16, 16), generator=g, dtype=torch.uint8), torch.arange(12) % 10
 
 
-def test_generated_sets_are_cached_once_and_verified(images, tmp_path, caplog):
+def test_generated_sets_are_cached_once_and_verified(images, tmp_path, capsys):
     x, y = images
     names, sev = ["gaussian_noise", "pixelate"], [1, 4]
     first = generated_sets(x, y, names, sev, seed=3, cache_dir=tmp_path, workers=2)
     assert set(first) == {(n, s) for n in names for s in sev}
     for (n, s), (xc, yc) in first.items():
         assert torch.equal(xc, corrupt(x, n, s, 3)) and torch.equal(yc, y)
-    files = sorted((tmp_path / "corrupted").glob("*.safetensors"))
-    assert len(files) == 4 and all((f.parent / (f.name + ".sha256")).exists() for f in files)
+    files = sorted((tmp_path / "corrupted").glob("*/data.safetensors"))
+    assert len(files) == 4 and all((f.parent / "manifest.json").exists() for f in files)
     stamps = {f: f.stat().st_mtime_ns for f in files}
     again = generated_sets(x, y, names, sev, seed=3, cache_dir=tmp_path, workers=1)
     assert all(torch.equal(again[k][0], first[k][0]) for k in first)
@@ -35,13 +35,15 @@ def test_generated_sets_are_cached_once_and_verified(images, tmp_path, caplog):
     # the key follows the content, the seed and the subsample
     generated_sets(x[:6], y[:6], ["gaussian_noise"], [1], seed=3, cache_dir=tmp_path)
     generated_sets(x, y, ["gaussian_noise"], [1], seed=4, cache_dir=tmp_path)
-    assert len(list((tmp_path / "corrupted").glob("*.safetensors"))) == 6
-    # a damaged entry is rebuilt, never used
+    assert len(list((tmp_path / "corrupted").glob("*/data.safetensors"))) == 6
+    # a damaged entry is reported and rebuilt, never used
     victim = files[0]
-    victim.write_bytes(victim.read_bytes()[:-7] + b"garbage")
-    with caplog.at_level("WARNING"):
-        healed = generated_sets(x, y, names, sev, seed=3, cache_dir=tmp_path)
-    assert "sha256" in caplog.text
+    raw = bytearray(victim.read_bytes())
+    raw[-5] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    capsys.readouterr()
+    healed = generated_sets(x, y, names, sev, seed=3, cache_dir=tmp_path)
+    assert "rebuilding" in capsys.readouterr().err
     assert all(torch.equal(healed[k][0], first[k][0]) for k in first)
 
 

@@ -4,10 +4,11 @@ CIFAR-10-C / CIFAR-100-C arrays.
 Both give ``{(corruption, severity): (images uint8 (N, C, H, W), labels int64 (N,))}``.
 
 - :func:`generated_sets` corrupts a seeded subsample of the test set with
-  :func:`ame.data.corruptions.corrupt`. Each set is cached under ``<cache_dir>/corrupted/``,
-  keyed by the subsampled images' content, the corruption, the severity, the seed and the
-  generator's version; written atomically with a sha256 sidecar and verified on every read (a
-  damaged entry is rebuilt). Missing sets are built by ``workers`` threads, one torch thread each.
+  :func:`ame.data.corruptions.corrupt`. Each set is an entry of :mod:`ame.cache`
+  (``<cache_dir>/corrupted/<key>/``), keyed by the subsampled images' content, the corruption, the
+  severity, the seed and the generator's version: written atomically, verified by content on
+  every read, rebuilt when damaged. Missing sets are built by ``workers`` threads, one torch
+  thread each.
 - :func:`published_sets` reads the published layout: one ``<corruption>.npy`` of the five
   severities stacked (5·N, H, W, C) uint8 per corruption, plus ``labels.npy`` (5·N,).
   :func:`download_published` fetches the Zenodo archives (only when asked: ``eval.download``).
@@ -24,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ame.cache import Entry, cached_tensors
 from ame.data.corruptions import CORRUPTIONS, VERSION, corrupt
 from ame.errors import AMEError, require
-from ame.io import file_lock, is_verified, save_verified
 
 log = logging.getLogger(__name__)
 Sets = dict[tuple[str, int], tuple[Tensor, Tensor]]
@@ -64,18 +65,6 @@ def _key(x: Tensor, name: str, severity: int, seed: int) -> str:
     return h.hexdigest()[:20]
 
 
-def _read(path: Path) -> Tensor | None:
-    from safetensors import safe_open
-
-    if not path.exists():
-        return None
-    if not is_verified(path):
-        log.warning("corrupted-set cache %s failed its sha256 check; building it again", path)
-        return None
-    with safe_open(str(path), "pt") as f:
-        return f.get_tensor("x")
-
-
 def generated_sets(x: Tensor, y: Tensor, names: Sequence[str], severities: Sequence[int], seed: int,
                    cache_dir: str | Path | None = None, workers: int = 2) -> Sets:
     """Corrupted copies of (``x``, ``y``) for every name × severity, cached in ``cache_dir``."""
@@ -83,26 +72,20 @@ def generated_sets(x: Tensor, y: Tensor, names: Sequence[str], severities: Seque
     check_severities(severities)
     jobs = [(n, s) for n in names for s in severities]
     out: dict[tuple[str, int], Tensor] = {}
-    paths = {}
-    if cache_dir:
-        root = Path(cache_dir) / "corrupted"
-        for n, s in jobs:
-            paths[n, s] = root / f"{n}-s{s}-{_key(x, n, s, seed)}.safetensors"
-            got = _read(paths[n, s])
-            if got is not None:
-                out[n, s] = got
+    keys = {j: _key(x, *j, seed) for j in jobs}
+    if cache_dir:  # read what is there first, so threads are started only for the rest
+        for j in jobs:
+            entry = Entry(cache_dir, "corrupted", keys[j])
+            hit = entry.load_tensors("data.safetensors") if (entry.root / "manifest.json").exists() else None
+            if hit is not None:
+                out[j] = hit[0]["x"]
     todo = [j for j in jobs if j not in out]
 
     def build(job: tuple[str, int]) -> Tensor:
         n, s = job
-        if not cache_dir:
-            return corrupt(x, n, s, seed)
-        with file_lock(paths[job].with_suffix(".lock")):  # a concurrent run may have built it meanwhile
-            got = _read(paths[job])
-            if got is None:
-                got = corrupt(x, n, s, seed)
-                save_verified({"x": got}, paths[job], {"corruption": n, "severity": str(s), "seed": str(seed)})
-            return got
+        spec = {"corruption": n, "severity": s, "seed": seed, "images": list(x.shape), "version": VERSION}
+        return cached_tensors(cache_dir, "corrupted", keys[job], lambda: {"x": corrupt(x, n, s, seed)}, spec,
+                              what=f"the {n} s{s} test set")["x"]
 
     if todo:
         threads = torch.get_num_threads()
