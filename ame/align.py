@@ -30,7 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ame.errors import AMEError, positive_int, require
 from ame.io import StateDict, file_lock, sha256_file, write_json
-from ame.report import progress
+from ame.progress import progress
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 from ame.data import ImageData, Split
 from ame.errors import require
 from ame.io import StateDict, file_lock, load_state_dict, read_metadata, save_state_dict, sha256_file, write_json
-from ame.report import progress
 from ame.train import expert_seed, initial_state, train_experts
 
 log = logging.getLogger(__name__)
@@ -182,8 +181,8 @@ def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torc
         log.info("experts: %d of %d from the cache (%s), %d to train", len(split.shards) - len(todo),
                  len(split.shards), root, len(todo))
         trained = train_experts(cfg.model, cfg.train, data, [split.shards[i] for i in todo], init,
-                                [expert_seed(int(cfg.seed), i) for i in todo], device)
-        for i, sd in zip(todo, progress(trained, "training experts", total=len(todo))):
+                                [expert_seed(int(cfg.seed), i) for i in todo], device, [f"expert_{i}" for i in todo])
+        for i, sd in zip(todo, trained):
             cached = False
             entry.put(f"expert_{i:03d}.safetensors", sd, {"shard_size": str(len(split.shards[i])),
                                                           "class_counts": json.dumps(counts[i].tolist())})

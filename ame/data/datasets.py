@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ame.errors import AMEError, require
 from ame.io import file_lock, is_verified, read_metadata, save_verified
-from ame.report import progress
+from ame.progress import progress
 
 log = logging.getLogger(__name__)
 
