@@ -112,7 +112,8 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     """Metrics of the experts, the soup and the warm-start base. They are the same for every
     aggregator in a sweep, so they are computed once per expert set and evaluation setting and
     cached beside the experts (trained experts only)."""
-    eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "batch_size"}
+    eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
+                if k not in ("batch_size", "_target_", "_partial_")}
     key = config_hash({"eval": eval_cfg, "experts": ex.fingerprint, "format": 2})  # tied to the exact expert files
     path = ex.root / f"eval-{key}.json" if ex.root is not None else None
     if path is not None and path.is_file():
@@ -187,9 +188,8 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int = 0
                                    score=lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device))
 
     with timer("evaluate", lambda: f"aggregate {brief(metrics)}"):
-        evaluator = Evaluator(model, data, list(cfg.eval.corruptions), list(cfg.eval.severities),
-                              cfg.eval.ood_subsample, ex.class_counts, seed=int(cfg.eval.seed),
-                              batch_size=int(cfg.eval.batch_size), device=eval_device)
+        evaluator = instantiate(cfg.eval, "eval")(model=model, data=data, class_counts=ex.class_counts,
+                                                  device=eval_device)
         ref = _reference_metrics(evaluator, ex, soup, cfg)
         tuned = str(cfg.get("optimized_metric")).startswith("val/")
         if single:
