@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -92,8 +93,7 @@ def _trace_distances(soup: torch.Tensor):
             ref["soup"] = soup.to(w.device)
             ref["pivot"] = w.clone()
             ref["scale"] = float(torch.linalg.vector_norm(w - ref["soup"]))
-        to_soup = float(torch.linalg.vector_norm(w - ref["soup"]))
-        to_pivot = float(torch.linalg.vector_norm(w - ref["pivot"]))
+        to_soup, to_pivot = float(torch.dist(w, ref["soup"])), float(torch.dist(w, ref["pivot"]))
         m = {"dist_soup_l2": to_soup, "dist_pivot_l2": to_pivot}
         if ref["scale"] > 0:
             m |= {"dist_soup": to_soup / ref["scale"], "dist_pivot": to_pivot / ref["scale"]}
@@ -140,7 +140,7 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     return ref
 
 
-def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int = 0) -> dict:
+def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | None = 0) -> dict:
     timer = Timer()
     seed = int(cfg.seed)
     train_device, eval_device = resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
@@ -175,9 +175,10 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int = 0
     single = getattr(aggregator, "single_network", True)  # the output ensemble is N networks: no weights
     val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
     soup = average(ex.experts, buffers=buffers)
-    if ame_every and isinstance(aggregator, AME):  # only when a logger wants the curves
+    if ame_every != 0 and isinstance(aggregator, AME):  # only when a logger wants the curves
         aggregator.on_step = _trace_distances(FlatSpec.of(ex.experts[0], buffers).flatten(soup))
-        aggregator.on_step_every = ame_every
+        # None: about 32 points over the run, so the two distances (one pass each) stay a small cost
+        aggregator.on_step_every = ame_every or max(1, math.ceil(aggregator.epochs * len(ex.experts) / 32))
     with timer("aggregate", lambda: getattr(aggregator, "name", type(aggregator).__name__)):
         if not single:
             aggregate = None

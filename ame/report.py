@@ -112,7 +112,8 @@ class WandbLogger(NullLogger):
     command-line overrides), ``tags``. Config: the resolved config without Hydra plumbing, plus
     the ``overrides``. History: per-epoch training loss and accuracy of the warm base and of each
     expert (x axis ``<stage>/epoch``) and AME's distances to the pivot and to the soup
-    (``ame/step``, every ``ame_every`` steps; 0: off). Summary: every scalar of ``results.json``.
+    (``ame/step``, every ``ame_every`` steps; None: about 32 points per run; 0: off). Summary:
+    every scalar of ``results.json``.
     Artifacts: ``results.json`` and ``aggregate.safetensors``. Any other keyword goes to
     ``wandb.init`` (e.g. ``+logger.notes=...``).
 
@@ -122,10 +123,10 @@ class WandbLogger(NullLogger):
     def __init__(self, dir: str | Path, config: dict, identity: dict | None = None, project: str = "ame",
                  entity: str | None = None, name: str | None = None, group: str | None = None,
                  job_type: str | None = None, tags: list[str] | None = None, mode: str | None = None,
-                 init_timeout: float = 20.0, ame_every: int = 1, **init_kwargs: Any):
+                 init_timeout: float = 20.0, ame_every: int | None = None, **init_kwargs: Any):
         import wandb
 
-        self.wandb, self.ame_every, self._axes = wandb, int(ame_every or 0), set()
+        self.wandb, self.ame_every, self._axes = wandb, None if ame_every is None else int(ame_every), set()
         identity = identity or {}
         mode = mode or os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         kwargs = dict(project=project, entity=entity, name=name or identity.get("name"),
