@@ -158,7 +158,8 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
                        groups=None if data.train_groups is None else data.train_groups.numpy())
     model = build_model(cfg.model, data, seed)
     spec = permutation_spec(model, data.shape) if aligner is not None else None  # refuse before training
-    with timer("experts", lambda: f"{len(ex.experts)} experts" + (" (all from the cache)" if ex.cached else "")):
+    with timer("experts", lambda: f"{len(ex.experts)} experts " + (
+            "read from files" if cfg.experts.source != "train" else "from the cache" if ex.cached else "trained")):
         if cfg.experts.source == "train":
             ex = trained_experts(cfg, data, shards, train_device)
         else:
