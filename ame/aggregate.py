@@ -26,7 +26,7 @@ from torch import Tensor
 from ame.device import resolve_device
 from ame.errors import AMEError, require
 from ame.io import StateDict
-from ame.report import progress
+from ame.progress import progress
 
 PIVOTS = ("init", "soup", "zero", "first")
 PSEUDOGRADIENTS = ("iterate", "pivot")
@@ -156,7 +156,15 @@ class AME:
         seed: seeds ``order=shuffle``.
         name: the variant's name in results (``soup``, ``ame_adam``, ...).
         device: where the flat buffers and the optimizer state live (``cpu``, ``cuda``, ``auto``).
+
+    Optional per-step hook (for watching a run, e.g. distance curves in W&B): set ``on_step`` to a
+    function ``on_step(step, w)``; it is called with step 0 (``w`` = the pivot) and then every
+    ``on_step_every`` steps with the flat float32 iterate ``w`` (read-only, on ``device``; the
+    parameters in the first expert's key order). Unset (the default), it costs nothing.
     """
+
+    on_step: Callable[[int, Tensor], None] | None = None
+    on_step_every: int = 1
 
     data_free = True
 
@@ -239,7 +247,10 @@ class AME:
         averaged = torch.zeros(sum(spec.reference[k].numel() for k in spec.averaged), dtype=torch.float64)
         gen = torch.Generator().manual_seed(self.seed)
         step = 0
-        for epoch in progress(range(self.epochs), f"{self.name} epochs"):
+        hook, every = self.on_step, max(1, int(self.on_step_every))
+        if hook is not None:
+            hook(0, w.detach())
+        for epoch in progress(range(self.epochs), f"{self.name}: ensembling epochs"):
             order = torch.randperm(n, generator=gen).tolist() if self.order == "shuffle" else range(n)
             for i in order:
                 sd = spec.check(experts[i], _name(experts, i), finite=False)
@@ -263,6 +274,8 @@ class AME:
                 _step(opt)
                 if on_gpu:
                     torch.cuda.current_stream().synchronize()  # before the staging buffer is refilled
+                if hook is not None and (step % every == 0 or step == self.epochs * n):
+                    hook(step, w.detach())
         if not (torch.isfinite(w).all() and torch.isfinite(averaged).all()):
             # NaN/Inf propagate through every optimizer step, so one check at the end suffices; only
             # then are the experts scanned, to name one with NaN/Inf values if there is one

@@ -1,8 +1,8 @@
 """One run, top-down like the paper's pipeline: data → shards → experts → aggregate → evaluate → report."""
 from __future__ import annotations
 
-import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -10,17 +10,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from ame.aggregate import AME, FlatSpec, average, distance
 from ame.align import align_experts, permutation_spec
+from ame.config import clean_config, instantiate, run_identity
 from ame.data import split
 from ame.device import resolve_device
-from ame.errors import AMEError, instantiate, require
+from ame.errors import AMEError, require
 from ame.data.corruptions import VERSION as CORRUPTIONS_VERSION
 from ame.evaluate import Evaluator, accuracy
 from ame.experts import config_hash, file_experts, trained_experts
 from ame.cache import Entry
 from ame.checks import check_config
 from ame.io import finite_json, save_state_dict
-from ame.report import Timer, format_table, write_results
-from ame.train import buffer_names, build_model, check_train_cfg
+from ame.models import buffer_names, build_model
+from ame.progress import Timer, listening, report
+from ame.report import format_table, write_results
+from ame.train import check_train_cfg
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +70,15 @@ def _check(cfg: DictConfig):
 
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline for ``cfg``, logging to ``cfg.logger``; returns the ``results.json`` dict."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     out_dir = Path(cfg.paths.output_dir)
     aggregator, aligner = _check(cfg)
-    logger = instantiate(cfg.logger, "logger")(dir=out_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    logger = instantiate(cfg.logger, "logger")(dir=out_dir, config=clean_config(cfg), identity=run_identity(cfg))
     try:
-        results = _run(cfg, aggregator, aligner, out_dir)
-        logger.log_results(results)
+        with logging_redirect_tqdm(), listening(logger.log_metrics):  # log lines above the bars
+            results = _run(cfg, aggregator, aligner, out_dir, ame_every=logger.ame_every)
+        logger.log_results(results, out_dir)
     except BaseException:
         logger.finish(exit_code=1)  # a failed run must not look finished in W&B
         raise
@@ -80,12 +86,37 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
+def _trace_distances(soup: torch.Tensor):
+    """An AME ``on_step`` hook: the iterate's distance to the pivot (its step-0 value) and to the
+    soup, relative to ‖pivot − soup‖ as in ``results.json``'s ``dist/*``, reported as stage ``ame``."""
+    ref: dict = {}
+
+    def on_step(step: int, w: torch.Tensor) -> None:
+        if step == 0:
+            ref["soup"] = soup.to(w.device)
+            ref["pivot"] = w.clone()
+            ref["scale"] = float(torch.linalg.vector_norm(w - ref["soup"]))
+        to_soup, to_pivot = float(torch.dist(w, ref["soup"])), float(torch.dist(w, ref["pivot"]))
+        m = {"dist_soup_l2": to_soup, "dist_pivot_l2": to_pivot}
+        if ref["scale"] > 0:
+            m |= {"dist_soup": to_soup / ref["scale"], "dist_pivot": to_pivot / ref["scale"]}
+        report("ame", "step", step, m, quiet=True)
+
+    return on_step
+
+
+def brief(m: dict) -> str:
+    """The headline metrics of one network, in %, for a log line."""
+    names = {"id/acc": "ID", "ood/acc": "OOD", "ood/extra_acc": "OOD extra", "shard/min_acc": "worst shard"}
+    return ", ".join(f"{label} {100 * m[k]:.2f}%" for k, label in names.items() if isinstance(m.get(k), float))
+
+
 def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     """Metrics of the experts, the soup and the warm-start base. They are the same for every
     aggregator in a sweep, so they are computed once per expert set and evaluation setting and
     cached beside the experts (trained experts only)."""
     eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
-                if k not in ("batch_size", "device", "workers")}
+                if k not in ("batch_size", "device", "_target_", "_partial_", "workers")}
     spec = {"eval": eval_cfg, "experts": ex.fingerprint, "format": 2,  # tied to the exact expert files
             "corruptions": CORRUPTIONS_VERSION}  # and to the corruption code's outputs
     entry = Entry(cfg.paths.cache_dir, "metrics", config_hash(spec), spec, what="the reference metrics") \
@@ -93,15 +124,24 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     if entry is not None:
         ref = entry.load_json("reference.json")  # verified; a damaged or foreign file is recomputed
         if isinstance(ref, dict) and {"soup", "experts", "ensemble", "base"} <= ref.keys():
+            log.info("experts, ensemble, soup and base: metrics from the cache (%s)", entry.root)
             return ref
     own = ex.class_counts is not None
     experts: list[dict] = []
-    mean = evaluator.ensemble_probabilities(
-        ex.experts, lambda i, probs: experts.append(evaluator.metrics(probs, shard=i if own else None)))
+
+    def each(i: int, probs: dict) -> None:
+        experts.append(evaluator.metrics(probs, shard=i if own else None))
+        log.info("evaluated expert %d: %s", i, brief(experts[-1]))
+
+    mean = evaluator.ensemble_probabilities(ex.experts, each)
     ensemble = evaluator.metrics(mean)
-    ref = {"soup": evaluator(soup), "experts": experts,
+    ref = {"soup": evaluator(soup, name="soup"), "experts": experts,
            "ensemble": {**ensemble, "single_network": False},  # the output ensemble: N networks, not one
-           "base": evaluator(ex.init) if cfg.experts.source == "train" and cfg.train.init == "warm" else None}
+           "base": evaluator(ex.init, name="warm base") if cfg.experts.source == "train" and cfg.train.init == "warm"
+           else None}
+    for name in ("ensemble", "soup", "base"):
+        if ref[name] is not None:
+            log.info("evaluated %s: %s", name, brief(ref[name]))
     ref = finite_json(ref)
     if entry is not None:
         with entry.lock():
@@ -109,22 +149,26 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     return ref
 
 
-def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
+def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | None = 0) -> dict:
     timer = Timer()
     seed = int(cfg.seed)
     train_device, eval_device = resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
     torch.manual_seed(seed)
 
-    with timer("data"):
+    data = shards = ex = None
+    with timer("data", lambda: f"{data.name}: {len(data.train_y)} training and {len(data.test_y)} test images "
+               f"{'×'.join(map(str, data.shape))}, {data.num_classes} classes"):
         data = instantiate(cfg.data.dataset, "data")
-    with timer("shards"):
+    with timer("shards", lambda: f"{len(shards.shards)} shards of {shards.sizes} images; public "
+               f"{len(shards.public)}, validation {len(shards.val)}"):
         splitter = instantiate(cfg.data.shards, "data.shards")
         shards = split(data.train_y.numpy(), splitter, seed=seed, public_size=int(cfg.data.public_size),
                        val_size=int(cfg.data.get("val_size", 0)),
                        groups=None if data.train_groups is None else data.train_groups.numpy())
     model = build_model(cfg.model, data, seed)
     spec = permutation_spec(model, data.shape) if aligner is not None else None  # refuse before training
-    with timer("experts"):
+    with timer("experts", lambda: f"{len(ex.experts)} experts " + (
+            "read from files" if cfg.experts.source != "train" else "from the cache" if ex.cached else "trained")):
         if cfg.experts.source == "train":
             ex = trained_experts(cfg, data, shards, train_device)
         else:
@@ -143,7 +187,12 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
             ex = align_experts(ex, aligner, spec, Path(cfg.paths.cache_dir), config_hash(cfg.align))
     single = getattr(aggregator, "single_network", True)  # the output ensemble is N networks: no weights
     val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
-    with timer("aggregate"):
+    soup = average(ex.experts, buffers=buffers)
+    if ame_every != 0 and isinstance(aggregator, AME):  # only when a logger wants the curves
+        aggregator.on_step = _trace_distances(FlatSpec.of(ex.experts[0], buffers).flatten(soup))
+        # None: about 32 points over the run, so the two distances (one pass each) stay a small cost
+        aggregator.on_step_every = ame_every or max(1, math.ceil(aggregator.epochs * len(ex.experts) / 32))
+    with timer("aggregate", lambda: getattr(aggregator, "name", type(aggregator).__name__)):
         if not single:
             aggregate = None
         elif getattr(aggregator, "data_free", True):
@@ -151,19 +200,15 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
         else:  # the declared exception (greedy soup): scored on the held-out validation split
             aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers,
                                    score=lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device))
-    soup = average(ex.experts, buffers=buffers)
 
-    with timer("evaluate"):
-        evaluator = Evaluator(model, data, list(cfg.eval.corruptions), list(cfg.eval.severities),
-                              cfg.eval.ood_subsample, ex.class_counts, seed=int(cfg.eval.seed),
-                              batch_size=int(cfg.eval.batch_size), device=eval_device,
-                              extras=list(cfg.eval.get("extras") or []), source=str(cfg.eval.get("source", "generated")),
-                              download=cfg.eval.get("download"), cache_dir=cfg.paths.cache_dir,
-                              workers=int(cfg.eval.get("workers", 2)))
+    with timer("evaluate", lambda: f"aggregate {brief(metrics)}"):
+        evaluator = instantiate(cfg.eval, "eval")(model=model, data=data, class_counts=ex.class_counts,
+                                                  device=eval_device,
+                                                  cache_dir=cfg.paths.cache_dir)
         ref = _reference_metrics(evaluator, ex, soup, cfg)
         tuned = str(cfg.get("optimized_metric")).startswith("val/")
         if single:
-            metrics = evaluator(aggregate)
+            metrics = evaluator(aggregate, name=f"{getattr(aggregator, 'name', 'aggregate')} (aggregate)")
             pivot = soup if getattr(aggregator, "pivot_kind", None) == "soup" else aggregator.pivot(ex.experts, ex.init, buffers)
             params = [k for k, v in aggregate.items() if v.is_floating_point() and k not in buffers]
             scale, to_soup, to_pivot = (distance(a, b, params)
@@ -203,6 +248,5 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
     if single:
         save_state_dict(aggregate, out_dir / "aggregate.safetensors", {"aggregator": results["aggregator"]})
     write_results(results, out_dir)
-    print(format_table(results))
-    log.info("results: %s", out_dir / "results.json")
+    log.info("results (accuracies in %%; also in %s):\n%s", out_dir / "results.json", format_table(results))
     return results
