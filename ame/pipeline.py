@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ame.aggregate import AME, FlatSpec, average, distance
+import math
+
+from ame.aggregators import Aggregator, average
 from ame.align import align_experts, permutation_spec
 from ame.data import split
 from ame.device import resolve_device
@@ -33,30 +35,29 @@ def _check(cfg: DictConfig):
         no_init = cfg.train.init == "independent"
     else:
         no_init = not cfg.experts.get("init")
-    if not getattr(aggregator, "data_free", True):
+    require(isinstance(aggregator, Aggregator), f"aggregator: {type(aggregator).__name__} is not an "
+            "ame.aggregators.Aggregator; point _target_ at one")
+    name = aggregator.name
+    if not aggregator.data_free:
         require(cfg.experts.source == "train" and int(cfg.data.get("val_size", 0)) > 0,
-                f"aggregator={getattr(aggregator, 'name', '?')} is not data-free: it needs a validation split; set "
+                f"aggregator={name} is not data-free: it needs a validation split; set "
                 "data.val_size (e.g. data.val_size=1000), with experts=train")
-    if getattr(aggregator, "pivot_kind", None) == "init" and no_init:
-        fix = ("use aggregator.pivot=soup|first|zero" if isinstance(aggregator, AME) else
-               "use train.init=shared|warm, or give experts.init")
-        raise AMEError(f"aggregator={getattr(aggregator, 'name', '?')} needs the experts' shared initialisation"
-                       f"{' (pivot=init)' if isinstance(aggregator, AME) else ''}, but "
+    if aggregator.needs_init and no_init:
+        raise AMEError(f"aggregator={name} needs the experts' shared initialisation{aggregator.init_reason}, but "
                        + ("train.init=independent" if cfg.experts.source == "train" else "experts.init is not set")
-                       + f"; {fix}")
-    name = getattr(aggregator, "name", "?")
+                       + f"; {aggregator.without_init}")
     if aligner is not None:
-        require(getattr(aggregator, "pivot_kind", None) != "init",
+        require(not aggregator.needs_init,
                 f"align=weight_matching permutes the experts but not their shared initialisation, which "
                 f"aggregator={name} uses; use aggregator.pivot=soup|first|zero (AME) or align=none")
         require(cfg.experts.source != "train" or aligner.reference < int(cfg.data.shards.num_shards),
                 f"align.reference={aligner.reference}, but there are only {cfg.data.shards.num_shards} experts")
     if str(cfg.get("optimized_metric")).startswith("val/"):
-        require(getattr(aggregator, "single_network", True), f"optimized_metric={cfg.optimized_metric} needs a "
+        require(aggregator.single_network, f"optimized_metric={cfg.optimized_metric} needs a "
                 f"single network to score; aggregator={name} is an output ensemble; tune another aggregator")
         require(int(cfg.data.get("val_size", 0)) > 0, f"optimized_metric={cfg.optimized_metric} is measured on a "
                 "validation split, but data.val_size=0; set data.val_size (e.g. data.val_size=1000)")
-    getattr(aggregator, "check", lambda: None)()  # e.g. the optimizer's settings, before any training
+    aggregator.check()  # e.g. the optimizer's settings, before any training
     resolve_device(cfg.train.device, "train.device"), resolve_device(cfg.eval.device, "eval.device")
     return aggregator, aligner
 
@@ -74,6 +75,10 @@ def run(cfg: DictConfig) -> dict:
         raise
     logger.finish()
     return results
+
+
+def distance(a, b, keys) -> float:
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys))
 
 
 def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
@@ -119,25 +124,20 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
         else:
             ex = file_experts(cfg.experts)
     buffers = buffer_names(model)
-    reference = FlatSpec.of(model.state_dict(), buffers)
     against = f"model={cfg.model._target_.rsplit('.', 1)[-1]}"
-    reference.check(ex.experts[0], f"expert 0 ({ex.experts.names[0]})", against=against)
-    if ex.init is not None:
-        reference.check(ex.init, "the initialisation (experts.init)", against=against)
+    ex.experts.pool(ex.sizes, ex.init, buffers).check_against(
+        {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}, against)
     if aligner is not None:
         with timer("align"):
             ex = align_experts(ex, aligner, spec, ex.root or out_dir, config_hash(cfg.align))
-    single = getattr(aggregator, "single_network", True)  # the output ensemble is N networks: no weights
+    pool = ex.experts.pool(ex.sizes, ex.init, buffers)
+    single = aggregator.single_network  # the output ensemble is N networks: no weights
     val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
     with timer("aggregate"):
-        if not single:
-            aggregate = None
-        elif getattr(aggregator, "data_free", True):
-            aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers)
-        else:  # the declared exception (greedy soup): scored on the held-out validation split
-            aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers,
-                                   score=lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device))
-    soup = average(ex.experts, buffers=buffers)
+        if not aggregator.data_free:  # the declared exception (greedy soup): scored on the held-out validation split
+            pool.score = lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device)
+        aggregate = dict(aggregator.run(pool)) if single else None
+    soup = average(pool)
 
     with timer("evaluate"):
         evaluator = Evaluator(model, data, list(cfg.eval.corruptions), list(cfg.eval.severities),
@@ -147,7 +147,8 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
         tuned = str(cfg.get("optimized_metric")).startswith("val/")
         if single:
             metrics = evaluator(aggregate)
-            pivot = soup if getattr(aggregator, "pivot_kind", None) == "soup" else aggregator.pivot(ex.experts, ex.init, buffers)
+            pivot = aggregator.pivot(pool)
+            pivot = soup if pivot is None else pivot
             params = [k for k, v in aggregate.items() if v.is_floating_point() and k not in buffers]
             scale, to_soup, to_pivot = (distance(a, b, params)
                                         for a, b in ((pivot, soup), (aggregate, soup), (aggregate, pivot)))
@@ -160,11 +161,11 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
         else:
             metrics = {k: v for k, v in ref["ensemble"].items() if k != "single_network"}
         results = {
-            "aggregator": getattr(aggregator, "name", type(aggregator).__name__),
+            "aggregator": aggregator.name,
             # a run whose hyperparameters a sweeper picks on validation data is no longer data-free
-            "data_free": bool(getattr(aggregator, "data_free", False)) and not tuned,
+            "data_free": aggregator.data_free and not tuned,
             "tuned_on_validation": tuned,
-            "aggregator_info": dict(getattr(aggregator, "info", {})),
+            "aggregator_info": dict(aggregator.info),
             "single_network": single,
             "align": aligner.info if aligner is not None else None,
             "metrics": metrics,

@@ -65,22 +65,22 @@ def copy_seconds(params: int, device: torch.device, repeats: int = 20) -> float:
 
 def worker(paths: list[Path], device: str) -> dict:
     """One aggregation in this process: returns timings and peak memory."""
-    from ame.aggregate import AME
+    from ame.aggregators import AME
     from ame.experts import Experts
 
     experts = Experts(paths)
     dev = torch.device(device)
-    params = sum(t.numel() for t in experts[0].values())
+    params = experts.pool().numel()
     t_copy = copy_seconds(params, dev)
     agg = AME(functools.partial(torch.optim.Adam, lr=1e-3), pivot="first", device=device, name="bench")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    agg(experts, [1] * len(paths))  # first run in this fresh process: peak memory
+    agg.run(experts.pool())  # first run in this fresh process: peak memory
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
     t0 = time.perf_counter()
-    agg(experts, [1] * len(paths))  # second run, warm: time (setup amortised over the N steps)
+    agg.run(experts.pool())  # second run, warm: time (setup amortised over the N steps)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / len(paths)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ame.aggregate import AME, PIVOTS, average
+from ame.aggregators import AME, PIVOTS, average
 from ame.errors import AMEError
 from ame.experts import Experts
 from ame.io import save_state_dict
@@ -206,7 +206,7 @@ def test_aggregation_streams_one_expert_at_a_time(pivot):
 
 
 def test_greedy_soup_never_adds_an_ingredient_that_lowers_validation_accuracy():
-    from ame.aggregate import GreedySoup
+    from ame.aggregators import GreedySoup
 
     values = [1.0, -1.0, 5.0, 0.5]  # "accuracy" = −|w|: the best ingredient alone is 0.5
     experts = [{"w": torch.tensor([v])} for v in values]
@@ -222,7 +222,7 @@ def test_greedy_soup_never_adds_an_ingredient_that_lowers_validation_accuracy():
 
 
 def test_greedy_soup_without_validation_data_says_what_to_set():
-    from ame.aggregate import GreedySoup
+    from ame.aggregators import GreedySoup
 
     with pytest.raises(AMEError, match="data.val_size"):
         GreedySoup()(tiny_experts(2), [1, 1])
