@@ -137,8 +137,9 @@ def _folder_weights(path: Path) -> tuple[str, list[str], dict[str, str] | None, 
                 raise AMEError(f"{indices[0]} is not a checkpoint index (no weight_map); is the file complete?") from None
             files = list(dict.fromkeys(weight_map.values()))
             missing = [f for f in files if not (path / f).is_file()]
-            require(not missing, f"{path}: the index names {missing[0]}, which is not in the folder; "
-                    "is the download complete?")
+            if missing:
+                raise AMEError(f"{path}: the index names {missing[0]}, which is not in the folder; "
+                               "is the download complete?")
             return fmt, files, dict(weight_map), indices[0].name
         single = path / f"{'model' if fmt == 'safetensors' else 'pytorch_model'}{suffix}"
         files = [single] if single.is_file() else sorted(path.glob(f"*{suffix}"))
