@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ame.data import ImageData
+from ame.models import input_renormalizer
 from ame.errors import AMEError, instantiate, positive_int, require
 from ame.report import progress
 
@@ -26,6 +27,7 @@ def build_model(model_cfg: DictConfig, data: ImageData, seed: int) -> nn.Module:
     c, h, w = data.shape
     require(h == w, f"{data.name}: only square images are supported, got {h}×{w}")
     model = instantiate(model_cfg, "model", in_channels=c, image_size=h, num_classes=data.num_classes)
+    input_renormalizer(model, data.mean, data.std)  # a pretrained timm model sees its own input statistics
     return model.to(memory_format=torch.channels_last)  # matches ImageData.normalize's layout
 
 
