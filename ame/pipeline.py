@@ -18,6 +18,7 @@ from ame.errors import AMEError, instantiate, require
 from ame.evaluate import Evaluator, accuracy
 from ame.experts import config_hash, file_experts, trained_experts
 from ame.io import save_state_dict, write_json
+from ame.repair import has_batchnorm, reset_batchnorm
 from ame.report import Timer, format_table, write_results
 from ame.train import buffer_names, build_model, check_train_cfg
 
@@ -58,6 +59,12 @@ def _check(cfg: DictConfig):
         require(int(cfg.data.get("val_size", 0)) > 0, f"optimized_metric={cfg.optimized_metric} is measured on a "
                 "validation split, but data.val_size=0; set data.val_size (e.g. data.val_size=1000)")
     aggregator.check()  # e.g. the optimizer's settings, before any training
+    if cfg.get("bn_reset"):
+        require(aggregator.single_network, f"bn_reset=true recomputes one network's BatchNorm statistics; "
+                f"aggregator={name} is an output ensemble; use bn_reset=false")
+        require(cfg.experts.source == "train" and int(cfg.data.get("val_size", 0)) > 0,
+                "bn_reset=true recomputes BatchNorm statistics on a validation split (not data-free); set "
+                "data.val_size (e.g. data.val_size=1000), with experts=train")
     resolve_device(cfg.train.device, "train.device"), resolve_device(cfg.eval.device, "eval.device")
     return aggregator, aligner
 
@@ -117,6 +124,8 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
                        val_size=int(cfg.data.get("val_size", 0)),
                        groups=None if data.train_groups is None else data.train_groups.numpy())
     model = build_model(cfg.model, data, seed)
+    require(not cfg.get("bn_reset") or has_batchnorm(model), f"bn_reset=true, but model="
+            f"{cfg.model._target_.rsplit('.', 1)[-1]} has no BatchNorm statistics (e.g. model.norm=batch); use bn_reset=false")
     spec = permutation_spec(model, data.shape) if aligner is not None else None  # refuse before training
     with timer("experts"):
         if cfg.experts.source == "train":
@@ -137,6 +146,9 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
         if not aggregator.data_free:  # the declared exception (greedy soup): scored on the held-out validation split
             pool.score = lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device)
         aggregate = dict(aggregator.run(pool)) if single else None
+    if cfg.get("bn_reset"):  # the data-using reference: statistics recomputed on the validation split
+        with timer("bn_reset"):
+            aggregate = reset_batchnorm(model, aggregate, data, val_x, eval_device)
     soup = average(pool)
 
     with timer("evaluate"):
@@ -163,7 +175,8 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
         results = {
             "aggregator": aggregator.name,
             # a run whose hyperparameters a sweeper picks on validation data is no longer data-free
-            "data_free": aggregator.data_free and not tuned,
+            "data_free": aggregator.data_free and not tuned and not cfg.get("bn_reset"),
+            "bn_reset": bool(cfg.get("bn_reset")),
             "tuned_on_validation": tuned,
             "aggregator_info": dict(aggregator.info),
             "single_network": single,
