@@ -155,6 +155,7 @@ class ExpertPool:
         self.dtype = dtype
         self.score = None  # a held-out scorer, attached only for aggregators that are not data-free
         self._chunks: dict[int, list[Chunk]] = {}
+        self._work: dict = {}
 
     # -- description -------------------------------------------------------------------------
     def label(self, i: int) -> str:
@@ -230,6 +231,14 @@ class ExpertPool:
         self._chunks[max_numel] = out
         return out
 
+    def buffer(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A workspace of ``numel`` entries, reused from chunk to chunk (fresh pages cost a fault
+        each, which at a few µs per 4 KB page is as slow as the arithmetic)."""
+        t = self._work.get((name, dtype))
+        if t is None or t.numel() < numel:
+            t = self._work[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        return t[:numel]
+
     def _src(self, i: int):
         if i == INIT:
             require(self.init is not None, "no initialisation was given; set experts.init")
@@ -284,7 +293,7 @@ class ExpertPool:
         sub.sources = [self.sources[i] for i in idx]
         sub.names = [self.names[i] for i in idx]
         sub.sizes = [self.sizes[i] for i in idx]
-        sub.n, sub._chunks = len(idx), {}
+        sub.n, sub._chunks, sub._work = len(idx), {}, {}
         return sub
 
 

@@ -126,14 +126,17 @@ class AME(Aggregator):
         return [torch.randperm(n, generator=gen).tolist() if self.order == "shuffle" else list(range(n))
                 for _ in range(self.epochs)]
 
-    def _pivot_chunk(self, pool: ExpertPool, chunk) -> Tensor:
+    def _pivot_chunk(self, pool: ExpertPool, chunk, out: Tensor, acc: dict) -> Tensor:
+        """The pivot's slice of ``chunk``, written into ``out`` (float32)."""
         if self.pivot_kind == "init":
-            return pool.read(INIT, chunk)
+            return pool.read(INIT, chunk, out=out)
         if self.pivot_kind == "first":
-            return pool.read(0, chunk)
+            return pool.read(0, chunk, out=out)
         if self.pivot_kind == "soup":
-            return average_chunk(pool, chunk, [1.0] * pool.n).float()
-        return torch.zeros(chunk.numel, dtype=torch.float32)
+            if "soup" not in acc:
+                acc["soup"] = torch.empty(max(c.numel for c in pool.chunks(self.chunk_bytes)), dtype=torch.float64)
+            return out.copy_(average_chunk(pool, chunk, [1.0] * pool.n, out=acc["soup"]))
+        return out.zero_()
 
     def pivot(self, pool: ExpertPool) -> dict[str, Tensor] | None:
         if self.pivot_kind == "soup":
@@ -150,9 +153,16 @@ class AME(Aggregator):
         zeta = self._zeta(pool.sizes, n)
         orders = self._orders(n)
         chunks = pool.chunks(self.chunk_bytes)
+        size = max(c.numel for c in chunks)
+        # workspaces reused from chunk to chunk (fresh pages cost a fault each): the pivot, the
+        # iterate, the pseudogradient (and the CUDA staging buffers, and the soup's accumulator)
+        work = {"pivot": torch.empty(size, device=device), "w": torch.empty(size, device=device),
+                "g": torch.empty(size, device=device)}
+        if on_gpu:
+            work |= {"staging": torch.empty(size, pin_memory=True), "x": torch.empty(size, device=device)}
         try:
             for chunk in progress(chunks, f"{self.name} chunks") if len(chunks) > 1 else chunks:
-                w = self._chunk(pool, chunk, zeta, orders, device, on_gpu)
+                w = self._chunk(pool, chunk, zeta, orders, device, on_gpu, work)
                 self._finish_chunk(pool, chunk, w, out, "the aggregate has NaN/Inf weights: the AME optimizer "
                                    "diverged; lower aggregator.optimizer.lr")
         except BaseException:
@@ -161,16 +171,20 @@ class AME(Aggregator):
         return self._end(out)
 
     def _chunk(self, pool: ExpertPool, chunk, zeta: list[float], orders: list[list[int]], device: torch.device,
-               on_gpu: bool) -> Tensor:
+               on_gpu: bool, work: dict) -> Tensor:
         """One chunk's AME: the iterate after every step over the experts, as float32."""
         # The iterate and the pseudogradient are flat float32 buffers of this chunk: an AME step is
         # one pass writing g = w − x_i (or x_pivot − x_i) straight from the expert's slices (views
         # of its file), and one fused optimizer kernel. On CUDA the slice is staged through pinned
         # memory and copied once.
-        pivot = self._pivot_chunk(pool, chunk).to(device)
-        w = torch.nn.Parameter(pivot.clone())
-        g = torch.empty_like(pivot)
-        staging, x = (torch.empty(pivot.shape, pin_memory=True), torch.empty_like(pivot)) if on_gpu else (None, None)
+        n = chunk.numel
+        if on_gpu:
+            pivot = work["pivot"][:n].copy_(self._pivot_chunk(pool, chunk, torch.empty(n), work))
+            staging, x = work["staging"][:n], work["x"][:n]
+        else:
+            pivot = self._pivot_chunk(pool, chunk, work["pivot"][:n], work)
+        w = torch.nn.Parameter(work["w"][:n].copy_(pivot))
+        g = work["g"][:n]
         w.grad = g
         opt = self._optimizer(w)
         base_lr = [group["lr"] for group in opt.param_groups]
@@ -183,6 +197,8 @@ class AME(Aggregator):
                     torch.sub(ref, x, out=g)
                 else:
                     for lo, hi, xi in pool.views(i, chunk):
+                        if xi.dtype != torch.float32:  # bf16/fp16 experts: convert first (mixed-dtype ops are slow)
+                            xi = pool.buffer("x32", n)[lo:hi].copy_(xi)
                         torch.sub(ref[lo:hi], xi, out=g[lo:hi])
                     pool.release(i)  # its pages leave this process before the next expert is read
                 if self.pseudogradient == "pivot":

@@ -88,7 +88,7 @@ class Aggregator:
         values = values.detach()
         if values.device.type != "cpu":
             values = values.cpu()
-        if not torch.isfinite(values).all():
+        if not torch.isfinite(values.sum()) and not torch.isfinite(values).all():  # one pass, no allocation
             pool.scan(chunk)  # names an expert (or the init) with NaN/Inf values, if there is one
             raise AMEError(diverged)
         for p in chunk.pieces:
@@ -117,13 +117,14 @@ def _piece(pool: ExpertPool, i: int, p: Piece) -> Tensor:
     return pool.read(i, one)
 
 
-def average_chunk(pool: ExpertPool, chunk: Chunk, weights: Sequence[float], which: Sequence[int] | None = None
-                  ) -> Tensor:
-    """The weighted mean of the experts over ``chunk``, accumulated in float64 one expert at a time."""
-    total = torch.zeros(chunk.numel, dtype=torch.float64)
+def average_chunk(pool: ExpertPool, chunk: Chunk, weights: Sequence[float], out: Tensor | None = None) -> Tensor:
+    """The weighted mean of the experts over ``chunk``, accumulated in float64 one expert at a time
+    (into ``out`` when given: a workspace reused from chunk to chunk)."""
+    total = torch.zeros(chunk.numel, dtype=torch.float64) if out is None else out[:chunk.numel].zero_()
+    x64 = pool.buffer("x64", chunk.numel, torch.float64)  # mixed-dtype arithmetic is 5× slower than a copy
     s = sum(weights)
-    for i in (range(pool.n) if which is None else which):
+    for i in range(pool.n):
         for lo, hi, x in pool.views(i, chunk):
-            total[lo:hi].add_(x.to(torch.float64), alpha=weights[i] / s)
+            total[lo:hi].add_(x64[lo:hi].copy_(x), alpha=weights[i] / s)
         pool.release(i)
     return total
