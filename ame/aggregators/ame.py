@@ -195,12 +195,8 @@ class AME(Aggregator):
                 if on_gpu:
                     x.copy_(pool.read(i, chunk, out=staging), non_blocking=True)
                     torch.sub(ref, x, out=g)
-                else:
-                    for lo, hi, xi in pool.views(i, chunk):
-                        if xi.dtype != torch.float32:  # bf16/fp16 experts: convert first (mixed-dtype ops are slow)
-                            xi = pool.buffer("x32", n)[lo:hi].copy_(xi)
-                        torch.sub(ref[lo:hi], xi, out=g[lo:hi])
-                    pool.release(i)  # its pages leave this process before the next expert is read
+                else:  # one slice read (converted to float32 in one pass), one subtraction
+                    torch.sub(ref, pool.read(i, chunk, out=pool.buffer("x32", n)), out=g)
                 if self.pseudogradient == "pivot":
                     g.div_(pool.n)
                 if zeta[i] != 1.0:

@@ -121,10 +121,9 @@ def average_chunk(pool: ExpertPool, chunk: Chunk, weights: Sequence[float], out:
     """The weighted mean of the experts over ``chunk``, accumulated in float64 one expert at a time
     (into ``out`` when given: a workspace reused from chunk to chunk)."""
     total = torch.zeros(chunk.numel, dtype=torch.float64) if out is None else out[:chunk.numel].zero_()
+    x32 = pool.buffer("x32", chunk.numel)
     x64 = pool.buffer("x64", chunk.numel, torch.float64)  # mixed-dtype arithmetic is 5× slower than a copy
     s = sum(weights)
     for i in range(pool.n):
-        for lo, hi, x in pool.views(i, chunk):
-            total[lo:hi].add_(x64[lo:hi].copy_(x), alpha=weights[i] / s)
-        pool.release(i)
+        total.add_(x64.copy_(pool.read(i, chunk, out=x32)), alpha=weights[i] / s)
     return total
