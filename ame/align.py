@@ -29,7 +29,8 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ame.errors import AMEError, positive_int, require
-from ame.io import StateDict, file_lock, sha256_file, write_json
+from ame.cache import Entry, sha256_file
+from ame.io import StateDict
 from ame.report import progress
 
 log = logging.getLogger(__name__)
@@ -228,23 +229,24 @@ class WeightMatching:
                      "cosine_to_reference_before": before, "cosine_to_reference_after": after}
 
 
-def align_experts(ex, aligner: WeightMatching, spec: PermutationSpec, out_root: Path, key: str):
-    """Align ``ex`` (an :class:`ame.experts.ExpertSet`) and return the set of aligned experts, written
-    to ``out_root/aligned-<key>`` (reused when already complete: the key hashes the experts and the
-    alignment settings)."""
-    from ame.experts import Experts, _Entry, config_hash  # experts.py does not import this module
+def align_experts(ex, aligner: WeightMatching, spec: PermutationSpec, cache_dir: Path, key: str):
+    """Align ``ex`` (an :class:`ame.experts.ExpertSet`) and return the set of aligned experts, kept in
+    the cache entry ``<cache_dir>/aligned/<key>`` (reused when complete and intact: the key hashes the
+    exact expert files and the alignment settings; every copy is verified by its content hash)."""
+    from ame.experts import Experts, config_hash  # experts.py does not import this module
 
     # the exact expert files (their hashes) and the settings: other experts never reuse these copies
     fingerprint = ex.fingerprint or config_hash({"files": [sha256_file(p) for p in ex.experts.paths]})
-    root = out_root / f"aligned-{config_hash({'experts': fingerprint, 'align': key})}"
+    entry = Entry(cache_dir, "aligned", config_hash({"experts": fingerprint, "align": key}),
+                  {"experts": fingerprint, "align": key}, what="aligned experts")
     names = [f"expert_{i:03d}.safetensors" for i in range(len(ex.experts))]
-    with file_lock(root.with_suffix(".lock")):  # parallel jobs align a set once
-        entry = _Entry(root, {"experts": fingerprint, "align": key})
-        if all(entry.valid(n) for n in names) and "info" in entry.manifest:
-            aligner.info = entry.manifest["info"]
+    with entry.lock():  # parallel jobs align a set once
+        info = entry.load_json("info.json")
+        if info is not None and all(entry.verify(n) for n in names):
+            aligner.info = info
         else:
             for sd, name in zip(aligner(ex.experts, spec), names):  # the aligner first: it records info when exhausted
-                entry.put(name, {k: v.contiguous() for k, v in sd.items()}, {})
-            entry.manifest["info"] = aligner.info
-            write_json(entry.manifest, entry.manifest_path)
-    return replace(ex, experts=Experts([root / n for n in names]), root=root, fingerprint=f"{fingerprint}-{key}")
+                entry.put_tensors(name, sd, {"ame": "{}"})
+            entry.put_json("info.json", aligner.info)
+    return replace(ex, experts=Experts([entry.root / n for n in names]), root=entry.root,
+                   fingerprint=f"{fingerprint}-{key}")

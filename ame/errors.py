@@ -31,5 +31,6 @@ def instantiate(node, what: str, **kwargs):
         cause = e.__cause__ if e.__cause__ is not None else e
         if isinstance(cause, AMEError):
             raise cause from None
-        message = str(cause).strip().splitlines()
-        raise AMEError(f"{what}: {message[0] if message else type(cause).__name__}") from None
+        message = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        first = " ".join(message[:2]) if message and message[0].endswith(":") else (message or [type(cause).__name__])[0]
+        raise AMEError(f"{what}: {first}") from None

@@ -1,11 +1,10 @@
 """Where experts come from: trained (and cached) for this run's shards, or files a user hands in.
 
-Trained experts live in ``<cache_dir>/experts/<key>/``, the key hashing everything that
-determines them (data content and config, shards, model, training, seed). Each file is written
-atomically and recorded with its sha256 (and size and mtime) in ``manifest.json``; a file missing
-from the manifest or whose hash differs is retrained (the hash is checked again whenever the size or
-mtime changed), so an interrupted run resumes where it stopped, and a file
-lock makes concurrent jobs train a set once.
+Trained experts live in the cache entry ``<cache_dir>/experts/<key>/`` (:mod:`ame.cache`), the key
+hashing everything that determines them (data content and config, shards, model, training, seed,
+the base's hash). Every expert is verified by its content hash each run before it is used; a file
+missing from the manifest or whose bytes differ is (re)trained, so an interrupted run resumes where
+it stopped, and the entry's lock makes concurrent jobs train a set once.
 """
 from __future__ import annotations
 
@@ -26,7 +25,9 @@ from ame.checkpoints import Checkpoint
 
 from ame.data import ImageData, Split
 from ame.errors import require
-from ame.io import StateDict, file_lock, load_state_dict, save_state_dict, sha256_file, write_json
+from ame import checks
+from ame.cache import Entry, sha256_file
+from ame.io import StateDict
 from ame.pool import ExpertPool
 from ame.report import progress
 from ame.train import expert_seed, initial_state, train_experts
@@ -92,7 +93,8 @@ def _model_spec(model_cfg: DictConfig) -> dict:
     spec = OmegaConf.to_container(model_cfg, resolve=True)
     path = Path(str(spec.get("pretrained") or "")).expanduser()
     if spec.get("pretrained") and path.is_file():
-        spec["pretrained"] = f"sha256:{_file_sha(str(path.resolve()), *_stat(path))}"
+        st = path.stat()
+        spec["pretrained"] = f"sha256:{_file_sha(str(path.resolve()), st.st_size, st.st_mtime_ns)}"
     return spec
 
 
@@ -132,76 +134,48 @@ def base_key(cfg: DictConfig, data: ImageData) -> tuple[str, dict]:
     return config_hash(spec), _strip(spec)
 
 
-class _Entry:
-    """One cache directory: files plus a manifest of their hashes."""
-
-    def __init__(self, root: Path, spec: dict):
-        self.root, self.manifest_path = root, root / "manifest.json"
-        try:
-            self.manifest = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
-            self.manifest = {"config": spec, "files": {}}
-
-    def valid(self, name: str) -> bool:
-        """The file is there and is the one recorded. Its sha256 is checked once; after that an
-        unchanged (size, mtime) stands for it, so a run does not re-hash gigabytes of experts."""
-        path = self.root / name
-        if not path.is_file() or name not in self.manifest["files"]:
-            return False
-        stat = self.manifest.setdefault("stat", {})
-        if stat.get(name) == _stat(path):
-            return True
-        if sha256_file(path) != self.manifest["files"][name]:
-            return False
-        stat[name] = _stat(path)
-        write_json(self.manifest, self.manifest_path)
-        return True
-
-    def put(self, name: str, sd: StateDict, metadata: dict[str, str]) -> None:
-        save_state_dict(sd, self.root / name, metadata)
-        self.manifest["files"][name] = sha256_file(self.root / name)
-        self.manifest.setdefault("stat", {})[name] = _stat(self.root / name)
-        write_json(self.manifest, self.manifest_path)
-
-
-def _stat(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
 def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torch.device) -> ExpertSet:
-    """Train one expert per shard (or reuse the cached ones)."""
+    """Train one expert per shard (or reuse the cached ones, each verified by its content hash:
+    a damaged file is reported and retrained, never used)."""
     counts = split.class_counts(data.train_y.numpy(), data.num_classes)
+    cache_dir = Path(cfg.paths.cache_dir)
     init, base_sha, cached = None, None, True  # cached: no expert had to be trained (the base may have)
     if cfg.train.init != "independent":
         bkey, bspec = base_key(cfg, data)
-        broot = Path(cfg.paths.cache_dir) / "bases" / bkey
-        with file_lock(broot.with_suffix(".lock")):
-            base = _Entry(broot, bspec)
-            if not base.valid("init.safetensors"):
-                sd = initial_state(cfg.model, cfg.train, data, split.public, int(cfg.seed), device)
-                base.put("init.safetensors", sd, {"init": str(cfg.train.init), "public_size": str(len(split.public))})
-            init = load_state_dict(broot / "init.safetensors")
-            base_sha = base.manifest["files"]["init.safetensors"]
+        base = Entry(cache_dir, "bases", bkey, bspec, what="the experts' shared base")
+        with base.lock():
+            hit = base.load_tensors("init.safetensors")  # read once, verified while read
+            if hit is None:
+                init = initial_state(cfg.model, cfg.train, data, split.public, int(cfg.seed), device)
+                base_sha = base.put_tensors("init.safetensors", init, _meta(init=str(cfg.train.init),
+                                                                             public_size=str(len(split.public))))
+            else:
+                init, base_sha = hit[0], base.recorded()["init.safetensors"]
     key, spec = cache_key(cfg, data, base_sha)
-    root = Path(cfg.paths.cache_dir) / "experts" / key
-    with file_lock(root.with_suffix(".lock")):
-        entry = _Entry(root, spec)
-        if not entry.valid("shards.safetensors"):  # a record of which examples each expert saw
-            entry.put("shards.safetensors", {"public": torch.from_numpy(split.public),
-                                             **{f"shard_{i:03d}": torch.from_numpy(s) for i, s in enumerate(split.shards)}}, {})
-        todo = [i for i in range(len(split.shards)) if not entry.valid(f"expert_{i:03d}.safetensors")]
+    entry = Entry(cache_dir, "experts", key, spec, what="these trained experts")
+    with entry.lock():
+        if not entry.verify("shards.safetensors"):  # a record of which examples each expert saw
+            entry.put_tensors("shards.safetensors", {"public": torch.from_numpy(split.public),
+                                                     **{f"shard_{i:03d}": torch.from_numpy(s)
+                                                        for i, s in enumerate(split.shards)}}, _meta())
+        todo = [i for i in range(len(split.shards)) if not entry.verify(f"expert_{i:03d}.safetensors")]
         log.info("experts: %d of %d from the cache (%s), %d to train", len(split.shards) - len(todo),
-                 len(split.shards), root, len(todo))
+                 len(split.shards), entry.root, len(todo))
         trained = train_experts(cfg.model, cfg.train, data, [split.shards[i] for i in todo], init,
                                 [expert_seed(int(cfg.seed), i) for i in todo], device)
         for i, sd in zip(todo, progress(trained, "training experts", total=len(todo))):
             cached = False
-            entry.put(f"expert_{i:03d}.safetensors", sd, {"shard_size": str(len(split.shards[i])),
-                                                          "class_counts": json.dumps(counts[i].tolist())})
-        fingerprint = config_hash({"files": entry.manifest["files"], "base": base_sha})
-    paths = [root / f"expert_{i:03d}.safetensors" for i in range(len(split.shards))]
-    return ExpertSet(Experts(paths), split.sizes, init, counts, cached, root, fingerprint)
+            entry.put_tensors(f"expert_{i:03d}.safetensors", sd, _meta(shard_size=str(len(split.shards[i])),
+                                                                       class_counts=json.dumps(counts[i].tolist())))
+        files = {k: v for k, v in entry.recorded().items() if k == "shards.safetensors" or k.startswith("expert_")}
+        fingerprint = config_hash({"files": files, "base": base_sha})  # the exact files (as before: keys unchanged)
+    paths = [entry.root / f"expert_{i:03d}.safetensors" for i in range(len(split.shards))]
+    return ExpertSet(Experts(paths), split.sizes, init, counts, cached, entry.root, fingerprint)
+
+
+def _meta(**fields: str) -> dict[str, str]:
+    """File metadata as this project writes it: one JSON entry (see :func:`ame.io.save_state_dict`)."""
+    return {"ame": json.dumps(fields, sort_keys=True)}
 
 
 def _expand(paths) -> list[str]:
@@ -242,12 +216,19 @@ def file_experts(experts_cfg: DictConfig) -> ExpertSet:
                                                  for s in sizes),
                 f"experts.sizes must be {len(paths)} positive numbers (one per expert), got {sizes}")
     elif all("shard_size" in m for m in meta):
-        sizes = [int(m["shard_size"]) for m in meta]
+        sizes = checks.shard_sizes([m["shard_size"] for m in meta], paths)
     else:
         if any("shard_size" in m for m in meta):
             log.warning("only some expert files record their shard size; treating all shards as equal-sized")
         sizes = [1] * len(paths)
     counts = None
     if all("class_counts" in m for m in meta):
-        counts = np.array([json.loads(m["class_counts"]) for m in meta])
+        counts = checks.class_counts([_json_or_text(m["class_counts"]) for m in meta], paths)
     return ExpertSet(experts, sizes, init, counts, cached=True)
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -1,7 +1,6 @@
 """One run, top-down like the paper's pipeline: data → shards → experts → aggregate → evaluate → report."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,7 +16,9 @@ from ame.device import resolve_device
 from ame.errors import AMEError, instantiate, require
 from ame.evaluate import Evaluator, accuracy
 from ame.experts import config_hash, file_experts, trained_experts
-from ame.io import save_state_dict, write_json
+from ame.cache import Entry
+from ame.checks import check_config
+from ame.io import finite_json, save_state_dict
 from ame.repair import has_batchnorm, reset_batchnorm
 from ame.report import Timer, format_table, write_results
 from ame.train import buffer_names, build_model, check_train_cfg
@@ -29,6 +30,7 @@ def _check(cfg: DictConfig):
     """Validate the settings that need no data, before anything is trained or written; returns
     the aggregator and the aligner (None for ``align=none``)."""
     require(cfg.experts.source in ("train", "files"), f"experts.source must be train or files, got {cfg.experts.source!r}")
+    check_config(cfg)
     aggregator = instantiate(cfg.aggregator, "aggregator")
     aligner = instantiate(cfg.align, "align") if cfg.get("align") else None
     if cfg.experts.source == "train":
@@ -92,11 +94,15 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     """Metrics of the experts, the soup and the warm-start base. They are the same for every
     aggregator in a sweep, so they are computed once per expert set and evaluation setting and
     cached beside the experts (trained experts only)."""
-    eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k != "batch_size"}
-    key = config_hash({"eval": eval_cfg, "experts": ex.fingerprint, "format": 2})  # tied to the exact expert files
-    path = ex.root / f"eval-{key}.json" if ex.root is not None else None
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())
+    eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
+                if k not in ("batch_size", "device")}
+    spec = {"eval": eval_cfg, "experts": ex.fingerprint, "format": 2}  # tied to the exact expert files
+    entry = Entry(cfg.paths.cache_dir, "metrics", config_hash(spec), spec, what="the reference metrics") \
+        if ex.fingerprint is not None else None
+    if entry is not None:
+        ref = entry.load_json("reference.json")  # verified; a damaged or foreign file is recomputed
+        if isinstance(ref, dict) and {"soup", "experts", "ensemble", "base"} <= ref.keys():
+            return ref
     own = ex.class_counts is not None
     experts: list[dict] = []
     mean = evaluator.ensemble_probabilities(
@@ -105,8 +111,10 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     ref = {"soup": evaluator(soup), "experts": experts,
            "ensemble": {**ensemble, "single_network": False},  # the output ensemble: N networks, not one
            "base": evaluator(ex.init) if cfg.experts.source == "train" and cfg.train.init == "warm" else None}
-    if path is not None:
-        write_json(ref, path)
+    ref = finite_json(ref)
+    if entry is not None:
+        with entry.lock():
+            entry.put_json("reference.json", ref)
     return ref
 
 
@@ -132,13 +140,16 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
             ex = trained_experts(cfg, data, shards, train_device)
         else:
             ex = file_experts(cfg.experts)
+    require(ex.class_counts is None or ex.class_counts.shape[1] == data.num_classes,
+            f"the experts' class_counts metadata count {0 if ex.class_counts is None else ex.class_counts.shape[1]} "
+            f"classes, but {data.name} has {data.num_classes}; check data= or the expert files")
     buffers = buffer_names(model)
     against = f"model={cfg.model._target_.rsplit('.', 1)[-1]}"
     ex.experts.pool(ex.sizes, ex.init, buffers).check_against(
         {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}, against)
     if aligner is not None:
         with timer("align"):
-            ex = align_experts(ex, aligner, spec, ex.root or out_dir, config_hash(cfg.align))
+            ex = align_experts(ex, aligner, spec, Path(cfg.paths.cache_dir), config_hash(cfg.align))
     pool = ex.experts.pool(ex.sizes, ex.init, buffers)
     single = aggregator.single_network  # the output ensemble is N networks: no weights
     val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
@@ -193,6 +204,10 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
                      "val_size": len(shards.val)},
         }
     results["timings_s"] = timer.seconds
+    metric = cfg.get("optimized_metric", "id/acc")  # the sweepers' objective: must exist before anything is written
+    require(metric in results["metrics"], f"optimized_metric={metric} is not among this run's metrics "
+            f"({', '.join(sorted(results['metrics']))}); choose one of them")
+    results = finite_json(results)
     if single:
         save_state_dict(aggregate, out_dir / "aggregate.safetensors", {"aggregator": results["aggregator"]})
     write_results(results, out_dir)

@@ -35,17 +35,37 @@ def make_image_folder(root: Path, classes=("cat", "dog", "frog"), per_class=(4, 
     return root
 
 
-def test_image_folder_is_decoded_once_and_cached(tmp_path):
+def test_image_folder_is_decoded_once_and_cached(tmp_path, monkeypatch):
+    from ame.data import datasets
+
     root = make_image_folder(tmp_path / "cifar10-jpeg")
     data = load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache"))
     assert data.train_x.shape == (12, 3, 32, 32) and data.test_x.shape == (6, 3, 32, 32)
     assert data.classes == ["cat", "dog", "frog"] and data.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    cached = list((tmp_path / "cache" / "datasets").glob("*.safetensors"))
+    cached = list((tmp_path / "cache" / "datasets").glob("*/data.safetensors"))
     assert len(cached) == 1
-    for f in (root / "train").rglob("*.jpg"):
-        f.unlink()  # the cache, not the files, serves the second load
+    monkeypatch.setattr(datasets, "_decode_folder", None)  # the cache, not the files, serves the second load
     again = load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache"))
     assert torch.equal(again.train_x, data.train_x) and again.classes == data.classes
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "replace"])
+def test_changed_image_folder_is_decoded_again(change, tmp_path):
+    from torchvision.io import decode_image, encode_jpeg, write_file
+
+    root = make_image_folder(tmp_path / "cifar10-jpeg")
+    first = load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache"))
+    image = root / "train" / "dog" / "0001.jpg"
+    if change == "remove":
+        image.unlink()
+    else:
+        target = image.with_name("0009.jpg") if change == "add" else image
+        write_file(str(target), encode_jpeg(255 - decode_image(str(image)), quality=95))
+    again = load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache"))
+    fresh = load_cifar("cifar10", str(tmp_path), download=False)  # no cache: the truth
+    assert torch.equal(again.train_x, fresh.train_x) and again.fingerprint() == fresh.fingerprint()
+    assert again.fingerprint() != first.fingerprint()
+    assert len(list((tmp_path / "cache" / "datasets").glob("*/data.safetensors"))) == 2
 
 
 def test_missing_data_without_download_names_data_root(tmp_path):

@@ -113,23 +113,6 @@ def test_parallel_training_refuses_batchnorm(tmp_path):
         list(train_experts(cfg.model, cfg.train, data, shards.shards, None, [1, 2, 3, 4], torch.device("cpu")))
 
 
-def test_cache_entries_are_hashed_once_then_trusted_while_unchanged(tmp_path, monkeypatch):
-    import ame.experts as experts_mod
-
-    entry = experts_mod._Entry(tmp_path / "e", {"k": 1})
-    entry.put("a.safetensors", {"w": torch.ones(3)}, {})
-    hashed = []
-    real = experts_mod.sha256_file
-    monkeypatch.setattr(experts_mod, "sha256_file", lambda p: hashed.append(p) or real(p))
-    again = experts_mod._Entry(tmp_path / "e", {"k": 1})
-    assert again.valid("a.safetensors") and hashed == []  # size and mtime unchanged: no re-hash
-    del again.manifest["stat"]  # an entry written by older code: hashed once, then trusted
-    assert again.valid("a.safetensors") and len(hashed) == 1
-    assert experts_mod._Entry(tmp_path / "e", {"k": 1}).valid("a.safetensors") and len(hashed) == 1
-    (tmp_path / "e" / "a.safetensors").write_bytes(b"not the recorded file")
-    assert not experts_mod._Entry(tmp_path / "e", {"k": 1}).valid("a.safetensors") and len(hashed) == 2
-
-
 @pytest.mark.parametrize("init", ["independent", "shared"])
 def test_expert_cache_key_depends_on_the_data_content_not_only_its_config(init, tmp_path):
     cfg = compose_cfg([f"train.init={init}"], tmp_path)

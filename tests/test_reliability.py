@@ -70,7 +70,7 @@ def test_slurm_launcher_config_composes(tmp_path):
 def test_truncated_dataset_cache_is_detected_and_rebuilt(tmp_path):
     make_image_folder(tmp_path / "cifar10-jpeg")
     first = load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache"))
-    entry = next((tmp_path / "cache" / "datasets").glob("*.safetensors"))
+    entry = next((tmp_path / "cache" / "datasets").glob("*/data.safetensors"))
     entry.write_bytes(entry.read_bytes()[:-100])
     again = load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache"))
     assert torch.equal(again.test_x, first.test_x)
@@ -96,3 +96,118 @@ def test_unwritable_output_or_cache_is_one_clear_line(key, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 1 and len(errors) == 1 and key.split(".")[-1] in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- sweeps that survive a bad job ------------------------------------------------------------------
+
+def _sweep_outcome(tmp_path, proc, jobs):
+    failed = [i for i in range(jobs) if (tmp_path / "out" / str(i) / "error.json").exists()]
+    done = [i for i in range(jobs) if (tmp_path / "out" / str(i) / "results.json").exists()]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    return failed, done, errors
+
+
+def test_a_bad_job_does_not_stop_the_sweep_and_the_sweep_names_it(tmp_path):
+    proc = run_cli(["-m", *FAST, "aggregator.optimizer.lr=0.001,-1,0.01"], tmp_path, check=False)
+    failed, done, errors = _sweep_outcome(tmp_path, proc, 3)
+    assert proc.returncode == 1 and failed == [1] and done == [0, 2], proc.stderr
+    assert "Traceback" not in proc.stderr
+    record = json.loads((tmp_path / "out" / "1" / "error.json").read_text())
+    assert record["status"] == "failed" and "Invalid learning rate" in record["error"]
+    assert "aggregator.optimizer.lr=-1" in record["overrides"]
+    assert errors[-1].startswith("error: 1 job(s) of this sweep failed")
+    assert "job 1 (" in proc.stderr.split(errors[-1])[1] and "Invalid learning rate" in proc.stderr.split(errors[-1])[1]
+
+
+def test_a_bad_job_does_not_stop_the_joblib_launcher(tmp_path):
+    proc = run_cli(["-m", *FAST, "hydra/launcher=local", "aggregator.optimizer.lr=-1,0.001"], tmp_path, check=False)
+    failed, done, _ = _sweep_outcome(tmp_path, proc, 2)
+    assert proc.returncode == 1 and failed == [0] and done == [1], proc.stderr
+    assert "Traceback" not in proc.stderr and "job 0 (" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_without_failures_ends_zero_even_after_a_failed_sweep_in_the_same_dir(tmp_path):
+    run_cli(["-m", *FAST, "train.epochs=1", "aggregator.optimizer.lr=-1"], tmp_path, check=False)
+    assert (tmp_path / "out" / "0" / "error.json").exists()
+    run_cli(["-m", *FAST, "train.epochs=1", "aggregator.optimizer.lr=0.001"], tmp_path)  # check=True: exit 0
+    assert not (tmp_path / "out" / "0" / "error.json").exists()
+
+
+# -- damaged cache entries, end to end ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cached")
+    run_cli(FAST, tmp)
+    return tmp, read_results(tmp / "out")
+
+
+def _flip_keeping_size_and_mtime(path: Path) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40  # inside the tensor data: still a readable file, different weights
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+DAMAGES = {
+    "expert: one byte flipped, same size and mtime": ("experts/*/expert_001.safetensors", _flip_keeping_size_and_mtime),
+    "warm base: one byte flipped, same size and mtime": ("bases/*/init.safetensors", _flip_keeping_size_and_mtime),
+    "reference metrics truncated": ("metrics/*/reference.json", lambda p: p.write_text(p.read_text()[:50])),
+    "reference metrics not JSON": ("metrics/*/reference.json", lambda p: p.write_text("garbage")),
+    "reference metrics {}": ("metrics/*/reference.json", lambda p: p.write_text("{}")),
+    "experts manifest {}": ("experts/*/manifest.json", lambda p: p.write_text("{}")),
+}
+
+
+FAST_DAMAGES = ("expert: one byte flipped, same size and mtime", "reference metrics {}")
+
+
+@pytest.mark.parametrize("damage", [d if d in FAST_DAMAGES else pytest.param(d, marks=pytest.mark.slow) for d in DAMAGES])
+def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached_run, tmp_path):
+    import shutil
+
+    tmp, clean = cached_run
+    shutil.copytree(tmp / "cache", tmp_path / "cache")
+    pattern, hurt = DAMAGES[damage]
+    (path,) = (tmp_path / "cache").glob(pattern)
+    hurt(path)
+    proc = run_cli(FAST, tmp_path)  # exit 0: rebuilt, no manual deletion
+    r = read_results(tmp_path / "out")
+    assert r["metrics"] == clean["metrics"] and r["soup"] == clean["soup"] and r["experts"] == [
+        {**e, "path": e["path"].replace(str(tmp), str(tmp_path))} for e in clean["experts"]]
+    if "manifest" not in damage:
+        assert "rebuilding" in proc.stderr and str(path.name) in proc.stderr
+    if damage.startswith("expert:"):
+        run_cli(FAST, tmp_path, out="again")  # and the rebuilt entry serves the next run
+        assert read_results(tmp_path / "again")["experts_cached"] is True
+
+
+# -- outputs -----------------------------------------------------------------------------------------
+
+def test_a_failed_run_in_a_used_output_dir_leaves_no_earlier_results_looking_like_its_own(cached_run, tmp_path):
+    import shutil
+
+    tmp, _ = cached_run
+    shutil.copytree(tmp / "out", tmp_path / "out")
+    proc = run_cli([*FAST, "eval.batch_size=0"], tmp_path, check=False)
+    assert proc.returncode == 1 and "eval.batch_size must be an integer" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out" / "aggregate.safetensors").exists()
+    assert (tmp_path / "out" / "results.previous.json").exists()  # kept, under a name that says what it is
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    import resource
+
+    def limit():  # writes beyond 50 kB fail (EFBIG), as on a full disk, for this process only
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    env = {**os.environ, "AME_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
+    cmd = [sys.executable, str(ROOT / "run.py"), *FAST, f"hydra.run.dir={tmp_path / 'out'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(errors) == 1 and "cannot write" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "out" / "results.json").exists()

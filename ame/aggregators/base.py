@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ame.checkpoints import Output
 from ame.errors import AMEError
-from ame.pool import INIT, Chunk, ExpertPool, Piece
+from ame.pool import Chunk, ExpertPool, Piece
 
 log = logging.getLogger(__name__)
 StateDict = dict[str, Tensor]

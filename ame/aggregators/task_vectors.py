@@ -152,7 +152,7 @@ class TaskVectors(Aggregator):
                         count += (tau != 0).float()
                 merged = total / count.clamp_min(1) if self.combine == "mean" else total
                 self._finish_chunk(pool, chunk, base + self.scaling * merged, out,
-                                   f"the aggregate has NaN/Inf values; lower aggregator.scaling")
+                                   "the aggregate has NaN/Inf values; lower aggregator.scaling")
         except BaseException:
             out.abort()
             raise

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ame.errors import AMEError, require
-from ame.io import file_lock, is_verified, read_metadata, save_verified
+from ame.cache import Entry
+from ame.io import tensor_bytes
 from ame.report import progress
 
 log = logging.getLogger(__name__)
@@ -38,9 +41,9 @@ class ImageData:
     def __post_init__(self):
         require(self.train_x.dtype == torch.uint8 and self.test_x.dtype == torch.uint8,
                 f"{self.name}: images must be uint8 tensors")
-        x = self.train_x.to(torch.float64) / 255
-        self.mean = x.mean(dim=(0, 2, 3)).float()
-        self.std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).float()
+        require(self.train_x.ndim == 4 and len(self.train_x) > 1, f"{self.name}: need at least 2 training images "
+                f"(N, C, H, W), got shape {tuple(self.train_x.shape)}")
+        self.mean, self.std = channel_stats(self.train_x)
 
     @property
     def num_classes(self) -> int:
@@ -58,14 +61,39 @@ class ImageData:
         return ((x - mean[:, None, None]) / std[:, None, None]).contiguous(memory_format=torch.channels_last)
 
     def fingerprint(self) -> str:
-        """sha256 of the pixels and labels (computed once): what the caches key on, not file paths."""
+        """sha256 of the pixels and labels (computed once, in slices: no copy of the images): what
+        the caches key on, not file paths."""
         if "_fingerprint" not in self.__dict__:
             h = hashlib.sha256()
             for t in (self.train_x, self.train_y, self.test_x, self.test_y, self.train_groups):
                 if t is not None:
-                    h.update(t.contiguous().numpy().tobytes())
+                    step = max(1, _CHUNK_BYTES // max(1, t[:1].numel() * t.element_size()))
+                    for i in range(0, len(t), step):
+                        h.update(tensor_bytes(t[i:i + step]))
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+_CHUNK_BYTES = 8 << 20  # images handled at once by the statistics and the fingerprint
+
+
+def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (unbiased) std of uint8 images ``x`` (N, C, H, W) on the [0, 1] scale,
+    from exact per-channel histograms of the 256 pixel values, built a slice of images at a time:
+    memory stays at one slice (not a float copy of the whole set), and the result does not depend
+    on the slicing. float64 from the histogram, as float32."""
+    n, c = x.shape[:2]
+    hist = torch.zeros(c, 256, dtype=torch.int64)
+    step = max(1, _CHUNK_BYTES // max(1, x[:1].numel()))
+    for i in range(0, n, step):
+        part = x[i:i + step].transpose(0, 1).reshape(c, -1)  # one slice, channels first (a copy of the slice only)
+        for ch in range(c):
+            hist[ch] += torch.bincount(part[ch], minlength=256)
+    v = torch.arange(256, dtype=torch.float64) / 255
+    count = hist.sum(1).double()
+    mean = (hist.double() @ v) / count
+    var = (hist.double() * (v[None, :] - mean[:, None]) ** 2).sum(1) / (count - 1)
+    return mean.float(), var.sqrt().clamp_min(1e-3).float()
 
 
 def _stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,12 +181,14 @@ def _load_torchvision(name: str, root: Path, download: bool) -> ImageData:
 
 def load_cifar(name: str, root: str, download: bool = True, cache_dir: str | None = None) -> ImageData:
     """CIFAR-10/100 from ``root``: an ImageFolder tree (e.g. the JPEG re-encoding) or torchvision's
-    files (downloaded when ``download`` and the network allow). Decoded once, cached as uint8."""
+    files (downloaded when ``download`` and the network allow). Decoded once, cached as uint8,
+    keyed by the files' listing (a changed folder is decoded again)."""
     require(name in _TORCHVISION, f"data.dataset.name must be one of {sorted(_TORCHVISION)}, got {name!r}")
     root = Path(root).expanduser().resolve()
     folder = _find_image_folder(root, name)
     source = f"imagefolder:{folder}" if folder else f"torchvision:{root}"
-    return cached(name, source, cache_dir, lambda: _decode(name, root, folder, download))
+    watch = [folder / "train", folder / "test"] if folder else [root / _TORCHVISION[name][1]]
+    return cached(name, source, cache_dir, lambda: _decode(name, root, folder, download), watch)
 
 
 def _decode(name: str, root: Path, folder: Path | None, download: bool) -> ImageData:
@@ -169,38 +199,47 @@ def _decode(name: str, root: Path, folder: Path | None, download: bool) -> Image
     return _load_torchvision(name, root, download)
 
 
-def cached(name: str, source: str, cache_dir: str | None, build) -> ImageData:
-    """``build()``, decoded once per (``name``, ``source``) and then read from ``cache_dir``
-    (verified by sha256; a damaged entry is decoded again)."""
+def listing(paths: Sequence[Path]) -> str:
+    """sha256 of every file under ``paths`` by relative path, size and modification time (a few
+    stat calls per thousand files, no reads): what a decoded dataset is keyed on. It notices images
+    added, removed, renamed or rewritten; not a same-size edit whose mtime was restored."""
+    h = hashlib.sha256()
+    for top in paths:
+        h.update(f"{top}\0".encode())
+        if top.is_file():
+            st = top.stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+            continue
+        for d, dirs, files in os.walk(top):
+            dirs.sort()
+            for f in sorted(files):
+                st = os.stat(os.path.join(d, f))
+                h.update(f"{os.path.relpath(os.path.join(d, f), top)}\0{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cached(name: str, source: str, cache_dir: str | None, build: Callable[[], ImageData],
+           watch: Sequence[Path] = ()) -> ImageData:
+    """``build()``, decoded once per (``name``, ``source``, :func:`listing` of the ``watch``ed files)
+    and then read from the cache entry ``<cache_dir>/datasets/<key>`` (verified by content while
+    read; a damaged entry is decoded again)."""
     if not cache_dir:
         return build()
-    key = hashlib.sha256(f"{name}|{source}".encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / "datasets" / f"{name}-{key}.safetensors"
-    with file_lock(cache.with_suffix(".lock")):
-        data = _read_cache(name, cache)
-        if data is None:
-            data = build()
-            _write_cache(data, cache, source)
+    key = hashlib.sha256(f"{name}|{source}|{listing(watch)}".encode()).hexdigest()[:20]
+    entry = Entry(cache_dir, "datasets", key, {"name": name, "source": source}, what=f"the decoded {name} dataset")
+    with entry.lock():
+        hit = entry.load_tensors("data.safetensors")
+        if hit is not None:
+            t, meta = hit
+            try:
+                classes = json.loads(meta["classes"])
+                return ImageData(name, t["train_x"], t["train_y"], t["test_x"], t["test_y"], classes,
+                                 t.get("train_groups"))
+            except (KeyError, ValueError, AMEError) as e:  # written by other code: decode again
+                log.warning("decoded-data cache %s is incomplete (%s); decoding again", entry.root, e)
+        data = build()
+        tensors = {"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y}
+        if data.train_groups is not None:
+            tensors["train_groups"] = data.train_groups
+        entry.put_tensors("data.safetensors", tensors, {"classes": json.dumps(data.classes), "source": source})
         return data
-
-
-def _write_cache(data: ImageData, path: Path, source: str) -> None:
-    tensors = {"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y}
-    if data.train_groups is not None:
-        tensors["train_groups"] = data.train_groups
-    save_verified(tensors, path, {"classes": json.dumps(data.classes), "source": source})
-
-
-def _read_cache(name: str, path: Path) -> ImageData | None:
-    """The cached dataset, or None if the entry is missing, truncated or altered (then rebuilt)."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        return None
-    if not is_verified(path):
-        log.warning("decoded-data cache %s failed its sha256 check; decoding again", path)
-        return None
-    with safe_open(str(path), "pt") as f:
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    classes = json.loads(read_metadata(path)["classes"])
-    return ImageData(name, t["train_x"], t["train_y"], t["test_x"], t["test_y"], classes, t.get("train_groups"))

@@ -58,7 +58,6 @@ def load_gld23k(root: str, train_csv: str = "mini_gld_train_split.csv", test_csv
     positive_int(image_size, "data.dataset.image_size", minimum=8)
     root_path = Path(root).expanduser().resolve()
     files = [root_path / train_csv, root_path / test_csv]
-    stamp = "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" if f.is_file() else str(f) for f in files)
 
     def build() -> ImageData:
         train = _read_csv(files[0], ("user_id", "image_id", "class"))
@@ -73,4 +72,6 @@ def load_gld23k(root: str, train_csv: str = "mini_gld_train_split.csv", test_csv
             _decode(test, images, image_size, "test"), torch.tensor([index[r["class"]] for r in test], dtype=torch.int64),
             classes, train_groups=torch.tensor([users[r["user_id"]] for r in train], dtype=torch.int64))
 
-    return cached("gld23k", f"{stamp}|{image_dir}|{image_size}", cache_dir, build)
+    # keyed by the split files and the images' listing: changed files are decoded again
+    return cached("gld23k", f"{files[0]}|{files[1]}|{image_dir}|{image_size}", cache_dir, build,
+                  watch=[*files, root_path / image_dir])

@@ -17,7 +17,6 @@ buffers are found by name (normalisation statistics) and dtype (integers).
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
