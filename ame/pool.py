@@ -280,7 +280,7 @@ class ExpertPool:
             dtypes = {src.infos[p.key][1] for p in chunk.pieces}
             if len(dtypes) == 1:
                 dtype = dtypes.pop()
-                dest = out if dtype == torch.float32 else self.buffer(f"raw{i == INIT}", chunk.numel * 8,
+                dest = out if dtype == torch.float32 else self.buffer(f"raw{i == INIT}", chunk.numel * dtype.itemsize,
                                                                       torch.uint8)
                 flat = dest[:chunk.numel] if dtype == torch.float32 else dest[:chunk.numel * dtype.itemsize].view(dtype)
                 for p in chunk.pieces:

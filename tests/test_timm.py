@@ -9,7 +9,8 @@ from ame.errors import AMEError
 from ame.models import input_renormalizer, timm_model
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "vit_tiny_patch16_224"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("convnext_atto", marks=pytest.mark.slow),
+                                  pytest.param("vit_tiny_patch16_224", marks=pytest.mark.slow)])
 def test_any_timm_model_builds_for_the_data(name):
     model = timm_model(3, 32, 10, name)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
