@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ame.errors import AMEError, positive_int, require
 from ame.cache import Entry, sha256_file
 from ame.io import StateDict
-from ame.report import progress
+from ame.progress import progress
 
 log = logging.getLogger(__name__)
 

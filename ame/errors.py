@@ -18,19 +18,10 @@ def positive_int(value, key: str, minimum: int = 1) -> int:
     return value
 
 
-def instantiate(node, what: str, **kwargs):
-    """``hydra.utils.instantiate`` whose failures read as one line: an :class:`AMEError` raised by
-    the constructor passes through (Hydra wraps it), anything else is prefixed with ``what``."""
-    from hydra.utils import instantiate as hydra_instantiate
+def __getattr__(name: str):
+    """``instantiate`` lives in :mod:`ame.config` now; importing it from here still works."""
+    if name == "instantiate":
+        from ame.config import instantiate
 
-    try:
-        return hydra_instantiate(node, **kwargs)
-    except AMEError:
-        raise
-    except Exception as e:
-        cause = e.__cause__ if e.__cause__ is not None else e
-        if isinstance(cause, AMEError):
-            raise cause from None
-        message = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
-        first = " ".join(message[:2]) if message and message[0].endswith(":") else (message or [type(cause).__name__])[0]
-        raise AMEError(f"{what}: {first}") from None
+        return instantiate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,7 @@ from ame.data import ImageData
 from ame.data.corruptions import CORRUPTIONS, corrupt
 from ame.errors import require
 from ame.io import StateDict
-from ame.report import progress
+from ame.progress import bar
 
 
 @torch.inference_mode()
@@ -61,20 +61,25 @@ class Evaluator:
     def _mix_acc(self, per_class: np.ndarray, counts: np.ndarray) -> float:
         return float((counts / counts.sum()) @ per_class)
 
-    def probabilities(self, sd: StateDict) -> dict:
+    def probabilities(self, sd: StateDict, name: str = "network") -> dict:
         """Softmax outputs of the network ``sd`` on the test set (key ``"id"``) and on each
-        corrupted set (key ``(corruption, severity)``)."""
+        corrupted set (key ``(corruption, severity)``); ``name`` labels the terminal bar."""
         self.model.load_state_dict(sd)
-        return {"id": self.logits(self.test_x).softmax(1),
-                **{k: self.logits(x).softmax(1) for k, x in self.corrupted.items()}}
+        out = {"id": self.logits(self.test_x).softmax(1)}
+        with bar(f"evaluating {name}", len(self.corrupted), unit="set") as pbar:
+            for (c, s), x in self.corrupted.items():
+                pbar.set_postfix_str(f"{c} s{s}", refresh=False)
+                out[(c, s)] = self.logits(x).softmax(1)
+                pbar.update()
+        return out
 
     def ensemble_probabilities(self, experts: Sequence[StateDict],
                                each: Callable[[int, dict], None] | None = None) -> dict:
         """The output ensemble's :meth:`probabilities`: the mean of the experts' softmax outputs,
         one expert loaded at a time; ``each(i, probs)`` sees each expert's own outputs on the way."""
         total = None
-        for i in progress(range(len(experts)), "evaluating experts"):
-            probs = self.probabilities(experts[i])
+        for i in range(len(experts)):
+            probs = self.probabilities(experts[i], f"expert {i} ({i + 1}/{len(experts)})")
             if each is not None:
                 each(i, probs)
             total = probs if total is None else {k: v + probs[k] for k, v in total.items()}
@@ -106,6 +111,6 @@ class Evaluator:
                     m["shard/other_acc"] = self._mix_acc(per_class, others)
         return m
 
-    def __call__(self, sd: StateDict, shard: int | None = None) -> dict[str, float]:
+    def __call__(self, sd: StateDict, shard: int | None = None, name: str = "network") -> dict[str, float]:
         """Metrics of the network with weights ``sd``; ``shard`` = the expert's own shard index."""
-        return self.metrics(self.probabilities(sd), shard)
+        return self.metrics(self.probabilities(sd, name), shard)

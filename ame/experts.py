@@ -29,7 +29,6 @@ from ame import checks
 from ame.cache import Entry, sha256_file
 from ame.io import StateDict
 from ame.pool import ExpertPool
-from ame.report import progress
 from ame.train import expert_seed, initial_state, train_experts
 
 log = logging.getLogger(__name__)
@@ -162,8 +161,8 @@ def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torc
         log.info("experts: %d of %d from the cache (%s), %d to train", len(split.shards) - len(todo),
                  len(split.shards), entry.root, len(todo))
         trained = train_experts(cfg.model, cfg.train, data, [split.shards[i] for i in todo], init,
-                                [expert_seed(int(cfg.seed), i) for i in todo], device)
-        for i, sd in zip(todo, progress(trained, "training experts", total=len(todo))):
+                                [expert_seed(int(cfg.seed), i) for i in todo], device, [f"expert_{i}" for i in todo])
+        for i, sd in zip(todo, trained):
             cached = False
             entry.put_tensors(f"expert_{i:03d}.safetensors", sd, _meta(shard_size=str(len(split.shards[i])),
                                                                        class_counts=json.dumps(counts[i].tolist())))

@@ -1,17 +1,40 @@
-"""Networks the experts share: an MLP, a small CNN and a CIFAR ResNet.
+"""Networks the experts share: an MLP, a small CNN, a CIFAR ResNet and timm models; and
+:func:`build_model`, which builds the configured one for a dataset.
 
 ``norm`` chooses the normalisation layer. ``group`` (GroupNorm) keeps the experts free of data
 statistics; ``batch`` stores running statistics as buffers, which aggregators average."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+import torch
 import torch.nn as nn
 
+from ame.config import instantiate
 from ame.errors import AMEError, require
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from ame.data import ImageData
+
 NORMS = ("none", "batch", "group")
+
+
+def build_model(model_cfg: "DictConfig", data: "ImageData", seed: int) -> nn.Module:
+    """Instantiate ``model_cfg`` for ``data``'s image shape and classes, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    c, h, w = data.shape
+    require(h == w, f"{data.name}: only square images are supported, got {h}×{w}")
+    model = instantiate(model_cfg, "model", in_channels=c, image_size=h, num_classes=data.num_classes)
+    input_renormalizer(model, data.mean, data.std)  # a pretrained timm model sees its own input statistics
+    return model.to(memory_format=torch.channels_last)  # matches ImageData.normalize's layout
+
+
+def buffer_names(model: nn.Module) -> list[str]:
+    """The state-dict entries that are not parameters (BatchNorm statistics): averaged, not optimised."""
+    return [k for k, _ in model.named_buffers()]
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

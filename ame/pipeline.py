@@ -2,26 +2,28 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import math
-
-from ame.aggregators import Aggregator, average
+from ame.aggregators import AME, Aggregator, average
 from ame.align import align_experts, permutation_spec
+from ame.config import clean_config, instantiate, run_identity
 from ame.data import split
 from ame.device import resolve_device
-from ame.errors import AMEError, instantiate, require
+from ame.errors import AMEError, require
 from ame.evaluate import Evaluator, accuracy
 from ame.experts import config_hash, file_experts, trained_experts
 from ame.cache import Entry
 from ame.checks import check_config
 from ame.io import finite_json, save_state_dict
 from ame.repair import has_batchnorm, reset_batchnorm
-from ame.report import Timer, format_table, write_results
-from ame.train import buffer_names, build_model, check_train_cfg
+from ame.models import buffer_names, build_model
+from ame.progress import Timer, listening, report
+from ame.report import format_table, write_results
+from ame.train import check_train_cfg
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +75,15 @@ def _check(cfg: DictConfig):
 
 def run(cfg: DictConfig) -> dict:
     """Run the pipeline for ``cfg``, logging to ``cfg.logger``; returns the ``results.json`` dict."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     out_dir = Path(cfg.paths.output_dir)
     aggregator, aligner = _check(cfg)
-    logger = instantiate(cfg.logger, "logger")(dir=out_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    logger = instantiate(cfg.logger, "logger")(dir=out_dir, config=clean_config(cfg), identity=run_identity(cfg))
     try:
-        results = _run(cfg, aggregator, aligner, out_dir)
-        logger.log_results(results)
+        with logging_redirect_tqdm(), listening(logger.log_metrics):  # log lines above the bars
+            results = _run(cfg, aggregator, aligner, out_dir, ame_every=logger.ame_every)
+        logger.log_results(results, out_dir)
     except BaseException:
         logger.finish(exit_code=1)  # a failed run must not look finished in W&B
         raise
@@ -90,27 +95,48 @@ def distance(a, b, keys) -> float:
     return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys))
 
 
+def _report_distances(step: int, m: dict) -> None:
+    """An AME ``on_step`` hook: the iterate's distances to the pivot and to the soup at ``step``
+    (see :class:`ame.aggregators.AME`), reported as stage ``ame``."""
+    report("ame", "step", step, m, quiet=True)
+
+
+def brief(m: dict) -> str:
+    """The headline metrics of one network, in %, for a log line."""
+    names = {"id/acc": "ID", "ood/acc": "OOD", "ood/extra_acc": "OOD extra", "shard/min_acc": "worst shard"}
+    return ", ".join(f"{label} {100 * m[k]:.2f}%" for k, label in names.items() if isinstance(m.get(k), float))
+
+
 def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     """Metrics of the experts, the soup and the warm-start base. They are the same for every
     aggregator in a sweep, so they are computed once per expert set and evaluation setting and
     cached beside the experts (trained experts only)."""
     eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
-                if k not in ("batch_size", "device")}
+                if k not in ("batch_size", "device", "_target_", "_partial_")}
     spec = {"eval": eval_cfg, "experts": ex.fingerprint, "format": 2}  # tied to the exact expert files
     entry = Entry(cfg.paths.cache_dir, "metrics", config_hash(spec), spec, what="the reference metrics") \
         if ex.fingerprint is not None else None
     if entry is not None:
         ref = entry.load_json("reference.json")  # verified; a damaged or foreign file is recomputed
         if isinstance(ref, dict) and {"soup", "experts", "ensemble", "base"} <= ref.keys():
+            log.info("experts, ensemble, soup and base: metrics from the cache (%s)", entry.root)
             return ref
     own = ex.class_counts is not None
     experts: list[dict] = []
-    mean = evaluator.ensemble_probabilities(
-        ex.experts, lambda i, probs: experts.append(evaluator.metrics(probs, shard=i if own else None)))
+
+    def each(i: int, probs: dict) -> None:
+        experts.append(evaluator.metrics(probs, shard=i if own else None))
+        log.info("evaluated expert %d: %s", i, brief(experts[-1]))
+
+    mean = evaluator.ensemble_probabilities(ex.experts, each)
     ensemble = evaluator.metrics(mean)
-    ref = {"soup": evaluator(soup), "experts": experts,
+    ref = {"soup": evaluator(soup, name="soup"), "experts": experts,
            "ensemble": {**ensemble, "single_network": False},  # the output ensemble: N networks, not one
-           "base": evaluator(ex.init) if cfg.experts.source == "train" and cfg.train.init == "warm" else None}
+           "base": evaluator(ex.init, name="warm base") if cfg.experts.source == "train" and cfg.train.init == "warm"
+           else None}
+    for name in ("ensemble", "soup", "base"):
+        if ref[name] is not None:
+            log.info("evaluated %s: %s", name, brief(ref[name]))
     ref = finite_json(ref)
     if entry is not None:
         with entry.lock():
@@ -118,15 +144,18 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
     return ref
 
 
-def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
+def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | None = 0) -> dict:
     timer = Timer()
     seed = int(cfg.seed)
     train_device, eval_device = resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
     torch.manual_seed(seed)
 
-    with timer("data"):
+    data = shards = ex = None
+    with timer("data", lambda: f"{data.name}: {len(data.train_y)} training and {len(data.test_y)} test images "
+               f"{'×'.join(map(str, data.shape))}, {data.num_classes} classes"):
         data = instantiate(cfg.data.dataset, "data")
-    with timer("shards"):
+    with timer("shards", lambda: f"{len(shards.shards)} shards of {shards.sizes} images; public "
+               f"{len(shards.public)}, validation {len(shards.val)}"):
         splitter = instantiate(cfg.data.shards, "data.shards")
         shards = split(data.train_y.numpy(), splitter, seed=seed, public_size=int(cfg.data.public_size),
                        val_size=int(cfg.data.get("val_size", 0)),
@@ -135,7 +164,8 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
     require(not cfg.get("bn_reset") or has_batchnorm(model), f"bn_reset=true, but model="
             f"{cfg.model._target_.rsplit('.', 1)[-1]} has no BatchNorm statistics (e.g. model.norm=batch); use bn_reset=false")
     spec = permutation_spec(model, data.shape) if aligner is not None else None  # refuse before training
-    with timer("experts"):
+    with timer("experts", lambda: f"{len(ex.experts)} experts " + (
+            "read from files" if cfg.experts.source != "train" else "from the cache" if ex.cached else "trained")):
         if cfg.experts.source == "train":
             ex = trained_experts(cfg, data, shards, train_device)
         else:
@@ -153,7 +183,11 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
     pool = ex.experts.pool(ex.sizes, ex.init, buffers)
     single = aggregator.single_network  # the output ensemble is N networks: no weights
     val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
-    with timer("aggregate"):
+    if ame_every != 0 and isinstance(aggregator, AME):  # only when a logger wants the curves
+        aggregator.on_step = _report_distances
+        # None: about 32 points over the run, so the two distances (one pass each) stay a small cost
+        aggregator.on_step_every = ame_every or max(1, math.ceil(aggregator.epochs * len(ex.experts) / 32))
+    with timer("aggregate", lambda: aggregator.name):
         if not aggregator.data_free:  # the declared exception (greedy soup): scored on the held-out validation split
             pool.score = lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device)
         aggregate = dict(aggregator.run(pool)) if single else None
@@ -162,14 +196,13 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
             aggregate = reset_batchnorm(model, aggregate, data, val_x, eval_device)
     soup = average(pool)
 
-    with timer("evaluate"):
-        evaluator = Evaluator(model, data, list(cfg.eval.corruptions), list(cfg.eval.severities),
-                              cfg.eval.ood_subsample, ex.class_counts, seed=int(cfg.eval.seed),
-                              batch_size=int(cfg.eval.batch_size), device=eval_device)
+    with timer("evaluate", lambda: f"aggregate {brief(metrics)}"):
+        evaluator = instantiate(cfg.eval, "eval")(model=model, data=data, class_counts=ex.class_counts,
+                                                  device=eval_device)
         ref = _reference_metrics(evaluator, ex, soup, cfg)
         tuned = str(cfg.get("optimized_metric")).startswith("val/")
         if single:
-            metrics = evaluator(aggregate)
+            metrics = evaluator(aggregate, name=f"{aggregator.name} (aggregate)")
             pivot = aggregator.pivot(pool)
             pivot = soup if pivot is None else pivot
             params = [k for k, v in aggregate.items() if v.is_floating_point() and k not in buffers]
@@ -211,6 +244,5 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path) -> dict:
     if single:
         save_state_dict(aggregate, out_dir / "aggregate.safetensors", {"aggregator": results["aggregator"]})
     write_results(results, out_dir)
-    print(format_table(results))
-    log.info("results: %s", out_dir / "results.json")
+    log.info("results (accuracies in %%; also in %s):\n%s", out_dir / "results.json", format_table(results))
     return results

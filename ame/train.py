@@ -14,21 +14,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ame.data import ImageData
-from ame.models import input_renormalizer
-from ame.errors import AMEError, instantiate, positive_int, require
-from ame.report import progress
+from ame.config import instantiate
+from ame.errors import AMEError, positive_int, require
+from ame.models import buffer_names, build_model  # noqa: F401  (buffer_names: re-exported)
+from ame.progress import bar, report
 
 INITS = ("shared", "warm", "independent")
-
-
-def build_model(model_cfg: DictConfig, data: ImageData, seed: int) -> nn.Module:
-    """Instantiate ``model_cfg`` for ``data``'s image shape and classes, initialised from ``seed``."""
-    torch.manual_seed(seed)
-    c, h, w = data.shape
-    require(h == w, f"{data.name}: only square images are supported, got {h}×{w}")
-    model = instantiate(model_cfg, "model", in_channels=c, image_size=h, num_classes=data.num_classes)
-    input_renormalizer(model, data.mean, data.std)  # a pretrained timm model sees its own input statistics
-    return model.to(memory_format=torch.channels_last)  # matches ImageData.normalize's layout
 
 
 def augment(x: torch.Tensor, crop_padding: int, flip: bool, g: torch.Generator) -> torch.Tensor:
@@ -71,33 +62,73 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+class _EpochMeter:
+    """Running training loss and accuracy of one or several networks (a leading dimension), kept on
+    the device: read (one synchronisation) once per epoch, or every few steps for a terminal bar."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.loss = torch.zeros(n, device=device, dtype=torch.float64)
+        self.correct = torch.zeros(n, device=device, dtype=torch.float64)
+        self.seen = torch.zeros(n, device=device, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, mean_loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor):
+        """Shapes: batch-mean losses (n,), logits (n, b, classes), labels (n, b) and a 0/1 mask of
+        real examples (n, b)."""
+        count = mask.sum(-1)
+        self.loss += mean_loss.double() * count
+        self.correct += ((logits.argmax(-1) == y).double() * mask).sum(-1)
+        self.seen += count
+
+    def read(self, i: int = 0, reset: bool = True) -> dict[str, float]:
+        seen = max(1.0, float(self.seen[i]))
+        out = {"loss": float(self.loss[i]) / seen, "acc": float(self.correct[i]) / seen}
+        if reset:
+            self.loss[i], self.correct[i], self.seen[i] = 0, 0, 0
+        return out
+
+
 def fit(model: nn.Module, data: ImageData, idx: np.ndarray, train_cfg: DictConfig, epochs: int, seed: int,
-        device: torch.device, lr: float | None = None) -> nn.Module:
+        device: torch.device, lr: float | None = None, name: str = "training", label: str | None = None) -> nn.Module:
     """Train ``model`` on ``data.train_x[idx]`` for ``epochs`` with ``train_cfg``'s optimizer
-    (its learning rate replaced by ``lr`` if given) and schedule."""
+    (its learning rate replaced by ``lr`` if given) and schedule. ``name`` (e.g. ``warm_base``,
+    ``expert_2``) labels the terminal bar and the per-epoch training loss and accuracy, which go
+    to the log and to :mod:`ame.progress` listeners."""
     require(len(idx) > 0, "cannot train on an empty shard")
     model.to(device).train()
     x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
     bs = int(train_cfg.batch_size)
     opt = instantiate(train_cfg.optimizer, "train.optimizer", **({"lr": lr} if lr is not None else {}))(model.parameters())
-    steps = epochs * math.ceil(len(idx) / bs)
+    per_epoch = math.ceil(len(idx) / bs)
+    steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(train_cfg.lr_schedule, steps))
     g = torch.Generator().manual_seed(seed)
     batches = _batches(x, y, bs, epochs, train_cfg.augment, g)
-    for xb, yb in progress(batches, "steps", total=steps):
-        with _autocast(device):
-            loss = F.cross_entropy(model(data.normalize(xb)), yb, label_smoothing=float(train_cfg.label_smoothing))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    meter = _EpochMeter(1, device)
+    with bar(label or name.replace("_", " "), steps, unit="step") as pbar:
+        for step, (xb, yb) in enumerate(batches, 1):
+            with _autocast(device):
+                out = model(data.normalize(xb))
+                loss = F.cross_entropy(out, yb, label_smoothing=float(train_cfg.label_smoothing))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            meter.add(loss.detach()[None], out.detach()[None], yb[None], torch.ones(1, len(yb), device=device))
+            epoch = (step - 1) // per_epoch + 1
+            if not pbar.disable:
+                pbar.update()
+                if step % 10 == 0 or step % per_epoch == 0:
+                    pbar.set_postfix_str(f"epoch {epoch}/{epochs} loss {meter.read(reset=False)['loss']:.3f}")
+            if step % per_epoch == 0:
+                report(name, "epoch", epoch, meter.read(), of=epochs)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise AMEError("training diverged (NaN/Inf weights); lower train.optimizer.lr")
     return model.eval()
 
 
 def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarray], train_cfg: DictConfig,
-                 seeds: list[int], device: torch.device) -> list[nn.Module]:
+                 seeds: list[int], device: torch.device, names: list[str] | None = None) -> list[nn.Module]:
     """Train several experts at once as one stacked model (``torch.func.vmap`` over their
     parameters), each on its own shard, data order and lr schedule: the same experts as calling
     :func:`fit` on each in turn (up to float rounding), in one pass of larger kernels.
@@ -111,14 +142,17 @@ def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarr
             "train.parallel_experts=true needs a model without buffers (BatchNorm statistics); use "
             "model.norm=group or none, or train.parallel_experts=false")
     bs, epochs, n = int(train_cfg.batch_size), int(train_cfg.epochs), len(models)
-    steps = [epochs * math.ceil(len(s) / bs) for s in shards]
+    names = names or [f"expert_{i}" for i in range(n)]
+    per_epoch = [math.ceil(len(s) / bs) for s in shards]
+    steps = [epochs * p for p in per_epoch]
+    meter = _EpochMeter(n, device)
     for m in models:
         m.to(device).train()
     opt = instantiate(train_cfg.optimizer, "train.optimizer")([{"params": list(m.parameters())} for m in models])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [_lr_lambda(train_cfg.lr_schedule, s) for s in steps])
     streams = [_batches(data.train_x[s].to(device), data.train_y[s].to(device), bs, epochs, train_cfg.augment,
                         torch.Generator().manual_seed(seed)) for s, seed in zip(shards, seeds)]
-    names = [k for k, _ in models[0].named_parameters()]
+    names_ = [k for k, _ in models[0].named_parameters()]
     each = [dict(m.named_parameters()) for m in models]  # the same Parameter objects on every step
     template = models[0]
 
@@ -126,7 +160,8 @@ def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarr
         return functional_call(template, params, (x,))
 
     c, h, w = data.shape
-    for step in progress(range(max(steps)), "steps (all experts)"):
+    pbar = bar(f"{n} experts at once", max(steps), unit="step")
+    for step in range(max(steps)):
         active = [step < s for s in steps]
         xs = torch.zeros(n, bs, c, h, w, dtype=torch.uint8, device=device)
         ys = torch.zeros(n, bs, dtype=torch.int64, device=device)
@@ -135,7 +170,7 @@ def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarr
             if active[i]:
                 xb, yb = next(stream)
                 xs[i, :len(yb)], ys[i, :len(yb)], mask[i, :len(yb)] = xb, yb, 1.0
-        params = {k: torch.stack([named[k] for named in each]) for k in names}
+        params = {k: torch.stack([named[k] for named in each]) for k in names_}
         with _autocast(device):
             logits = vmap(forward)(params, data.normalize(xs.flatten(0, 1)).reshape(n, bs, c, h, w))
         per = F.cross_entropy(logits.flatten(0, 1).float(), ys.flatten(), reduction="none",
@@ -149,6 +184,12 @@ def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarr
                     p.grad = None
         opt.step()
         sched.step()
+        meter.add(((per * mask).sum(1) / mask.sum(1).clamp_min(1)).detach(), logits.detach(), ys, mask)
+        pbar.update()
+        for i in range(n):
+            if active[i] and (step + 1) % per_epoch[i] == 0:
+                report(names[i], "epoch", (step + 1) // per_epoch[i], meter.read(i), of=epochs)
+    pbar.close()
     for m in models:
         if not all(torch.isfinite(p).all() for p in m.parameters()):
             raise AMEError("training diverged (NaN/Inf weights); lower train.optimizer.lr")
@@ -180,7 +221,8 @@ def initial_state(model_cfg: DictConfig, train_cfg: DictConfig, data: ImageData,
         return None
     model = build_model(model_cfg, data, seed)
     if train_cfg.init == "warm":
-        fit(model, data, public, train_cfg, int(train_cfg.warm_epochs), seed, device, lr=train_cfg.get("warm_lr"))
+        fit(model, data, public, train_cfg, int(train_cfg.warm_epochs), seed, device, lr=train_cfg.get("warm_lr"),
+            name="warm_base")
     return _state(model)
 
 
@@ -189,9 +231,12 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train_experts(model_cfg: DictConfig, train_cfg: DictConfig, data: ImageData, shards: list[np.ndarray],
-                  init: dict[str, torch.Tensor] | None, seeds: list[int], device: torch.device):
+                  init: dict[str, torch.Tensor] | None, seeds: list[int], device: torch.device,
+                  names: list[str] | None = None):
     """Yield one trained expert (state dict) per shard, in order: one after another (each yielded
-    as soon as it is done, so a caller can save it), or all at once with ``train.parallel_experts``."""
+    as soon as it is done, so a caller can save it), or all at once with ``train.parallel_experts``.
+    ``names`` (default ``expert_<i>``) label their bars and per-epoch metrics."""
+    names = names or [f"expert_{i}" for i in range(len(shards))]
 
     def start(seed: int) -> nn.Module:
         model = build_model(model_cfg, data, seed)
@@ -200,13 +245,10 @@ def train_experts(model_cfg: DictConfig, train_cfg: DictConfig, data: ImageData,
         return model
 
     if train_cfg.get("parallel_experts", False) and len(shards) > 1:
-        models = fit_parallel([start(s) for s in seeds], data, shards, train_cfg, seeds, device)
+        models = fit_parallel([start(s) for s in seeds], data, shards, train_cfg, seeds, device, names)
         yield from (_state(m) for m in models)
         return
-    for shard, seed in zip(shards, seeds):
-        yield _state(fit(start(seed), data, shard, train_cfg, int(train_cfg.epochs), seed, device))
-
-
-def buffer_names(model: nn.Module) -> list[str]:
-    return [k for k, _ in model.named_buffers()]
+    for k, (shard, seed, name) in enumerate(zip(shards, seeds, names), 1):
+        yield _state(fit(start(seed), data, shard, train_cfg, int(train_cfg.epochs), seed, device, name=name,
+                         label=f"{name.replace('_', ' ')} ({k}/{len(shards)})"))
 

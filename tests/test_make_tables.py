@@ -1,7 +1,9 @@
-"""scripts/make_tables.py on a synthetic multirun tree: grouping by overrides, mean ± std over seeds."""
+"""scripts/make_tables.py and make_figures.py (through ame.analysis) on synthetic multirun trees:
+grouping by overrides, mean ± std over seeds, one soup row, summaries read back."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,13 +11,21 @@ from omegaconf import OmegaConf
 
 from tests.conftest import ROOT
 
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's ame, as an installed package would be
 
-def write_run(d, aggregator, seed, acc, overrides, experts=("a", "b")):
+
+def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
+                          text=True, check=check, env=ENV)
+
+
+def write_run(d, aggregator, seed, acc, overrides, experts=("a", "b"), soup_acc=None):
     (d / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(overrides), d / ".hydra" / "overrides.yaml")
     m = {"id/acc": acc, "id/nll": 1.0, "ood/acc": acc / 2, "shard/min_acc": acc / 4, "dist/pivot": 0.5, "dist/soup": 0.25}
     ex = [{"path": f"{seed}/{p}", "shard_size": 10, "id/acc": 0.1 * (i + 1), "id/nll": 2.0} for i, p in enumerate(experts)]
-    (d / "results.json").write_text(json.dumps({"aggregator": aggregator, "metrics": m, "soup": m, "base": None,
+    soup = m if soup_acc is None else {**m, "id/acc": soup_acc}
+    (d / "results.json").write_text(json.dumps({"aggregator": aggregator, "metrics": m, "soup": soup, "base": None,
                                                 "experts": ex}))
 
 
@@ -25,40 +35,57 @@ def test_tables_group_by_setting_and_average_over_seeds(tmp_path):
         for seed, acc in ((0, 0.5), (1, 0.7)):
             for agg in ("soup", "ame_adam"):
                 write_run(tmp_path / str(n), agg, seed, acc if agg == "soup" else acc + 0.1,
-                          [f"data.shards.alpha={alpha}", f"seed={seed}", f"aggregator={agg}"])
+                          [f"data.shards.alpha={alpha}", f"seed={seed}", f"aggregator={agg}"], soup_acc=acc)
                 n += 1
     write_run(tmp_path / str(n), "ame_adam", 0, 0.9, ["data.shards.alpha=0.1", "seed=0", "aggregator=ame_adam",
-                                                     "aggregator.optimizer.lr=0.1"])
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path)],
-                         capture_output=True, text=True, check=True).stdout
-    assert out.count("### data.shards.alpha=") == 2
-    first = out.split("### data.shards.alpha=0.5")[0]
-    assert "| soup (aggregate) | 60.00 ± 14.14 |" in first
-    assert "| ame_adam (aggregate) | 70.00 ± 14.14 |" in first
-    assert "| ame_adam (aggregate, aggregator.optimizer.lr=0.1) | 90.00 |" in first
+                                                     "aggregator.optimizer.lr=0.1"], soup_acc=0.5)
+    out = script("make_tables.py", tmp_path).stdout
+    assert out.count("### α = ") == 2 and "(`data.shards.alpha=0.1`)" in out
+    first = out.split("### α = 0.5")[0]
+    assert "| soup | 60.00 ± 14.14 |" in first and "soup (aggregate)" not in first  # one soup row
+    assert "| AME-Adam | 70.00 ± 14.14 |" in first
+    assert "| AME-Adam (lr 0.1) | 90.00 |" in first
     assert "| experts (best ID) | 20.00 ± 0.00 |" in first
-    again = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path)],
-                           capture_output=True, text=True, check=True).stdout
-    assert again == out
+    assert "mean ± std over 1–2 seeds" in first  # what ± means, and over how many
+    assert script("make_tables.py", tmp_path).stdout == out
 
 
 def test_out_writes_markdown_latex_and_csv_with_the_same_numbers(tmp_path):
     import csv
 
     for seed, acc in ((0, 0.5), (1, 0.7)):
-        write_run(tmp_path / "runs" / str(seed), "soup", seed, acc, [f"seed={seed}", "aggregator=soup"])
-    subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "runs"),
-                    "--out", str(tmp_path / "t.md")], check=True)
-    assert "| soup (aggregate) | 60.00 ± 14.14 |" in (tmp_path / "t.md").read_text()
-    assert "soup (aggregate) & 60.00 $\\pm$ 14.14 &" in (tmp_path / "t.tex").read_text().replace("\\_", "_")
-    rows = {r["network"]: r for r in csv.DictReader(open(tmp_path / "t.csv"))}
-    assert float(rows["soup (aggregate)"]["id/acc_mean"]) == 0.6 and rows["soup (aggregate)"]["runs"] == "2"
+        for agg in ("soup", "ame_adam"):
+            write_run(tmp_path / "runs" / f"{agg}{seed}", agg, seed, acc + (agg != "soup") / 10,
+                      [f"seed={seed}", f"aggregator={agg}"])
+    out = tmp_path / "new" / "folder" / "t.md"  # created
+    script("make_tables.py", tmp_path / "runs", "--out", out)
+    md = out.read_text()
+    assert "| soup | 60.00 ± 14.14 |" in md and "| AME-Adam | 70.00 ± 14.14 |" in md
+    tex = out.with_suffix(".tex").read_text()
+    assert "soup & 60.00 $\\pm$ 14.14 &" in tex and "mean $\\pm$ std over 2 seeds" in tex
+    rows = {r["network"]: r for r in csv.DictReader(open(out.with_suffix(".csv")))}
+    assert float(rows["soup"]["id/acc_mean"]) == 0.6 and rows["soup"]["runs"] == "2"
+    assert rows["AME-Adam"]["aggregator"] == "ame_adam"
+    # the CSV is a summary the scripts read back: the same table, and a figure
+    again = tmp_path / "again.md"
+    script("make_tables.py", out.with_suffix(".csv"), "--out", again)
+    assert again.read_text() == md and again.with_suffix(".csv").read_text() == out.with_suffix(".csv").read_text()
+    script("make_figures.py", "summary", out.with_suffix(".csv"), "--out", tmp_path / "figs" / "s.png")
+    assert (tmp_path / "figs" / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_older_csv_with_a_repeated_soup_row_reads_as_one_soup_row(tmp_path):
+    head = "setting,network,runs,id/acc_mean,id/acc_std,dist/soup_mean,dist/soup_std\n"
+    (tmp_path / "old.csv").write_text(head + ",soup,3,0.5,0.01,,\n,soup (aggregate),3,0.5,0.01,0.0,0.0\n"
+                                      ',"ame_adam (aggregate, aggregator.optimizer.lr=0.01)",3,0.6,0.02,0.4,0.1\n')
+    out = script("make_tables.py", tmp_path / "old.csv").stdout
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line] \
+        == ["network", "soup", "AME-Adam (lr 0.01)"]
+    assert "| soup | 50.00 ± 1.00 | 0.00 ± 0.00 |" in out
 
 
 def test_fig1_series_average_seeds_per_line_and_the_png_is_deterministic(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_figures import series
-    from make_tables import load
+    from ame.analysis import load, series
 
     n = 0
     for agg, lrs in (("soup", [None]), ("ame_adagrad", ["0.01", "0.1"])):
@@ -73,34 +100,39 @@ def test_fig1_series_average_seeds_per_line_and_the_png_is_deterministic(tmp_pat
                         n += 1
     s = series(load([tmp_path / "runs"]), "train.epochs", "data.shards.num_shards", "id/acc")
     assert set(s) == {"soup", "ame_adagrad"}
-    assert list(s["ame_adagrad"]) == [(2.0, "lr=0.01"), (2.0, "lr=0.1"), (4.0, "lr=0.01"), (4.0, "lr=0.1")]
-    xs, ys, runs = zip(*s["ame_adagrad"][(4.0, "lr=0.1")])
-    assert xs == (1.0, 2.0, 4.0) and runs == (2, 2, 2)
-    assert [round(y, 6) for y in ys] == [0.57, 0.58, 0.6]  # 0.4 + 0.01 e + 0.05 + 0.1 + mean seed bonus 0.01
+    lr = "aggregator.optimizer.lr"
+    assert list(s["ame_adagrad"]) == [(2.0, f"{lr}=0.01"), (2.0, f"{lr}=0.1"), (4.0, f"{lr}=0.01"), (4.0, f"{lr}=0.1")]
+    xs, stats = zip(*s["ame_adagrad"][(4.0, f"{lr}=0.1")])
+    assert xs == (1.0, 2.0, 4.0) and [st.n for st in stats] == [2, 2, 2]
+    assert [round(st.mean, 6) for st in stats] == [0.57, 0.58, 0.6]  # 0.4 + 0.01 e + 0.05 + 0.1 + mean seed bonus 0.01
+    assert all(abs(st.std - 0.02 / 2 ** 0.5) < 1e-9 for st in stats)  # seeds differ by 0.02
+    from scipy.stats import t
+
+    assert abs(stats[0].ci95() - t.ppf(0.975, 1) * stats[0].std / 2 ** 0.5) < 1e-12  # the band: Student t, n = 2
     pngs = []
     for name in ("a.png", "b.png"):
-        subprocess.run([sys.executable, str(ROOT / "scripts/make_figures.py"), "fig1", str(tmp_path / "runs"),
-                        "--out", str(tmp_path / name)], check=True, capture_output=True)
-        pngs.append((tmp_path / name).read_bytes())
+        script("make_figures.py", "fig1", tmp_path / "runs", "--out", tmp_path / "figs" / name)
+        pngs.append((tmp_path / "figs" / name).read_bytes())
     assert pngs[0][:8] == b"\x89PNG\r\n\x1a\n" and pngs[0] == pngs[1]
-    subprocess.run([sys.executable, str(ROOT / "scripts/make_figures.py"), "bars", str(tmp_path / "runs"),
-                    "--out", str(tmp_path / "bars.png")], check=True, capture_output=True)
-    assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "figs" / "a.md").read_text()
+    assert "mean ± std over 2 seeds" in table and "| ame_adagrad | aggregator.optimizer.lr=0.1 | 4 | 57.00 ± 1.41 |" in table
+    script("make_figures.py", "fig1", tmp_path / "figs" / "a.md", "--out", tmp_path / "figs" / "again.png")  # replot
+    assert (tmp_path / "figs" / "again.png").read_bytes()[:4] == b"\x89PNG"
+    script("make_figures.py", "summary", tmp_path / "runs", "--out", tmp_path / "summary.png")
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_fig1_refuses_to_average_runs_from_different_settings(tmp_path):
     for i, data in enumerate(("cifar10_shards", "gld23k")):
         write_run(tmp_path / str(i), "soup", 0, 0.5, [f"data={data}", "data.shards.num_shards=2", "train.epochs=1",
                                                       "aggregator=soup"])
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/make_figures.py"), "fig1", str(tmp_path),
-                          "--out", str(tmp_path / "f.png")], capture_output=True, text=True)
+    out = script("make_figures.py", "fig1", tmp_path, "--out", tmp_path / "f.png", check=False)
     assert out.returncode != 0 and "several settings" in out.stderr and not (tmp_path / "f.png").exists()
 
 
 def test_aggregator_rows_put_the_soups_first_whatever_the_folder_names(tmp_path):
     for name in ("ame_adagrad", "ame_adam", "weighted_soup", "soup"):  # alphabetical folders: ame_* first
         write_run(tmp_path / f"aggregator={name}", name, 0, 0.5, [f"aggregator={name}"])
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path)],
-                         capture_output=True, text=True, check=True).stdout
-    rows = [line.split(" (aggregate")[0].strip("| ") for line in out.splitlines() if "(aggregate" in line]
-    assert rows == ["soup", "weighted_soup", "ame_adam", "ame_adagrad"]
+    out = script("make_tables.py", tmp_path).stdout
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[rows.index("soup"):] == ["soup", "weighted soup", "AME-Adam", "AME-Adagrad"]

@@ -41,10 +41,79 @@ def test_default_run_writes_the_results_contract(default_run):
     assert r["metrics"]["id/acc"] > 0.5  # digits experts are far above chance (0.1) even when tiny
 
 
-def test_wandb_offline_run_directory_is_written(default_run):
+def test_run_log_holds_the_stages_the_epochs_and_the_table(default_run):
+    tmp, proc = default_run
+    text = (tmp / "out" / "run.log").read_text()
+    for line in ("data done in", "shards done in", "experts done in", "aggregate done in", "evaluate done in",
+                 "warm base epoch 3/3: loss", "expert 2 epoch 3/3: loss", "evaluated expert 1: ID",
+                 "ID acc", "ame_adam (aggregate)"):
+        assert line in text, line
+    r = read_results(tmp / "out")
+    row = next(line for line in text.splitlines() if line.startswith("ame_adam (aggregate)"))
+    assert f"{100 * r['metrics']['id/acc']:.2f}" in row.split()  # percents, as in the tables
+
+
+def wandb_records(run_dir) -> list[dict]:
+    """The records of an offline W&B run, read back by wandb's own reader (no server)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_wandb_offline_run_reads_back_with_config_summary_history_and_artifacts(default_run):
     tmp, _ = default_run
     runs = list((tmp / "out" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert len(runs) == 1
+    records = wandb_records(runs[0])
+    run = next(r["run"] for r in records if r["type"] == "run")
+    config = {k: v for k, v in run["config"]["update"].items() if k != "_wandb"}
+    assert config["aggregator"]["optimizer"]["lr"] == 0.001 and config["task_name"] == "debug"
+    assert config["overrides"] == ["debug=fast"]
+    assert "_target_" not in str(config) and "_partial_" not in str(config) and "output_dir" not in str(config)
+    assert run["job_type"] == "ame_adam" and run["run_group"] == "debug" and run["display_name"] == "debug=fast"
+    summary = {}
+    for rec in records:
+        if rec["type"] == "summary":
+            summary.update(rec["summary"].get("update", {}))
+    r = read_results(tmp / "out")
+    assert summary["aggregate/id/acc"] == r["metrics"]["id/acc"] and summary["soup/ood/acc"] == r["soup"]["ood/acc"]
+    assert summary["base/id/acc"] == r["base"]["id/acc"] and summary["ensemble/id/nll"] == r["ensemble"]["id/nll"]
+    assert summary["expert_2/shard/own_acc"] == r["experts"][2]["shard/own_acc"]
+    assert summary["timings_s/evaluate"] == r["timings_s"]["evaluate"] and summary["data_free"] is True
+    history = [rec["history"]["item"] for rec in records if rec["type"] == "history"]
+    base = [h for h in history if "warm_base/loss" in h]
+    assert [h["warm_base/epoch"] for h in base] == [1, 2, 3] and all(0 <= h["warm_base/acc"] <= 1 for h in base)
+    assert [h["expert_1/epoch"] for h in history if "expert_1/loss" in h] == [1, 2, 3]
+    ame = [h for h in history if "ame/dist_soup" in h]  # one ensembling epoch over 3 experts: steps 0..3
+    assert [h["ame/step"] for h in ame] == [0, 1, 2, 3] and ame[0]["ame/dist_pivot"] == 0
+    assert abs(ame[-1]["ame/dist_soup"] - r["metrics"]["dist/soup"]) < 1e-5
+    assert abs(ame[-1]["ame/dist_pivot"] - r["metrics"]["dist/pivot"]) < 1e-5
+    artifacts = {a["artifact"]["type"]: a["artifact"] for a in records if a["type"] == "artifact"}
+    assert {"results", "model"} <= artifacts.keys()
+    assert [c["path"] for c in artifacts["model"]["manifest"]["contents"]] == ["aggregate.safetensors"]
+    assert [c["path"] for c in artifacts["results"]["manifest"]["contents"]] == ["results.json"]
+    assert next(rec for rec in records if rec["type"] == "exit")["exit"].get("exit_code", 0) == 0
+
+
+def test_wandb_runs_of_a_sweep_share_a_group_and_are_named_by_their_overrides(tmp_path):
+    run_cli(["-m", "debug=fast", "aggregator=soup,ame_sgd", "tags=[first,digits]", "logger.job_type=check",
+             "+logger.notes=from the test"], tmp_path, out="sweep")
+    runs = [next(r["run"] for r in wandb_records(next((tmp_path / "sweep" / str(i) / "wandb").glob("offline-run-*")))
+                 if r["type"] == "run") for i in range(2)]
+    assert {r["run_group"] for r in runs} == {"sweep"}  # the sweep directory
+    assert [r["display_name"] for r in runs] == ["aggregator=soup,debug=fast", "aggregator=ame_sgd,debug=fast"]
+    assert all(r["tags"] == ["first", "digits"] and r["job_type"] == "check" and r["notes"] == "from the test"
+               for r in runs)
+
+
+def test_an_unknown_wandb_setting_is_one_clear_line(tmp_path):
+    proc = run_cli(["debug=fast", "+logger.colour=blue"], tmp_path, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(errors) == 1 and "logger: wandb.init does not take" in errors[0], proc.stderr
 
 
 def test_greedy_soup_uses_a_validation_split_and_says_it_is_not_data_free(tmp_path):
@@ -164,9 +233,10 @@ def test_bad_expert_files_are_refused(bad, default_run, tmp_path):
 
 def test_help_lists_the_config_groups(tmp_path):
     proc = run_cli(["--help"], tmp_path)
-    for group in ("aggregator:", "data:", "model:", "train:", "logger:", "experts:"):
+    for group in ("aggregator:", "data:", "model:", "train:", "logger:", "experts:", "debug:", "hparams_search:"):
         assert group in proc.stdout
-    assert "ame_adam" in proc.stdout and "cifar10_shards" in proc.stdout
+    assert "ame_adam" in proc.stdout and "cifar10_shards" in proc.stdout and "fast" in proc.stdout
+    assert "tags=[a,b]" in proc.stdout and "task_name" in proc.stdout and "debug=fast" in proc.stdout
 
 
 def test_batchnorm_statistics_follow_the_weights_in_process(tmp_path):
@@ -217,9 +287,10 @@ def test_aggregator_ensemble_reports_the_ensemble_and_writes_no_weights(default_
 
 
 def test_optuna_search_tunes_on_validation_and_says_the_result_is_not_data_free(tmp_path):
-    run_cli(["-m", *FAST, "hparams_search=ame_optuna", "hydra.sweeper.n_trials=3", "data.val_size=150"], tmp_path,
-            out="opt")
+    # out of the box on the default data: no data.val_size given
+    run_cli(["-m", *FAST, "hparams_search=ame_optuna", "hydra.sweeper.n_trials=3"], tmp_path, out="opt")
     runs = [read_results(tmp_path / "opt" / str(i)) for i in range(3)]
+    assert all(r["data"]["val_size"] == 250 for r in runs)
     assert all(r["data_free"] is False and r["tuned_on_validation"] is True for r in runs)
     assert all(0 <= r["metrics"]["val/acc"] <= 1 and "id/acc" in r["metrics"] for r in runs)
     assert sum(r["experts_cached"] for r in runs) == 2  # one expert set for every trial

@@ -23,7 +23,7 @@ from ame.checkpoints import Output
 from ame.device import resolve_device
 from ame.errors import AMEError, require
 from ame.pool import INIT, ExpertPool
-from ame.report import progress
+from ame.progress import progress
 
 PIVOTS = ("init", "soup", "zero", "first")
 PSEUDOGRADIENTS = ("iterate", "pivot")
@@ -56,8 +56,17 @@ class AME(Aggregator):
         name: the variant's name in results (``soup``, ``ame_adam``, ...).
         device: where the chunk's iterate and optimizer state live (``cpu``, ``cuda``, ``auto``).
         chunk_mb: the chunk size in MB of float32 (memory is about 5× this plus one slice per expert).
+
+    Optional distance trace (for watching a run, e.g. curves in W&B): set ``on_step`` to a function
+    ``on_step(step, metrics)``; after the run it is called for step 0 (the pivot) and every
+    ``on_step_every`` steps (and the last), with the iterate's distances over the parameters
+    (``dist_soup_l2``, ``dist_pivot_l2``, and relative to ‖pivot − soup‖ ``dist_soup``,
+    ``dist_pivot``, as in ``results.json``). Streaming makes them sums over chunks, so they arrive
+    when the run ends. Unset (the default), it costs nothing.
     """
 
+    on_step: Callable[[int, dict], None] | None = None
+    on_step_every: int = 1
     without_init = "use aggregator.pivot=soup|first|zero"
     init_reason = " (pivot=init)"
 
@@ -160,18 +169,37 @@ class AME(Aggregator):
                 "g": torch.empty(size, device=device)}
         if on_gpu:
             work |= {"staging": torch.empty(size, pin_memory=True), "x": torch.empty(size, device=device)}
+        total = self.epochs * n
+        every = max(1, int(self.on_step_every))
+        trace = ({s: [0.0, 0.0] for s in range(total + 1) if s % every == 0 or s == total}
+                 if self.on_step is not None else None)
         try:
             for chunk in progress(chunks, f"{self.name} chunks") if len(chunks) > 1 else chunks:
-                w = self._chunk(pool, chunk, zeta, orders, device, on_gpu, work)
+                w = self._chunk(pool, chunk, zeta, orders, device, on_gpu, work, trace)
                 self._finish_chunk(pool, chunk, w, out, "the aggregate has NaN/Inf weights: the AME optimizer "
                                    "diverged; lower aggregator.optimizer.lr")
         except BaseException:
             out.abort()
             raise
+        if trace is not None:
+            scale = math.sqrt(trace[0][0])
+            for step, (soup2, pivot2) in trace.items():
+                m = {"dist_soup_l2": math.sqrt(soup2), "dist_pivot_l2": math.sqrt(pivot2)}
+                if scale > 0:
+                    m |= {"dist_soup": m["dist_soup_l2"] / scale, "dist_pivot": m["dist_pivot_l2"] / scale}
+                self.on_step(step, m)
         return self._end(out)
 
+    @staticmethod
+    def _traced(pool: ExpertPool, chunk, w: Tensor, pivot: Tensor, soup: Tensor, into: list[float]) -> None:
+        """Add the chunk's squared distances of ``w`` to the soup and to the pivot (parameters only) to ``into``."""
+        for p in chunk.pieces:
+            if p.key in pool.params:
+                into[0] += float((w[p.lo:p.hi] - soup[p.lo:p.hi]).double().square().sum())
+                into[1] += float((w[p.lo:p.hi] - pivot[p.lo:p.hi]).double().square().sum())
+
     def _chunk(self, pool: ExpertPool, chunk, zeta: list[float], orders: list[list[int]], device: torch.device,
-               on_gpu: bool, work: dict) -> Tensor:
+               on_gpu: bool, work: dict, trace: dict | None = None) -> Tensor:
         """One chunk's AME: the iterate after every step over the experts, as float32."""
         # The iterate and the pseudogradient are flat float32 buffers of this chunk: an AME step is
         # one pass writing g = w − x_i (or x_pivot − x_i) straight from the expert's slices (views
@@ -189,6 +217,10 @@ class AME(Aggregator):
         opt = self._optimizer(w)
         base_lr = [group["lr"] for group in opt.param_groups]
         step = 0
+        if trace is not None:
+            soup = pivot.clone() if self.pivot_kind == "soup" else \
+                average_chunk(pool, chunk, [1.0] * pool.n).to(device, torch.float32)
+            self._traced(pool, chunk, w.detach(), pivot, soup, trace[0])
         for order in orders:
             for i in order:
                 ref = w.detach() if self.pseudogradient == "iterate" else pivot
@@ -208,6 +240,8 @@ class AME(Aggregator):
                 _step(opt)
                 if on_gpu:
                     torch.cuda.current_stream().synchronize()  # before the staging buffer is refilled
+                if trace is not None and step in trace:
+                    self._traced(pool, chunk, w.detach(), pivot, soup, trace[step])
         return w.detach()
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from ame.errors import AMEError, require
 from ame.cache import Entry
 from ame.io import tensor_bytes
-from ame.report import progress
+from ame.progress import progress
 
 log = logging.getLogger(__name__)
 

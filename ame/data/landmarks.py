@@ -20,7 +20,7 @@ import torch
 
 from ame.data.datasets import ImageData, cached
 from ame.errors import AMEError, positive_int, require
-from ame.report import progress
+from ame.progress import progress
 
 
 def _read_csv(path: Path, needed: tuple[str, ...]) -> list[dict[str, str]]:

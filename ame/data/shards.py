@@ -127,5 +127,12 @@ def split(labels: np.ndarray, splitter: Callable[..., list[np.ndarray]], seed: i
     public, val = np.sort(perm[:public_size]), np.sort(perm[public_size:public_size + val_size])
     rest = np.sort(perm[public_size + val_size:])
     takes_groups = "groups" in inspect.signature(splitter).parameters
-    local = splitter(labels[rest], rng=rng, **({"groups": np.asarray(groups)[rest]} if takes_groups and groups is not None else {}))
+    try:
+        local = splitter(labels[rest], rng=rng,
+                         **({"groups": np.asarray(groups)[rest]} if takes_groups and groups is not None else {}))
+    except AMEError as e:
+        if public_size + val_size == 0:
+            raise
+        raise AMEError(f"{e} (data.public_size={public_size} and data.val_size={val_size} leave {len(rest)} of the "
+                       f"{len(labels)} training examples to shard; lower them)") from None
     return Split([np.sort(rest[s]) for s in local], public, val)

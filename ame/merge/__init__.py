@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from ame.checkpoints import Checkpoint, FileOutput
-from ame.errors import AMEError, instantiate, require
+from ame.config import instantiate
+from ame.errors import AMEError, require
 from ame.pool import ExpertPool
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # AME's knobs, one at a time from AME-Adam (pivot=init, iterate pseudogradient, ζ=1, one epoch,
-# fixed order) on the default CIFAR-10 shards, seeds 0, 1, 2. logger=none: W&B adds about 5 s per job.
+# fixed order) on the default CIFAR-10 shards, seeds 0, 1, 2.
 set -euo pipefail
+# Every run logs to W&B (offline: <job dir>/wandb/; one W&B group per sweep directory). Add
+# logger=none to skip it (about 3 s per job), or logger.mode=online to upload as you go.
 cd "$(dirname "$0")/../.."
-run() { python run.py -m experiment=ablations logger=none "$@"; }
+run() { python run.py -m experiment=ablations "$@"; }
 run aggregator.pivot=init,soup,first
 run aggregator.pseudogradient=pivot
 run aggregator.amplification=0.5,2,shard_size

@@ -6,11 +6,12 @@
 #   bash experiments/fig1/run.sh                                  # CIFAR-10 shards, small CNN, CPU
 #   DATA=gld23k bash experiments/fig1/run.sh model.pretrained=/path/to/vit_s.safetensors   # GLD-23K + ViT-S, GPU
 # Experts are trained once per (N, epochs) and cached; the aggregator sweeps reuse them.
-# logger=none: W&B adds about 5 s per job; drop it to log every run to W&B (offline by default).
 set -euo pipefail
+# Every run logs to W&B (offline: <job dir>/wandb/; one W&B group per sweep directory). Add
+# logger=none to skip it (about 3 s per job), or logger.mode=online to upload as you go.
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-cifar10_shards}
-run() { python run.py -m experiment=fig1 data="$DATA" logger=none "$@"; }
+run() { python run.py -m experiment=fig1 data="$DATA" "$@"; }
 run aggregator=soup "$@"
 run aggregator=ame_adagrad aggregator.optimizer.lr=1e-3,1e-2,1e-1 "$@"
 run aggregator=ame_adamw aggregator.optimizer.lr=1e-4,1e-3,1e-2 "$@"

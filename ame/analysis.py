@@ -1,0 +1,347 @@
+"""Many runs at once: load results trees, summarise them over seeds, and define the rows, the
+columns and their order. ``scripts/make_tables.py`` and ``scripts/make_figures.py`` take all of
+that from here, so a table and a figure of the same runs always show the same numbers.
+
+- :func:`load` reads every ``results.json`` under run / multirun directories, with its Hydra
+  overrides (``.hydra/overrides.yaml``): the *setting* (overrides other than ``seed``, the
+  aggregator's, the logger's, paths and Hydra's) and the aggregator *variant*
+  (``aggregator.*`` overrides).
+- :func:`summarize` turns them into :class:`Row` s, one per (setting, network), each metric a
+  :class:`Stat` over the runs that differ only in ``seed``; :func:`read_summary` reads the same
+  rows back from the CSV that ``make_tables.py --out`` writes, so committed tables can be redrawn.
+- Rows, in order: the warm-start base, the experts (mean and best), the output ensemble, the soup,
+  then each aggregator (soups first, as in the paper). With ``aggregator=soup`` the aggregate *is*
+  the soup, so it is not repeated.
+- :data:`COLUMNS`: in-distribution accuracy and NLL, corruption accuracy (``ood/acc``: the 15
+  standard CIFAR-10-C corruptions; older results: the corruptions they evaluated), the extra
+  corruptions, the four corruption families, the worst shard, and the distance moved. Only the
+  columns some row has are shown.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str  # the metric's key in results.json
+    short: str  # table header
+    long: str  # figure axis label
+    percent: bool = True  # accuracies: shown ×100
+
+
+COLUMNS = [
+    Column("id/acc", "ID acc", "test accuracy (%)"),
+    Column("id/nll", "ID NLL", "test negative log-likelihood", percent=False),
+    Column("ood/acc", "OOD acc", "accuracy under corruptions (%)"),
+    Column("ood/extra_acc", "OOD extra", "accuracy under the extra corruptions (%)"),
+    Column("ood/noise/acc", "noise", "accuracy under noise corruptions (%)"),
+    Column("ood/blur/acc", "blur", "accuracy under blur corruptions (%)"),
+    Column("ood/weather/acc", "weather", "accuracy under weather corruptions (%)"),
+    Column("ood/digital/acc", "digital", "accuracy under digital corruptions (%)"),
+    Column("shard/min_acc", "worst shard", "worst-shard accuracy (%)"),
+    Column("dist/pivot", "dist. to pivot", "distance to the pivot (relative to ‖pivot − soup‖)", percent=False),
+    Column("dist/soup", "dist. to soup", "distance to the soup (relative to ‖pivot − soup‖)", percent=False),
+]
+BY_KEY = {c.key: c for c in COLUMNS}
+
+ORDER = ["soup", "weighted_soup", "ame_sgd", "ame_adam", "ame_adamw", "ame_adagrad", "ame_adadelta", "ame_rmsprop",
+         "task_arithmetic", "ties", "dare", "greedy_soup", "ensemble"]  # aggregator rows: soups first, as in the paper
+NAMES = {"soup": "soup", "weighted_soup": "weighted soup", "ame_sgd": "AME-SGD", "ame_adam": "AME-Adam",
+         "ame_adamw": "AME-AdamW", "ame_adagrad": "AME-Adagrad", "ame_adadelta": "AME-Adadelta",
+         "ame_rmsprop": "AME-RMSprop", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE",
+         "greedy_soup": "greedy soup (uses validation data)", "ensemble": "output ensemble (N networks)"}
+REFERENCES = ["base (warm start)", "experts (mean)", "experts (best ID)", "output ensemble (N networks)", "soup"]
+IGNORED = ("seed=", "hydra.", "hydra/", "logger", "paths.", "experiment=", "tags=", "task_name=", "debug=")
+
+# how an override reads in a title or legend: key → (format of the value)
+_SETTING_WORDS = {"data/shards": "{} shards", "data.shards.alpha": "α = {}", "train.init": "{} init",
+                  "train.optimizer.lr": "expert lr {}", "train.epochs": "{} expert epochs",
+                  "data.shards.num_shards": "N = {}", "align": "alignment: {}", "model": "model {}", "data": "{}",
+                  "aggregator.optimizer.lr": "lr {}", "aggregator.pivot": "pivot {}",
+                  "aggregator.epochs": "{} ensembling epochs", "aggregator.amplification": "ζ = {}",
+                  "aggregator.pseudogradient": "{} pseudogradient", "aggregator.order": "{} order",
+                  "aggregator.lr_schedule": "{} lr schedule"}
+_VALUE_WORDS = {"train.init": {"warm": "warm-start", "shared": "shared random", "independent": "independent"},
+                "data/shards": {"iid": "iid", "dirichlet": "Dirichlet", "classes": "class-split"},
+                "align": {"none": "none", "weight_matching": "weight matching"},
+                "data": {"cifar10_shards": "CIFAR-10", "cifar100_shards": "CIFAR-100", "digits_shards": "digits",
+                         "gld23k": "GLD-23K"}}
+AXIS_WORDS = {"train.epochs": "experts' training epochs", "data.shards.num_shards": "N (experts)",
+              "aggregator.optimizer.lr": "AME learning rate", "data.shards.alpha": "Dirichlet α"}
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A metric over runs: mean, sample std (None for one run) and the run count."""
+
+    mean: float
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: list) -> "Stat | None":
+        v = [float(x) for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        if not v:
+            return None
+        return cls(statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None, len(v))
+
+    def ci95(self) -> float | None:
+        """Half-width of the 95 % confidence interval of the mean (Student t), None for one run."""
+        if self.std is None or self.n < 2:
+            return None
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, self.n - 1)) * self.std / math.sqrt(self.n)
+
+
+@dataclass
+class Row:
+    setting: str  # the runs' shared overrides ("" = the defaults)
+    label: str  # what the row is called in tables and figures
+    aggregator: str | None = None  # None for the reference rows (base, experts, ensemble, soup)
+    variant: str = ""  # the aggregator.* overrides
+    stats: dict[str, Stat] = field(default_factory=dict)
+
+    @property
+    def runs(self) -> int:
+        return max((s.n for s in self.stats.values()), default=0)
+
+
+def overrides(results_file: Path) -> list[str]:
+    path = results_file.parent / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def load(dirs: list[Path]) -> list[dict]:
+    """Every results.json under ``dirs``, with ``setting``, ``variant`` and ``overrides`` keys."""
+    files = sorted({f for d in dirs for f in ([d] if d.is_file() else d.rglob("results.json"))},
+                   key=lambda f: [int(p) if p.isdigit() else p for p in f.parts])  # job 2 before job 10
+    if not files:
+        raise SystemExit(f"no results.json under {', '.join(map(str, dirs))}")
+    out = []
+    for f in files:
+        r = json.loads(f.read_text())
+        kept = [o for o in overrides(f) if not o.lstrip("+~").startswith(IGNORED)]
+        r["setting"] = ", ".join(o for o in kept if not o.startswith("aggregator"))
+        r["variant"] = ", ".join(o for o in kept if o.startswith("aggregator.") and "=" in o)
+        r["overrides"] = dict(o.lstrip("+~").split("=", 1) for o in kept if "=" in o)
+        out.append(r)
+    return out
+
+
+def expert_set(r: dict) -> tuple:
+    """Which experts a run aggregated (their files): runs sharing it share the reference rows."""
+    return tuple(e["path"] for e in r["experts"])
+
+
+def aggregator_label(name: str, variant: str = "") -> str:
+    """``AME-Adam``, ``AME-Adam (lr 0.01)``: readable, the variant's overrides in words."""
+    return NAMES.get(name, name) + (f" ({pretty_setting(variant)})" if variant else "")
+
+
+def _stats(ms: list[dict]) -> dict[str, Stat]:
+    keys = dict.fromkeys(k for m in ms for k in m)
+    return {k: s for k in keys if (s := Stat.of([m.get(k) for m in ms])) is not None}
+
+
+def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
+    by_set = list({expert_set(r): r for r in results}.values())
+    refs: list[tuple[str, list[dict]]] = []
+    if any(r.get("base") for r in by_set):
+        refs.append(("base (warm start)", [r["base"] for r in by_set if r.get("base")]))
+    refs.append(("experts (mean)", [{k: statistics.mean(e[k] for e in r["experts"]) for k in r["experts"][0]
+                                     if all(isinstance(e.get(k), float) for e in r["experts"])} for r in by_set]))
+    refs.append(("experts (best ID)", [max(r["experts"], key=lambda e: e["id/acc"]) for r in by_set]))
+    if all(r.get("ensemble") for r in by_set):
+        refs.append(("output ensemble (N networks)", [r["ensemble"] for r in by_set]))
+    refs.append(("soup", [r["soup"] for r in by_set]))
+    rows = [Row(setting, label, stats=_stats(ms)) for label, ms in refs]
+    found = list(dict.fromkeys((r["aggregator"], r["variant"]) for r in results))
+    rank = {name: i for i, name in enumerate(ORDER)}
+    for name, variant in sorted(found, key=lambda nv: rank.get(nv[0], len(ORDER))):  # stable: variants in run order
+        ms = [r["metrics"] for r in results if (r["aggregator"], r["variant"]) == (name, variant)]
+        if name == "soup" and not variant:  # the soup row already: add its distances, not a copy
+            soup = next(r for r in rows if r.label == "soup")
+            soup.stats.update({k: s for k, s in _stats(ms).items() if k.startswith("dist/")})
+            continue
+        rows.append(Row(setting, aggregator_label(name, variant), name, variant, _stats(ms)))
+    return rows
+
+
+def summarize(results: list[dict]) -> list[Row]:
+    """The rows of every setting, settings in the order first seen."""
+    return [row for setting in dict.fromkeys(r["setting"] for r in results)
+            for row in _setting_rows(setting, [r for r in results if r["setting"] == setting])]
+
+
+def _old_label(label: str) -> tuple[str, str | None, str]:
+    """A row label of an older make_tables CSV (``ame_adam (aggregate, aggregator.x=1)``) as
+    (label, aggregator, variant); reference labels pass through."""
+    if " (aggregate" not in label:
+        return label, None, ""
+    name, rest = label.split(" (aggregate", 1)
+    variant = rest.rstrip(")").lstrip(", ")
+    return aggregator_label(name, variant), name, variant
+
+
+def read_summary(path: Path) -> list[Row]:
+    """The rows of a CSV written by ``make_tables.py --out`` (this version's or an older one)."""
+    rows: list[Row] = []
+    with open(path, newline="") as f:
+        for line in csv.DictReader(f):
+            if line.get("aggregator") is not None:
+                label, name, variant = line["network"], line["aggregator"] or None, line.get("variant", "")
+            else:
+                label, name, variant = _old_label(line["network"])
+            n = int(line["runs"])
+            stats = {}
+            for c in COLUMNS:
+                mean, std = line.get(f"{c.key}_mean"), line.get(f"{c.key}_std")
+                if mean:
+                    stats[c.key] = Stat(float(mean), float(std) if std else None, n)
+            row = Row(line["setting"], label, name, variant, stats)
+            if name == "soup" and not variant:  # older tables repeated the soup as an aggregate row
+                soup = next((r for r in rows if r.setting == row.setting and r.label == "soup"), None)
+                if soup is not None:
+                    soup.stats.update({k: s for k, s in stats.items() if k.startswith("dist/")})
+                    continue
+            rows.append(row)
+    return rows
+
+
+def read(paths: list[Path]) -> list[Row]:
+    """Rows from results trees, or from a summary CSV (one path ending in .csv)."""
+    if len(paths) == 1 and paths[0].suffix == ".csv":
+        return read_summary(paths[0])
+    return summarize(load(paths))
+
+
+def settings(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(r.setting for r in rows))
+
+
+def columns(rows: list[Row]) -> list[Column]:
+    """The columns some row has, in :data:`COLUMNS` order."""
+    return [c for c in COLUMNS if any(c.key in r.stats for r in rows)]
+
+
+def spread_label(rows: list[Row]) -> str:
+    """What ``±`` means here: ``mean ± std over 3 seeds`` (or ``one seed``)."""
+    counts = sorted({r.runs for r in rows if r.runs})
+    if counts == [1] or not counts:
+        return "one seed"
+    if len(counts) == 1:
+        return f"mean ± std over {counts[0]} seeds"
+    return f"mean ± std over {counts[0]}–{counts[-1]} seeds (the CSV's runs column gives each row's count)"
+
+
+def cell(stat: Stat | None, column: Column, digits: int = 2) -> str:
+    if stat is None:
+        return ""
+    scale = 100 if column.percent else 1
+    if stat.std is None:
+        return f"{scale * stat.mean:.{digits}f}"
+    return f"{scale * stat.mean:.{digits}f} ± {scale * stat.std:.{digits}f}"
+
+
+def pretty_setting(setting: str, default: str = "default settings") -> str:
+    """``data/shards=dirichlet, data.shards.alpha=0.1`` → ``Dirichlet shards, α = 0.1``."""
+    if not setting:
+        return default
+    words = []
+    for part in setting.split(", "):
+        key, _, value = part.partition("=")
+        value = _VALUE_WORDS.get(key, {}).get(value, value)
+        words.append(_SETTING_WORDS[key].format(value) if key in _SETTING_WORDS else f"{key.split('.')[-1]} = {value}")
+    return ", ".join(words)
+
+
+def axis_label(key: str) -> str:
+    """An override or a metric key in words, for an axis."""
+    if key in BY_KEY:
+        return BY_KEY[key].long
+    return AXIS_WORDS.get(key, key.split(".")[-1].replace("_", " "))
+
+
+def _number(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def _order(v) -> tuple:
+    """Numbers in numeric order, then strings."""
+    return (isinstance(v, str), v)
+
+
+def series(results: list[dict], x: str, line: str, metric: str, name=None) -> dict:
+    """``{panel (aggregator): {(line value, variant): [(x value, Stat over seeds)]}}``, sorted.
+    Runs must differ only in ``x``, ``line``, the aggregator and the seed: anything else (another
+    dataset, model, init, ...) is refused rather than averaged in. ``name(r)``: the panel of a run
+    (default: its aggregator)."""
+    acc: dict = {}
+    rest = set()
+    for r in results:
+        o = r["overrides"]
+        if x not in o or line not in o or not isinstance(r["metrics"].get(metric), (int, float)):
+            continue
+        rest.add(", ".join(f"{k}={v}" for k, v in o.items() if k not in (x, line) and not k.startswith("aggregator")))
+        if len(rest) > 1:
+            raise SystemExit(f"runs from several settings ({' | '.join(sorted(rest)) or 'defaults'}); plot one "
+                             "setting's directory at a time")
+        variant = ", ".join(f"{k}={v}" for k, v in o.items() if k.startswith("aggregator.") and k not in (x, line))
+        panel = name(r) if name else r["aggregator"]
+        acc.setdefault(panel, {}).setdefault((_number(o[line]), variant), {}).setdefault(
+            _number(o[x]), []).append(r["metrics"][metric])
+    return {panel: {key: [(xv, Stat.of(v)) for xv, v in sorted(pts.items(), key=lambda kv: _order(kv[0]))]
+                    for key, pts in sorted(lines.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1]))}
+            for panel, lines in acc.items()}
+
+
+def references(results: list[dict], x: str, line: str, metric: str) -> dict:
+    """:func:`series` of the networks every run reports beside its aggregate, once per expert set:
+    ``experts (mean)``, ``output ensemble``, ``base (warm start)``."""
+    pick = {"experts (mean)": lambda r: statistics.mean(e[metric] for e in r["experts"]),
+            "output ensemble": lambda r: (r.get("ensemble") or {}).get(metric),
+            "base (warm start)": lambda r: (r.get("base") or {}).get(metric)}
+    sets = list({expert_set(r): r for r in results if x in r["overrides"] and line in r["overrides"]}.values())
+    out = {}
+    for panel, f in pick.items():
+        runs = [dict(r, aggregator=panel, metrics={metric: f(r)},
+                     overrides={k: v for k, v in r["overrides"].items() if not k.startswith("aggregator")})
+                for r in sets]
+        out.update(series(runs, x, line, metric))
+    return out
+
+
+def read_series_table(path: Path, x: str, line: str) -> tuple[dict, dict]:
+    """The series of a Markdown table that ``make_figures.py fig1`` wrote beside its PNG
+    (``| aggregator | setting | <line> | <x>=1 | ...``, cells ``mean`` or ``mean ± std``), as
+    (aggregators, references) for plotting again. The run count per point is not in the table:
+    cells with a std count as 2+ seeds (``n`` from the caption), others as one."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    xs = [_number(h.split("=", 1)[1]) for h in head[3:]]
+    caption = Path(path).read_text().split("over ")[-1].split(" seeds")[0] if "seeds" in Path(path).read_text() else "1"
+    n = int(caption.split("/")[-1]) if caption.split("/")[-1].isdigit() else 1
+    data: dict = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        panel, variant, level = cells[0], cells[1], _number(cells[2])
+        pts = []
+        for xv, c in zip(xs, cells[3:]):
+            if c:
+                mean, _, std = c.partition(" ± ")
+                pts.append((xv, Stat(float(mean) / 100, float(std) / 100 if std else None, n if std else 1)))
+        data.setdefault(panel, {})[(level, variant)] = pts
+    refs = {p: v for p, v in data.items() if p in ("experts (mean)", "output ensemble", "base (warm start)")}
+    return {p: v for p, v in data.items() if p not in refs}, refs

@@ -1,0 +1,90 @@
+"""ame.progress (listeners, stage timer) and the AME per-step hook that feeds W&B's distance curves."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from ame.aggregators import AME, average
+from ame.pipeline import _report_distances
+from ame.progress import Timer, listening, report, wanted
+from ame.report import flat_scalars, format_table, table_rows
+from tests.conftest import tiny_experts
+
+
+def test_report_logs_a_line_and_reaches_listeners_only_inside_the_block(caplog):
+    seen = []
+    with caplog.at_level(logging.INFO, logger="ame"):
+        assert not wanted()
+        with listening(lambda *a: seen.append(a)):
+            assert wanted()
+            report("expert_1", "epoch", 2, {"loss": 0.5, "acc": 0.75}, of=3)
+            report("ame", "step", 1, {"dist_soup": 0.1}, quiet=True)
+        report("expert_1", "epoch", 3, {"loss": 0.4, "acc": 0.8}, of=3)
+    assert seen == [("expert_1", "epoch", 2, {"loss": 0.5, "acc": 0.75}), ("ame", "step", 1, {"dist_soup": 0.1})]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["expert 1 epoch 2/3: loss 0.5  acc 75.00%", "expert 1 epoch 3/3: loss 0.4  acc 80.00%"]
+
+
+def test_timer_sums_stages_and_logs_a_summary_only_when_the_stage_succeeds(caplog):
+    timer = Timer()
+    with caplog.at_level(logging.INFO, logger="ame"):
+        with timer("data", lambda: "10 images"):
+            pass
+        try:
+            with timer("experts"):
+                raise RuntimeError
+        except RuntimeError:
+            pass
+    assert set(timer.seconds) == {"data", "experts"}
+    assert [r.getMessage().split(" in ")[0] for r in caplog.records] == ["data done"]
+    assert caplog.records[0].getMessage().endswith(": 10 images")
+
+
+def _flat(sd):
+    return torch.cat([v.reshape(-1).float() for v in sd.values()])
+
+
+def test_ame_step_hook_sees_the_pivot_then_the_iterates_and_changes_nothing():
+    experts, init = tiny_experts(4, buffers=False), tiny_experts(1, seed=9, buffers=False)[0]
+    make = functools.partial(AME, functools.partial(torch.optim.Adam, lr=0.1), epochs=2, pivot="init")
+    plain = make()(experts, [1] * 4, init)
+    seen = []
+    agg = make(chunk_mb=40 / 2**20)  # streamed in chunks of 10 floats: the distances are sums over chunks
+    agg.on_step, agg.on_step_every = (lambda step, m: seen.append((step, m))), 3
+    hooked = agg(experts, [1] * 4, init)
+    assert all(torch.allclose(plain[k], hooked[k], atol=1e-6) for k in plain)
+    assert [s for s, _ in seen] == [0, 3, 6, 8]  # every 3 steps, and the last of 2 epochs × 4 experts
+    soup = _flat(average(experts))
+    assert seen[0][1]["dist_pivot_l2"] == 0 and abs(seen[0][1]["dist_soup_l2"] - float((_flat(init) - soup).norm())) < 1e-5
+    assert abs(seen[-1][1]["dist_pivot_l2"] - float((_flat(hooked) - _flat(init)).norm())) < 1e-5
+    assert abs(seen[-1][1]["dist_soup_l2"] - float((_flat(hooked) - soup).norm())) < 1e-5
+
+
+def test_distance_trace_matches_a_direct_computation():
+    experts, init = tiny_experts(3, buffers=False), tiny_experts(1, seed=5, buffers=False)[0]
+    soup = _flat(average(experts))
+    out = []
+    with listening(lambda stage, x_name, x, m: out.append((stage, x_name, x, m))):
+        agg = AME(functools.partial(torch.optim.SGD, lr=1.0), pivot="init", lr_schedule="harmonic")
+        agg.on_step = _report_distances
+        result = agg(experts, [1] * 3, init)
+    scale = float((_flat(init) - soup).norm())
+    assert [x for _, _, x, _ in out] == [0, 1, 2, 3] and {s for s, *_ in out} == {"ame"}
+    assert out[0][3]["dist_pivot"] == 0 and abs(out[0][3]["dist_soup"] - 1) < 1e-6
+    last = out[-1][3]  # GD with lr 1/k over one epoch is the soup
+    assert last["dist_soup"] < 1e-5 and abs(last["dist_pivot_l2"] - scale) < 1e-4
+    assert abs(last["dist_pivot"] - float((_flat(result) - _flat(init)).norm()) / scale) < 1e-5
+
+
+def test_results_table_in_percent_without_a_repeated_soup_and_every_scalar_flattened():
+    m = {"id/acc": 0.5, "id/nll": 1.25, "ood/acc": 0.25}
+    results = {"aggregator": "soup", "metrics": m, "soup": m, "base": None, "ensemble": None, "seed": 3,
+               "experts": [{"shard_size": 5, "path": "a", **m}], "timings_s": {"data": 0.5}}
+    assert [name for name, _ in table_rows(results)] == ["expert 0 (n=5)", "soup (aggregate)"]
+    table = format_table(results)
+    assert "50.00" in table and "1.25" in table and "0.50" not in table
+    flat = flat_scalars(results)
+    assert flat["aggregate/id/acc"] == 0.5 and flat["expert_0/ood/acc"] == 0.25 and flat["timings_s/data"] == 0.5
+    assert flat["seed"] == 3 and "base" not in flat and flat["expert_0/shard_size"] == 5
