@@ -31,13 +31,20 @@ class GreedySoup(Aggregator):
         require(score is not None, "greedy_soup needs held-out data: set data.val_size (e.g. data.val_size=1000)")
         alone = [score(pool.whole(i)) for i in range(pool.n)]
         ranked = sorted(range(pool.n), key=lambda i: -alone[i])
+        first = pool.whole(ranked[0])  # integer entries (counters) come from it, as in the soup of the chosen
+        total = {k: v.double() for k, v in first.items() if v.is_floating_point()}  # running sum: N reads, not N²
         chosen, best = [ranked[0]], alone[ranked[0]]
         history = [(ranked[0], best, True)]
         for i in ranked[1:]:
-            s = score(dict(Soup().run(pool.subset(chosen + [i]))))
+            x = pool.whole(i)
+            s = score({k: ((total[k] + x[k].double()) / (len(chosen) + 1)).to(v.dtype) if k in total else v
+                       for k, v in first.items()})
             history.append((i, s, s >= best))
             if s >= best:
                 chosen, best = chosen + [i], s
+                for k in total:
+                    total[k] += x[k].double()
+            del x
         result = Soup().run(pool.subset(sorted(chosen)), out)
         self.info = {"chosen": sorted(chosen), "val_acc": best,
                      "tried": [{"expert": i, "val_acc": s, "added": a} for i, s, a in history]}
