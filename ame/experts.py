@@ -19,13 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ame.checkpoints import Checkpoint
 
 from ame.data import ImageData, Split
 from ame.errors import require
 from ame import checks
 from ame.cache import Entry, sha256_file
-from ame.io import StateDict, load_state_dict, read_metadata
+from ame.io import StateDict
+from ame.pool import ExpertPool
 from ame.train import expert_seed, initial_state, train_experts
 
 log = logging.getLogger(__name__)
@@ -34,17 +37,26 @@ CACHE_VERSION = 1
 
 
 class Experts(Sequence):
-    """Expert weights on disk, loaded on access: an aggregator holds one expert at a time."""
+    """Expert checkpoints on disk (files or folders, see :mod:`ame.checkpoints`), read on access:
+    ``experts[i]`` is a full state dict, :meth:`checkpoint` a lazy view for streaming."""
 
-    def __init__(self, paths: Sequence[str | Path]):
+    def __init__(self, paths: Sequence[str | Path], key_prefix: str | None = None):
         self.paths = [Path(p) for p in paths]
         self.names = [str(p) for p in self.paths]
+        self.key_prefix = key_prefix
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def checkpoint(self, i: int) -> Checkpoint:
+        return Checkpoint(self.paths[i], self.key_prefix)
+
     def __getitem__(self, i: int) -> StateDict:
-        return load_state_dict(self.paths[i])
+        return dict(self.checkpoint(i))
+
+    def pool(self, sizes=None, init=None, buffers=None, dtype=None) -> ExpertPool:
+        """An :class:`ExpertPool` over these checkpoints (read slice by slice)."""
+        return ExpertPool([self.checkpoint(i) for i in range(len(self))], sizes, init, buffers, self.names, dtype)
 
 
 @dataclass
@@ -165,18 +177,44 @@ def _meta(**fields: str) -> dict[str, str]:
     return {"ame": json.dumps(fields, sort_keys=True)}
 
 
+def _expand(paths) -> list[str]:
+    """``experts.paths``: a list of paths or globs (or one), each a checkpoint file or folder."""
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out = []
+    for item in items:
+        pattern = str(item)
+        if glob.has_magic(pattern):
+            found = sorted(glob.glob(str(Path(pattern).expanduser())))
+            require(found, f"experts.paths={pattern!r} matches no files; check the glob (quote it on the command line)")
+            out += found
+        else:
+            out.append(pattern)
+    return out
+
+
 def file_experts(experts_cfg: DictConfig) -> ExpertSet:
-    """Bring your own experts: ``experts.paths`` (a glob of .safetensors / weights-only .pt files),
-    optionally ``experts.init`` (their shared initialisation). Shard sizes and class mixes come from
-    the files' safetensors metadata when present (as this project writes them), else equal sizes."""
-    init = load_state_dict(experts_cfg.init, key="experts.init") if experts_cfg.get("init") else None
-    pattern = str(experts_cfg.paths)
-    require(pattern not in ("", "None", "???"), "experts=files needs experts.paths, a glob such as "
-            "experts.paths='ckpts/*.safetensors'")
-    paths = sorted(glob.glob(str(Path(pattern).expanduser())))
-    require(len(paths) > 0, f"experts.paths={pattern!r} matches no files; check the glob (quote it on the command line)")
-    meta = [read_metadata(p) for p in paths]
-    if all("shard_size" in m for m in meta):
+    """Bring your own experts: ``experts.paths`` (checkpoint files or folders, or globs: see
+    :mod:`ame.checkpoints`), optionally ``experts.init`` (their shared initialisation),
+    ``experts.key_prefix`` and ``experts.sizes``. Without ``sizes``, shard sizes and class mixes
+    come from the files' safetensors metadata when present (as this project writes them), else
+    the shards count as equal."""
+    prefix = experts_cfg.get("key_prefix") or None
+    init = dict(Checkpoint(experts_cfg.init, prefix, "experts.init")) if experts_cfg.get("init") else None
+    given = experts_cfg.get("paths")
+    require(given is not None and str(given) not in ("", "None", "???", "[]"), "experts=files needs experts.paths, "
+            "a list of checkpoints or a glob such as experts.paths='ckpts/*.safetensors'")
+    given = OmegaConf.to_container(given) if isinstance(given, DictConfig | ListConfig) else given
+    paths = _expand(given)
+    experts = Experts(paths, prefix)
+    meta = [experts.checkpoint(i).metadata for i in range(len(paths))]  # opens each (headers only): bad files fail here
+    meta = [{**m, **json.loads(m.get("ame", "{}"))} for m in meta]
+    sizes = experts_cfg.get("sizes")
+    if sizes is not None:
+        sizes = list(sizes)
+        require(len(sizes) == len(paths) and all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
+                                                 for s in sizes),
+                f"experts.sizes must be {len(paths)} positive numbers (one per expert), got {sizes}")
+    elif all("shard_size" in m for m in meta):
         sizes = checks.shard_sizes([m["shard_size"] for m in meta], paths)
     else:
         if any("shard_size" in m for m in meta):
@@ -185,7 +223,7 @@ def file_experts(experts_cfg: DictConfig) -> ExpertSet:
     counts = None
     if all("class_counts" in m for m in meta):
         counts = checks.class_counts([_json_or_text(m["class_counts"]) for m in meta], paths)
-    return ExpertSet(Experts(paths), sizes, init, counts, cached=True)
+    return ExpertSet(experts, sizes, init, counts, cached=True)
 
 
 def _json_or_text(text: str):

@@ -28,6 +28,7 @@ def build_model(model_cfg: "DictConfig", data: "ImageData", seed: int) -> nn.Mod
     c, h, w = data.shape
     require(h == w, f"{data.name}: only square images are supported, got {h}×{w}")
     model = instantiate(model_cfg, "model", in_channels=c, image_size=h, num_classes=data.num_classes)
+    input_renormalizer(model, data.mean, data.std)  # a pretrained timm model sees its own input statistics
     return model.to(memory_format=torch.channels_last)  # matches ImageData.normalize's layout
 
 
@@ -112,28 +113,69 @@ class ResNet(nn.Module):
 
 
 def timm_model(in_channels: int, image_size: int, num_classes: int, name: str = "vit_small_patch16_224",
-               pretrained: str | None = None, **kwargs) -> nn.Module:
-    """A timm model (e.g. ViT-S/16) for ``image_size``² images and ``num_classes`` classes;
-    ``pretrained``: a local weights file for ``name`` (nothing is downloaded). timm drops the
-    file's classifier head when the classes differ and resamples the position embedding."""
+               pretrained: str | bool | None = None, **kwargs) -> nn.Module:
+    """Any timm model by ``name`` (resnet18, convnext_tiny, vit_small_patch16_224, ...), for
+    ``num_classes`` classes and ``in_channels`` channels; models that take an image size (ViTs)
+    get ``image_size``. ``pretrained``: a local weights file for ``name`` (timm drops the file's
+    classifier head when the classes differ and resamples a position embedding), ``true`` for
+    timm's own download (online users), or null for random weights. A pretrained model keeps the
+    input normalisation it was trained with: its ``pretrained_cfg`` mean/std are recorded in
+    ``model.input_stats`` and :func:`ame.train.build_model` maps the data's standardised inputs to them."""
     import logging
 
     import timm
 
-    require(timm.is_model(name), f"model.name={name!r} is not a timm model; e.g. vit_small_patch16_224")
-    if pretrained:
+    require(timm.is_model(name), f"model.name={name!r} is not a timm model; e.g. resnet18, convnext_tiny, "
+            "vit_small_patch16_224 (timm.list_models() lists them)")
+    if pretrained is True or str(pretrained).lower() == "true":
+        overlay = {"pretrained": True}
+    elif pretrained:
         path = Path(str(pretrained)).expanduser()
         require(path.is_file(), f"model.pretrained={pretrained} not found; give a local weights file for {name} "
-                "(e.g. timm's model.safetensors) or model.pretrained=null")
+                "(e.g. timm's model.safetensors), model.pretrained=true to download it, or model.pretrained=null")
         overlay = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
     else:
         logging.getLogger(__name__).warning(
             "model.pretrained is not set: %s starts from random weights (the paper fine-tunes a pretrained "
             "ViT-S); set model.pretrained=/path/to/weights (or AME_VIT_WEIGHTS)", name)
         overlay = {"pretrained": False}
+    def create(**sized):
+        return timm.create_model(name, num_classes=num_classes, in_chans=in_channels, **sized, **overlay, **kwargs)
+
     try:
-        return timm.create_model(name, num_classes=num_classes, img_size=image_size, in_chans=in_channels,
-                                 **overlay, **kwargs)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise AMEError(f"model: cannot build {name} from model.pretrained={pretrained} "
-                       f"({str(e).splitlines()[0][:120]}); is the file a {name} checkpoint?") from None
+        try:
+            model = create(img_size=image_size)  # ViTs and others built for an image size
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+            model = create()  # convolutional networks take any size
+    except (RuntimeError, ValueError, KeyError, OSError, TypeError) as e:
+        local = bool(overlay.get("pretrained_cfg_overlay"))
+        hint = f"is the file a {name} checkpoint?" if local else "is the network reachable (or give a local file)?"
+        raise AMEError(f"model: cannot build {name} with model.pretrained={pretrained} "
+                       f"({str(e).splitlines()[0][:120]}); {hint}") from None
+    if overlay["pretrained"]:
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        if "mean" in cfg and "std" in cfg and len(cfg["mean"]) == in_channels:
+            model.input_stats = (tuple(cfg["mean"]), tuple(cfg["std"]))
+    return model
+
+
+def input_renormalizer(model: nn.Module, data_mean, data_std) -> None:
+    """Make ``model`` (recorded pretrained ``input_stats``) see inputs standardised with its own
+    mean/std instead of the data's: a forward pre-hook x → (x·σ_d + μ_d − μ_p) / σ_p. It keeps the
+    state dict unchanged (no new entries)."""
+    import torch
+
+    stats = getattr(model, "input_stats", None)
+    if stats is None:
+        return
+    mean_p, std_p = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in stats)
+    scale = (torch.as_tensor(data_std, dtype=torch.float32)[:, None, None] / std_p)
+    shift = (torch.as_tensor(data_mean, dtype=torch.float32)[:, None, None] - mean_p) / std_p
+
+    def hook(module, args):
+        x = args[0]
+        return (x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype), *args[1:])
+
+    model.register_forward_pre_hook(hook)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ame.aggregate import AME, FlatSpec, average, distance
+from ame.aggregators import AME, Aggregator, average
 from ame.align import align_experts, permutation_spec
 from ame.config import clean_config, instantiate, run_identity
 from ame.data import split
@@ -20,6 +20,7 @@ from ame.experts import config_hash, file_experts, trained_experts
 from ame.cache import Entry
 from ame.checks import check_config
 from ame.io import finite_json, save_state_dict
+from ame.repair import has_batchnorm, reset_batchnorm
 from ame.models import buffer_names, build_model
 from ame.progress import Timer, listening, report
 from ame.report import format_table, write_results
@@ -40,30 +41,35 @@ def _check(cfg: DictConfig):
         no_init = cfg.train.init == "independent"
     else:
         no_init = not cfg.experts.get("init")
-    if not getattr(aggregator, "data_free", True):
+    require(isinstance(aggregator, Aggregator), f"aggregator: {type(aggregator).__name__} is not an "
+            "ame.aggregators.Aggregator; point _target_ at one")
+    name = aggregator.name
+    if not aggregator.data_free:
         require(cfg.experts.source == "train" and int(cfg.data.get("val_size", 0)) > 0,
-                f"aggregator={getattr(aggregator, 'name', '?')} is not data-free: it needs a validation split; set "
+                f"aggregator={name} is not data-free: it needs a validation split; set "
                 "data.val_size (e.g. data.val_size=1000), with experts=train")
-    if getattr(aggregator, "pivot_kind", None) == "init" and no_init:
-        fix = ("use aggregator.pivot=soup|first|zero" if isinstance(aggregator, AME) else
-               "use train.init=shared|warm, or give experts.init")
-        raise AMEError(f"aggregator={getattr(aggregator, 'name', '?')} needs the experts' shared initialisation"
-                       f"{' (pivot=init)' if isinstance(aggregator, AME) else ''}, but "
+    if aggregator.needs_init and no_init:
+        raise AMEError(f"aggregator={name} needs the experts' shared initialisation{aggregator.init_reason}, but "
                        + ("train.init=independent" if cfg.experts.source == "train" else "experts.init is not set")
-                       + f"; {fix}")
-    name = getattr(aggregator, "name", "?")
+                       + f"; {aggregator.without_init}")
     if aligner is not None:
-        require(getattr(aggregator, "pivot_kind", None) != "init",
+        require(not aggregator.needs_init,
                 f"align=weight_matching permutes the experts but not their shared initialisation, which "
                 f"aggregator={name} uses; use aggregator.pivot=soup|first|zero (AME) or align=none")
         require(cfg.experts.source != "train" or aligner.reference < int(cfg.data.shards.num_shards),
                 f"align.reference={aligner.reference}, but there are only {cfg.data.shards.num_shards} experts")
     if str(cfg.get("optimized_metric")).startswith("val/"):
-        require(getattr(aggregator, "single_network", True), f"optimized_metric={cfg.optimized_metric} needs a "
+        require(aggregator.single_network, f"optimized_metric={cfg.optimized_metric} needs a "
                 f"single network to score; aggregator={name} is an output ensemble; tune another aggregator")
         require(int(cfg.data.get("val_size", 0)) > 0, f"optimized_metric={cfg.optimized_metric} is measured on a "
                 "validation split, but data.val_size=0; set data.val_size (e.g. data.val_size=1000)")
-    getattr(aggregator, "check", lambda: None)()  # e.g. the optimizer's settings, before any training
+    aggregator.check()  # e.g. the optimizer's settings, before any training
+    if cfg.get("bn_reset"):
+        require(aggregator.single_network, f"bn_reset=true recomputes one network's BatchNorm statistics; "
+                f"aggregator={name} is an output ensemble; use bn_reset=false")
+        require(cfg.experts.source == "train" and int(cfg.data.get("val_size", 0)) > 0,
+                "bn_reset=true recomputes BatchNorm statistics on a validation split (not data-free); set "
+                "data.val_size (e.g. data.val_size=1000), with experts=train")
     resolve_device(cfg.train.device, "train.device"), resolve_device(cfg.eval.device, "eval.device")
     return aggregator, aligner
 
@@ -86,23 +92,14 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-def _trace_distances(soup: torch.Tensor):
-    """An AME ``on_step`` hook: the iterate's distance to the pivot (its step-0 value) and to the
-    soup, relative to ‖pivot − soup‖ as in ``results.json``'s ``dist/*``, reported as stage ``ame``."""
-    ref: dict = {}
+def distance(a, b, keys) -> float:
+    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys))
 
-    def on_step(step: int, w: torch.Tensor) -> None:
-        if step == 0:
-            ref["soup"] = soup.to(w.device)
-            ref["pivot"] = w.clone()
-            ref["scale"] = float(torch.linalg.vector_norm(w - ref["soup"]))
-        to_soup, to_pivot = float(torch.dist(w, ref["soup"])), float(torch.dist(w, ref["pivot"]))
-        m = {"dist_soup_l2": to_soup, "dist_pivot_l2": to_pivot}
-        if ref["scale"] > 0:
-            m |= {"dist_soup": to_soup / ref["scale"], "dist_pivot": to_pivot / ref["scale"]}
-        report("ame", "step", step, m, quiet=True)
 
-    return on_step
+def _report_distances(step: int, m: dict) -> None:
+    """An AME ``on_step`` hook: the iterate's distances to the pivot and to the soup at ``step``
+    (see :class:`ame.aggregators.AME`), reported as stage ``ame``."""
+    report("ame", "step", step, m, quiet=True)
 
 
 def brief(m: dict) -> str:
@@ -166,6 +163,8 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
                        val_size=int(cfg.data.get("val_size", 0)),
                        groups=None if data.train_groups is None else data.train_groups.numpy())
     model = build_model(cfg.model, data, seed)
+    require(not cfg.get("bn_reset") or has_batchnorm(model), f"bn_reset=true, but model="
+            f"{cfg.model._target_.rsplit('.', 1)[-1]} has no BatchNorm statistics (e.g. model.norm=batch); use bn_reset=false")
     spec = permutation_spec(model, data.shape) if aligner is not None else None  # refuse before training
     with timer("experts", lambda: f"{len(ex.experts)} experts " + (
             "read from files" if cfg.experts.source != "train" else "from the cache" if ex.cached else "trained")):
@@ -177,29 +176,27 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
             f"the experts' class_counts metadata count {0 if ex.class_counts is None else ex.class_counts.shape[1]} "
             f"classes, but {data.name} has {data.num_classes}; check data= or the expert files")
     buffers = buffer_names(model)
-    reference = FlatSpec.of(model.state_dict(), buffers)
     against = f"model={cfg.model._target_.rsplit('.', 1)[-1]}"
-    reference.check(ex.experts[0], f"expert 0 ({ex.experts.names[0]})", against=against)
-    if ex.init is not None:
-        reference.check(ex.init, "the initialisation (experts.init)", against=against)
+    ex.experts.pool(ex.sizes, ex.init, buffers).check_against(
+        {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}, against)
     if aligner is not None:
         with timer("align"):
             ex = align_experts(ex, aligner, spec, Path(cfg.paths.cache_dir), config_hash(cfg.align))
-    single = getattr(aggregator, "single_network", True)  # the output ensemble is N networks: no weights
+    pool = ex.experts.pool(ex.sizes, ex.init, buffers)
+    single = aggregator.single_network  # the output ensemble is N networks: no weights
     val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
-    soup = average(ex.experts, buffers=buffers)
     if ame_every != 0 and isinstance(aggregator, AME):  # only when a logger wants the curves
-        aggregator.on_step = _trace_distances(FlatSpec.of(ex.experts[0], buffers).flatten(soup))
+        aggregator.on_step = _report_distances
         # None: about 32 points over the run, so the two distances (one pass each) stay a small cost
         aggregator.on_step_every = ame_every or max(1, math.ceil(aggregator.epochs * len(ex.experts) / 32))
-    with timer("aggregate", lambda: getattr(aggregator, "name", type(aggregator).__name__)):
-        if not single:
-            aggregate = None
-        elif getattr(aggregator, "data_free", True):
-            aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers)
-        else:  # the declared exception (greedy soup): scored on the held-out validation split
-            aggregate = aggregator(ex.experts, ex.sizes, ex.init, buffers,
-                                   score=lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device))
+    with timer("aggregate", lambda: aggregator.name):
+        if not aggregator.data_free:  # the declared exception (greedy soup): scored on the held-out validation split
+            pool.score = lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device)
+        aggregate = dict(aggregator.run(pool)) if single else None
+    if cfg.get("bn_reset"):  # the data-using reference: statistics recomputed on the validation split
+        with timer("bn_reset"):
+            aggregate = reset_batchnorm(model, aggregate, data, val_x, eval_device)
+    soup = average(pool)
 
     with timer("evaluate", lambda: f"aggregate {brief(metrics)}"):
         evaluator = instantiate(cfg.eval, "eval")(model=model, data=data, class_counts=ex.class_counts,
@@ -208,8 +205,9 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
         ref = _reference_metrics(evaluator, ex, soup, cfg)
         tuned = str(cfg.get("optimized_metric")).startswith("val/")
         if single:
-            metrics = evaluator(aggregate, name=f"{getattr(aggregator, 'name', 'aggregate')} (aggregate)")
-            pivot = soup if getattr(aggregator, "pivot_kind", None) == "soup" else aggregator.pivot(ex.experts, ex.init, buffers)
+            metrics = evaluator(aggregate, name=f"{aggregator.name} (aggregate)")
+            pivot = aggregator.pivot(pool)
+            pivot = soup if pivot is None else pivot
             params = [k for k, v in aggregate.items() if v.is_floating_point() and k not in buffers]
             scale, to_soup, to_pivot = (distance(a, b, params)
                                         for a, b in ((pivot, soup), (aggregate, soup), (aggregate, pivot)))
@@ -222,11 +220,12 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
         else:
             metrics = {k: v for k, v in ref["ensemble"].items() if k != "single_network"}
         results = {
-            "aggregator": getattr(aggregator, "name", type(aggregator).__name__),
+            "aggregator": aggregator.name,
             # a run whose hyperparameters a sweeper picks on validation data is no longer data-free
-            "data_free": bool(getattr(aggregator, "data_free", False)) and not tuned,
+            "data_free": aggregator.data_free and not tuned and not cfg.get("bn_reset"),
+            "bn_reset": bool(cfg.get("bn_reset")),
             "tuned_on_validation": tuned,
-            "aggregator_info": dict(getattr(aggregator, "info", {})),
+            "aggregator_info": dict(aggregator.info),
             "single_network": single,
             "align": aligner.info if aligner is not None else None,
             "metrics": metrics,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ame.aggregate import average
+from ame.aggregators import average
 from ame.align import WeightMatching, permutation_spec, weight_matching
 from ame.errors import AMEError
 from ame.models import CNN, MLP, ResNet

@@ -182,6 +182,8 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     (["align=weight_matching", "align.max_iter=0"], "align.max_iter must be an integer"),
     (["align=weight_matching", "model=resnet20", "train.init=independent", "aggregator=soup"],
      "GroupNorm with 8 groups"),
+    (["bn_reset=true"], "bn_reset=true recomputes BatchNorm statistics on a validation split"),
+    (["bn_reset=true", "data.val_size=100"], "has no BatchNorm statistics"),
 ])
 def test_bad_input_is_one_clear_line_and_nothing_is_written(args, message, tmp_path):
     proc = run_cli([*FAST, *args], tmp_path, check=False)
@@ -237,19 +239,26 @@ def test_help_lists_the_config_groups(tmp_path):
     assert "tags=[a,b]" in proc.stdout and "task_name" in proc.stdout and "debug=fast" in proc.stdout
 
 
-def test_batchnorm_statistics_are_averaged_in_process(tmp_path):
+def test_batchnorm_statistics_follow_the_weights_in_process(tmp_path):
+    """Issue 15: AME-SGD with lr 0 from the warm base returns the base, statistics included, so it
+    scores exactly as the base; with bn_reset the statistics are recomputed on the validation split."""
     from ame.pipeline import run
     from tests.conftest import compose_cfg
 
-    cfg = compose_cfg([*FAST, "model=cnn", "model.norm=batch", "model.widths=[8,16]", "aggregator=ame_adagrad"],
-                      tmp_path)
-    r = run(cfg)
+    args = [*FAST, "model=cnn", "model.norm=batch", "model.widths=[8,16]", "aggregator=ame_sgd",
+            "aggregator.optimizer.lr=0", "aggregator.lr_schedule=constant", "data.val_size=100"]
+    r = run(compose_cfg(args, tmp_path))
     agg = load_file(str(tmp_path / "out" / "aggregate.safetensors"))
-    experts = [load_file(e["path"]) for e in r["experts"]]
+    base = load_file(str(next((tmp_path / "cache" / "bases").glob("*/init.safetensors"))))
+    assert agg.keys() == base.keys() and all(torch.equal(agg[k], base[k]) for k in agg)
+    assert r["metrics"]["id/acc"] == r["base"]["id/acc"] and r["data_free"] is True
+    reset = run(compose_cfg([*args, "bn_reset=true", "paths.output_dir=" + str(tmp_path / "reset")], tmp_path))
+    assert reset["data_free"] is False and reset["bn_reset"] is True
+    fixed = load_file(str(tmp_path / "reset" / "aggregate.safetensors"))
     mean = next(k for k in agg if k.endswith("running_mean"))
-    assert torch.allclose(agg[mean], torch.stack([e[mean] for e in experts]).mean(0), atol=1e-6)
-    count = next(k for k in agg if k.endswith("num_batches_tracked"))
-    assert agg[count] == experts[0][count]
+    assert not torch.equal(fixed[mean], agg[mean])
+    weight = next(k for k in agg if k.endswith("0.weight"))
+    assert torch.equal(fixed[weight], agg[weight])  # only the statistics change
 
 
 def test_output_ensemble_is_the_mean_of_the_experts_softmax(tmp_path):

@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from ame.aggregate import AME, FlatSpec, average
-from ame.pipeline import _trace_distances
+from ame.aggregators import AME, average
+from ame.pipeline import _report_distances
 from ame.progress import Timer, listening, report, wanted
 from ame.report import flat_scalars, format_table, table_rows
 from tests.conftest import tiny_experts
@@ -42,35 +42,40 @@ def test_timer_sums_stages_and_logs_a_summary_only_when_the_stage_succeeds(caplo
     assert caplog.records[0].getMessage().endswith(": 10 images")
 
 
+def _flat(sd):
+    return torch.cat([v.reshape(-1).float() for v in sd.values()])
+
+
 def test_ame_step_hook_sees_the_pivot_then_the_iterates_and_changes_nothing():
     experts, init = tiny_experts(4, buffers=False), tiny_experts(1, seed=9, buffers=False)[0]
     make = functools.partial(AME, functools.partial(torch.optim.Adam, lr=0.1), epochs=2, pivot="init")
     plain = make()(experts, [1] * 4, init)
     seen = []
-    agg = make()
-    agg.on_step, agg.on_step_every = (lambda step, w: seen.append((step, w.clone()))), 3
+    agg = make(chunk_mb=40 / 2**20)  # streamed in chunks of 10 floats: the distances are sums over chunks
+    agg.on_step, agg.on_step_every = (lambda step, m: seen.append((step, m))), 3
     hooked = agg(experts, [1] * 4, init)
-    assert all(torch.equal(plain[k], hooked[k]) for k in plain)
-    spec = FlatSpec.of(experts[0])
+    assert all(torch.allclose(plain[k], hooked[k], atol=1e-6) for k in plain)
     assert [s for s, _ in seen] == [0, 3, 6, 8]  # every 3 steps, and the last of 2 epochs × 4 experts
-    assert torch.equal(seen[0][1], spec.flatten(init)) and torch.equal(seen[-1][1], spec.flatten(hooked))
+    soup = _flat(average(experts))
+    assert seen[0][1]["dist_pivot_l2"] == 0 and abs(seen[0][1]["dist_soup_l2"] - float((_flat(init) - soup).norm())) < 1e-5
+    assert abs(seen[-1][1]["dist_pivot_l2"] - float((_flat(hooked) - _flat(init)).norm())) < 1e-5
+    assert abs(seen[-1][1]["dist_soup_l2"] - float((_flat(hooked) - soup).norm())) < 1e-5
 
 
 def test_distance_trace_matches_a_direct_computation():
     experts, init = tiny_experts(3, buffers=False), tiny_experts(1, seed=5, buffers=False)[0]
-    spec = FlatSpec.of(experts[0])
-    soup = spec.flatten(average(experts))
+    soup = _flat(average(experts))
     out = []
     with listening(lambda stage, x_name, x, m: out.append((stage, x_name, x, m))):
         agg = AME(functools.partial(torch.optim.SGD, lr=1.0), pivot="init", lr_schedule="harmonic")
-        agg.on_step = _trace_distances(soup)
+        agg.on_step = _report_distances
         result = agg(experts, [1] * 3, init)
-    scale = float((spec.flatten(init) - soup).norm())
+    scale = float((_flat(init) - soup).norm())
     assert [x for _, _, x, _ in out] == [0, 1, 2, 3] and {s for s, *_ in out} == {"ame"}
     assert out[0][3]["dist_pivot"] == 0 and abs(out[0][3]["dist_soup"] - 1) < 1e-6
     last = out[-1][3]  # GD with lr 1/k over one epoch is the soup
     assert last["dist_soup"] < 1e-5 and abs(last["dist_pivot_l2"] - scale) < 1e-4
-    assert abs(last["dist_pivot"] - float((spec.flatten(result) - spec.flatten(init)).norm()) / scale) < 1e-5
+    assert abs(last["dist_pivot"] - float((_flat(result) - _flat(init)).norm()) / scale) < 1e-5
 
 
 def test_results_table_in_percent_without_a_repeated_soup_and_every_scalar_flattened():

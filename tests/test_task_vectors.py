@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ame.aggregate import average
+from ame.aggregators import average
 from ame.errors import AMEError
-from ame.task_vectors import TaskVectors
+from ame.aggregators import TaskVectors
 from tests.conftest import BUFFERS, tiny_experts
 
 BASE = torch.ones(4)

@@ -1,0 +1,276 @@
+"""AME, one family: soup, weighted soup and every AME variant.
+
+The model soup and every AME variant are one aggregator, :class:`AME`: an ordinary ``torch.optim``
+optimizer run over the experts with the pseudogradient of f_i(w) = ½‖w − x_i‖². Plain gradient
+descent with step 1/k over one epoch is the soup, from any pivot.
+
+It streams: the model is cut into chunks (:meth:`ame.pool.ExpertPool.chunks`); for each chunk the
+iterate, the pseudogradient, the pivot and the optimizer's state exist for that chunk only, and
+the experts are visited in the same seeded order for every chunk. Element-wise optimizers (all of
+``torch.optim`` but LBFGS) make this exactly the whole-model computation.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from ame.aggregators.base import Aggregator, average_chunk
+from ame.checkpoints import Output
+from ame.device import resolve_device
+from ame.errors import AMEError, require
+from ame.pool import INIT, ExpertPool
+from ame.progress import progress
+
+PIVOTS = ("init", "soup", "zero", "first")
+PSEUDOGRADIENTS = ("iterate", "pivot")
+ORDERS = ("fixed", "shuffle")
+LR_SCHEDULES = ("constant", "harmonic")
+
+
+def _step(opt: torch.optim.Optimizer) -> None:
+    try:
+        opt.step()
+    except TypeError as e:  # e.g. LBFGS: its step needs a closure that evaluates a loss on data
+        raise AMEError(f"aggregator.optimizer: {type(opt).__name__}.step() failed ({e}); AME needs an "
+                       f"optimizer that steps on a given gradient, such as SGD, Adam or Adagrad") from None
+
+
+class AME(Aggregator):
+    """Amortized Model Ensembling: feed per-expert pseudogradients to a torch.optim optimizer.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` class with its hyperparameters bound
+            (Hydra ``_partial_: true``), called as ``optimizer([w])``.
+        epochs: ensembling epochs (passes over the experts).
+        pivot: starting point and reference: the shared ``init``, the ``soup``, ``zero`` or the
+            ``first`` expert.
+        pseudogradient: ``iterate`` g_i = ζ_i (w − x_i); ``pivot`` g_i = ζ_i (x_pivot − x_i) / N.
+        amplification: ζ, a number, or ``shard_size`` for ζ_i = N n_i / Σ n (weights by shard size).
+        order: ``fixed`` (expert 0, 1, ...) or ``shuffle`` (a new seeded permutation each epoch).
+        lr_schedule: ``constant``, or ``harmonic``: step k (counted over all epochs) uses lr / k.
+        seed: seeds ``order=shuffle``.
+        name: the variant's name in results (``soup``, ``ame_adam``, ...).
+        device: where the chunk's iterate and optimizer state live (``cpu``, ``cuda``, ``auto``).
+        chunk_mb: the chunk size in MB of float32 (memory is about 5× this plus one slice per expert).
+
+    Optional distance trace (for watching a run, e.g. curves in W&B): set ``on_step`` to a function
+    ``on_step(step, metrics)``; after the run it is called for step 0 (the pivot) and every
+    ``on_step_every`` steps (and the last), with the iterate's distances over the parameters
+    (``dist_soup_l2``, ``dist_pivot_l2``, and relative to ‖pivot − soup‖ ``dist_soup``,
+    ``dist_pivot``, as in ``results.json``). Streaming makes them sums over chunks, so they arrive
+    when the run ends. Unset (the default), it costs nothing.
+    """
+
+    on_step: Callable[[int, dict], None] | None = None
+    on_step_every: int = 1
+    without_init = "use aggregator.pivot=soup|first|zero"
+    init_reason = " (pivot=init)"
+
+    def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], epochs: int = 1, pivot: str = "init",
+                 pseudogradient: str = "iterate", amplification: float | str = 1.0, order: str = "fixed",
+                 lr_schedule: str = "constant", seed: int = 0, name: str = "ame", device: str = "cpu",
+                 chunk_mb: float = 64):
+        super().__init__()
+        require(pivot in PIVOTS, f"aggregator.pivot must be one of {PIVOTS}, got {pivot!r}")
+        require(pseudogradient in PSEUDOGRADIENTS,
+                f"aggregator.pseudogradient must be one of {PSEUDOGRADIENTS}, got {pseudogradient!r}")
+        require(order in ORDERS, f"aggregator.order must be one of {ORDERS}, got {order!r}")
+        require(lr_schedule in LR_SCHEDULES, f"aggregator.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        require(isinstance(epochs, int) and epochs >= 1, f"aggregator.epochs must be an integer ≥ 1, got {epochs!r}")
+        require(amplification == "shard_size" or (isinstance(amplification, (int, float))
+                                                  and math.isfinite(amplification) and amplification > 0),
+                f"aggregator.amplification must be a positive number or 'shard_size', got {amplification!r}")
+        require(isinstance(chunk_mb, (int, float)) and chunk_mb > 0, f"aggregator.chunk_mb must be > 0, got {chunk_mb!r}")
+        self.optimizer, self.epochs, self.pivot_kind = optimizer, epochs, pivot
+        self.pseudogradient, self.amplification, self.order = pseudogradient, amplification, order
+        self.lr_schedule, self.seed, self.name, self.device = lr_schedule, seed, name, device
+        self.chunk_bytes = int(chunk_mb * 2**20)
+        self._kwargs: dict | None = None
+
+    def no_init_message(self) -> str:
+        return ("aggregator.pivot=init needs the experts' shared initialisation (train.init=shared|warm, or "
+                "experts.init=<file>); else use aggregator.pivot=soup|first|zero")
+
+    @property
+    def needs_init(self) -> bool:
+        return self.pivot_kind == "init"
+
+    def check(self) -> None:
+        """Fail now, before any expert is trained, if the optimizer or the device cannot work:
+        one step of the optimizer on a dummy parameter."""
+        resolve_device(self.device, "aggregator.device")
+        w = torch.nn.Parameter(torch.zeros(1))
+        w.grad = torch.zeros(1)
+        _step(self._optimizer(w))
+
+    def _optimizer(self, w: torch.nn.Parameter) -> torch.optim.Optimizer:
+        """``optimizer([w])`` on its fastest implementation: fused where torch has it (SGD, Adam,
+        AdamW, Adagrad), else foreach; an explicit ``fused``/``foreach`` setting is kept."""
+        if self._kwargs is not None:
+            return self.optimizer([w], **self._kwargs)
+        chosen = getattr(self.optimizer, "keywords", {}) or {}
+        tries = [{}] if {"fused", "foreach"} & set(chosen) else [{"fused": True}, {"foreach": True}, {}]
+        for i, kwargs in enumerate(tries):
+            try:
+                opt = self.optimizer([w], **kwargs)
+                self._kwargs = kwargs if w.device.type == "cpu" else None
+                return opt
+            except (TypeError, ValueError, RuntimeError) as e:
+                if i == len(tries) - 1:
+                    raise AMEError(f"aggregator.optimizer: {e}") from None
+        raise AssertionError("unreachable")
+
+    def _zeta(self, sizes: Sequence[float], n: int) -> list[float]:
+        if self.amplification == "shard_size":
+            return [n * s / sum(sizes) for s in sizes]
+        return [float(self.amplification)] * n
+
+    def _orders(self, n: int) -> list[list[int]]:
+        """The expert order of every epoch: drawn once, the same for every chunk."""
+        gen = torch.Generator().manual_seed(self.seed)
+        return [torch.randperm(n, generator=gen).tolist() if self.order == "shuffle" else list(range(n))
+                for _ in range(self.epochs)]
+
+    def _pivot_chunk(self, pool: ExpertPool, chunk, out: Tensor, acc: dict) -> Tensor:
+        """The pivot's slice of ``chunk``, written into ``out`` (float32)."""
+        if self.pivot_kind == "init":
+            return pool.read(INIT, chunk, out=out)
+        if self.pivot_kind == "first":
+            return pool.read(0, chunk, out=out)
+        if self.pivot_kind == "soup":
+            if "soup" not in acc:
+                acc["soup"] = torch.empty(max(c.numel for c in pool.chunks(self.chunk_bytes)), dtype=torch.float64)
+            return out.copy_(average_chunk(pool, chunk, [1.0] * pool.n, out=acc["soup"]))
+        return out.zero_()
+
+    def pivot(self, pool: ExpertPool) -> dict[str, Tensor] | None:
+        if self.pivot_kind == "soup":
+            return None
+        if self.pivot_kind == "zero":
+            return {k: torch.zeros(shape, dtype=d) for k, (shape, d) in pool.infos.items()}
+        return pool.whole(INIT if self.pivot_kind == "init" else 0)
+
+    def run(self, pool: ExpertPool, out: Output | None = None) -> Mapping[str, Tensor]:
+        n = pool.n
+        out = self._begin(pool, out, integers_from=INIT if self.pivot_kind == "init" else 0)
+        device = resolve_device(self.device, "aggregator.device")
+        on_gpu = device.type == "cuda"
+        zeta = self._zeta(pool.sizes, n)
+        orders = self._orders(n)
+        chunks = pool.chunks(self.chunk_bytes)
+        size = max(c.numel for c in chunks)
+        # workspaces reused from chunk to chunk (fresh pages cost a fault each): the pivot, the
+        # iterate, the pseudogradient (and the CUDA staging buffers, and the soup's accumulator)
+        work = {"pivot": torch.empty(size, device=device), "w": torch.empty(size, device=device),
+                "g": torch.empty(size, device=device)}
+        if on_gpu:
+            work |= {"staging": torch.empty(size, pin_memory=True), "x": torch.empty(size, device=device)}
+        total = self.epochs * n
+        every = max(1, int(self.on_step_every))
+        trace = ({s: [0.0, 0.0] for s in range(total + 1) if s % every == 0 or s == total}
+                 if self.on_step is not None else None)
+        try:
+            for chunk in progress(chunks, f"{self.name} chunks") if len(chunks) > 1 else chunks:
+                w = self._chunk(pool, chunk, zeta, orders, device, on_gpu, work, trace)
+                self._finish_chunk(pool, chunk, w, out, "the aggregate has NaN/Inf weights: the AME optimizer "
+                                   "diverged; lower aggregator.optimizer.lr")
+        except BaseException:
+            out.abort()
+            raise
+        if trace is not None:
+            scale = math.sqrt(trace[0][0])
+            for step, (soup2, pivot2) in trace.items():
+                m = {"dist_soup_l2": math.sqrt(soup2), "dist_pivot_l2": math.sqrt(pivot2)}
+                if scale > 0:
+                    m |= {"dist_soup": m["dist_soup_l2"] / scale, "dist_pivot": m["dist_pivot_l2"] / scale}
+                self.on_step(step, m)
+        return self._end(out)
+
+    @staticmethod
+    def _traced(pool: ExpertPool, chunk, w: Tensor, pivot: Tensor, soup: Tensor, into: list[float]) -> None:
+        """Add the chunk's squared distances of ``w`` to the soup and to the pivot (parameters only) to ``into``."""
+        for p in chunk.pieces:
+            if p.key in pool.params:
+                into[0] += float((w[p.lo:p.hi] - soup[p.lo:p.hi]).double().square().sum())
+                into[1] += float((w[p.lo:p.hi] - pivot[p.lo:p.hi]).double().square().sum())
+
+    def _chunk(self, pool: ExpertPool, chunk, zeta: list[float], orders: list[list[int]], device: torch.device,
+               on_gpu: bool, work: dict, trace: dict | None = None) -> Tensor:
+        """One chunk's AME: the iterate after every step over the experts, as float32."""
+        # The iterate and the pseudogradient are flat float32 buffers of this chunk: an AME step is
+        # one pass writing g = w − x_i (or x_pivot − x_i) straight from the expert's slices (views
+        # of its file), and one fused optimizer kernel. On CUDA the slice is staged through pinned
+        # memory and copied once.
+        n = chunk.numel
+        if on_gpu:
+            pivot = work["pivot"][:n].copy_(self._pivot_chunk(pool, chunk, torch.empty(n), work))
+            staging, x = work["staging"][:n], work["x"][:n]
+        else:
+            pivot = self._pivot_chunk(pool, chunk, work["pivot"][:n], work)
+        w = torch.nn.Parameter(work["w"][:n].copy_(pivot))
+        g = work["g"][:n]
+        w.grad = g
+        opt = self._optimizer(w)
+        base_lr = [group["lr"] for group in opt.param_groups]
+        step = 0
+        if trace is not None:
+            soup = pivot.clone() if self.pivot_kind == "soup" else \
+                average_chunk(pool, chunk, [1.0] * pool.n).to(device, torch.float32)
+            self._traced(pool, chunk, w.detach(), pivot, soup, trace[0])
+        for order in orders:
+            for i in order:
+                ref = w.detach() if self.pseudogradient == "iterate" else pivot
+                if on_gpu:
+                    x.copy_(pool.read(i, chunk, out=staging), non_blocking=True)
+                    torch.sub(ref, x, out=g)
+                else:  # one slice read (converted to float32 in one pass), one subtraction
+                    torch.sub(ref, pool.read(i, chunk, out=pool.buffer("x32", n)), out=g)
+                if self.pseudogradient == "pivot":
+                    g.div_(pool.n)
+                if zeta[i] != 1.0:
+                    g.mul_(zeta[i])
+                step += 1
+                if self.lr_schedule == "harmonic":
+                    for group, lr in zip(opt.param_groups, base_lr):
+                        group["lr"] = lr / step
+                _step(opt)
+                if on_gpu:
+                    torch.cuda.current_stream().synchronize()  # before the staging buffer is refilled
+                if trace is not None and step in trace:
+                    self._traced(pool, chunk, w.detach(), pivot, soup, trace[step])
+        return w.detach()
+
+
+def average(experts, weights: Sequence[float] | None = None, buffers=None, **pool_kwargs) -> dict[str, Tensor]:
+    """The (weighted) model soup of ``experts`` (an :class:`ExpertPool`, or what it takes), in float64
+    one expert at a time; integer entries from the first expert."""
+    pool = experts if isinstance(experts, ExpertPool) else ExpertPool(experts, buffers=buffers, **pool_kwargs)
+    return dict(Soup(weights).run(pool))
+
+
+class Soup(Aggregator):
+    """The plain (or ``weights``-weighted) average, accumulated in float64: the reference every
+    AME run is compared with. (``aggregator=soup`` is AME-GD with step 1/k, which equals it.)"""
+
+    name = "soup"
+
+    def __init__(self, weights: Sequence[float] | None = None):
+        super().__init__()
+        self.weights = weights
+
+    def run(self, pool: ExpertPool, out: Output | None = None) -> Mapping[str, Tensor]:
+        weights = [1.0] * pool.n if self.weights is None else [float(w) for w in self.weights]
+        require(len(weights) == pool.n and all(w >= 0 for w in weights) and sum(weights) > 0,
+                f"need {pool.n} non-negative weights with a positive sum, got {weights}")
+        out = self._begin(pool, out)
+        try:
+            for chunk in pool.chunks(self.chunk_bytes):
+                self._finish_chunk(pool, chunk, average_chunk(pool, chunk, weights), out)
+        except BaseException:
+            out.abort()
+            raise
+        return self._end(out)

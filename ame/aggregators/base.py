@@ -1,0 +1,129 @@
+"""The aggregator contract, and what every aggregator shares: integer entries, the output's
+finiteness check, and the one rule for normalisation statistics.
+
+    class Aggregator:
+        name: str
+        data_free: bool = True        # greedy soup: False (the pipeline attaches ``pool.score``)
+        needs_init: bool = False      # AME with pivot=init, task vectors
+        single_network: bool = True   # the output ensemble: False
+        def check(self) -> None       # settings, before anything is trained
+        def run(self, pool, out=None) -> StateDict
+
+**Statistics rule** (the same for every aggregator): float buffers (BatchNorm's ``running_mean``
+and ``running_var``) are treated exactly like parameters: each aggregator applies to them what it
+applies to the weights, so an aggregate's statistics come from the same point as its weights
+(AME's lr = 0 returns the pivot network, statistics included; GD with step 1/k the soup; task
+arithmetic with λ = 0 the init). Integer buffers (``num_batches_tracked``) come from the pivot
+network (AME with pivot=init|first; the base for task vectors), else from the first expert. A
+``running_var`` entry that an aggregator drives below zero (possible on a trajectory that
+overshoots, e.g. Adam, or task arithmetic with large λ) is clamped to the smallest value any
+expert has there; the count is logged and recorded in ``info["clamped_running_var"]``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from ame.checkpoints import Output
+from ame.errors import AMEError
+from ame.pool import Chunk, ExpertPool, Piece
+
+log = logging.getLogger(__name__)
+StateDict = dict[str, Tensor]
+CHUNK_BYTES = 64 << 20  # float32 bytes per chunk: big enough for fused kernels at full speed
+
+
+class Aggregator:
+    name: str = "aggregator"
+    data_free: bool = True
+    needs_init: bool = False
+    single_network: bool = True
+    without_init: str = "use train.init=shared|warm, or give experts.init"  # the fix when needs_init fails
+    init_reason: str = ""  # why it needs the init, for that message
+    chunk_bytes: int = CHUNK_BYTES
+
+    def __init__(self):
+        self.info: dict = {}
+
+    def check(self) -> None:
+        """Fail now, before any expert is trained, on settings that cannot work."""
+
+    def run(self, pool: ExpertPool, out: Output | None = None) -> Mapping[str, Tensor]:
+        raise NotImplementedError
+
+    def no_init_message(self) -> str:
+        return (f"aggregator={self.name} needs the experts' shared base (train.init=shared|warm, or "
+                "experts.init=<file>)")
+
+    def pivot(self, pool: ExpertPool) -> StateDict | None:
+        """The network this aggregator starts from, for reporting distances (None: the soup)."""
+        return None
+
+    def __call__(self, experts, sizes: Sequence[float] | None = None, init=None, buffers=None, score=None,
+                 **kwargs) -> Mapping[str, Tensor]:
+        """Convenience: ``run`` on ``ExpertPool(experts, sizes, init, buffers)``."""
+        pool = ExpertPool(experts, sizes, init, buffers, **kwargs)
+        pool.score = score
+        return self.run(pool)
+
+    # -- shared steps ----------------------------------------------------------------------------
+    def _begin(self, pool: ExpertPool, out: Output | None, integers_from: int = 0) -> Output:
+        if self.needs_init and pool.init is None:
+            raise AMEError(self.no_init_message())
+        self.info = {}
+        out = Output(pool.out_infos()) if out is None else out
+        ints = [k for k in pool.keys if k not in pool.floats]
+        if ints:
+            for k, v in pool.whole(integers_from, ints).items():
+                out.write(k, 0, v)
+        return out
+
+    def _finish_chunk(self, pool: ExpertPool, chunk: Chunk, values: Tensor, out: Output,
+                      diverged: str = "the aggregate has NaN/Inf values") -> None:
+        """Check ``values`` (float32, the chunk's aggregate), apply the running_var guard, write."""
+        values = values.detach()
+        if values.device.type != "cpu":
+            values = values.cpu()
+        if not torch.isfinite(values.sum()) and not torch.isfinite(values).all():  # one pass, no allocation
+            pool.scan(chunk)  # names an expert (or the init) with NaN/Inf values, if there is one
+            raise AMEError(diverged)
+        for p in chunk.pieces:
+            if p.key.endswith("running_var") and p.key in pool.buffers:
+                seg = values[p.lo:p.hi]
+                neg = seg < 0
+                if neg.any():
+                    lowest = None
+                    for i in range(pool.n):
+                        x = _piece(pool, i, p)
+                        lowest = x if lowest is None else torch.minimum(lowest, x)
+                    seg[neg] = lowest[neg]
+                    count = int(neg.sum())
+                    self.info["clamped_running_var"] = self.info.get("clamped_running_var", 0) + count
+                    log.warning("%s: %d running_var entries of '%s' went below zero; clamped to the experts' "
+                                "smallest value there", self.name, count, p.key)
+            out.write(p.key, p.start, values[p.lo:p.hi].to(pool.out_dtype(p.key)))
+
+    def _end(self, out: Output) -> Mapping[str, Tensor]:
+        return out.close()
+
+
+def _piece(pool: ExpertPool, i: int, p: Piece) -> Tensor:
+    """Expert ``i``'s values of one piece, as a float32 vector of its own."""
+    one = Chunk((Piece(p.key, p.start, p.stop, 0, p.hi - p.lo),), p.hi - p.lo)
+    return pool.read(i, one)
+
+
+def average_chunk(pool: ExpertPool, chunk: Chunk, weights: Sequence[float], out: Tensor | None = None) -> Tensor:
+    """The weighted mean of the experts over ``chunk``, accumulated in float64 one expert at a time
+    (into ``out`` when given: a workspace reused from chunk to chunk)."""
+    total = torch.zeros(chunk.numel, dtype=torch.float64) if out is None else out[:chunk.numel].zero_()
+    x32 = pool.buffer("x32", chunk.numel)
+    x64 = pool.buffer("x64", chunk.numel, torch.float64)  # mixed-dtype arithmetic is 5× slower than a copy
+    s = sum(weights)
+    for i in range(pool.n):
+        total.add_(x64.copy_(pool.read(i, chunk, out=x32)), alpha=weights[i] / s)
+    return total

@@ -1,0 +1,334 @@
+"""The expert pool: what every aggregator receives, and the only way it reads weights.
+
+An :class:`ExpertPool` carries the experts (lazily: checkpoints read slice by slice, or state
+dicts), their shard sizes, the shared initialisation, which entries are buffers, and names.
+Aggregators stream through it::
+
+    for chunk in pool.chunks(max_bytes):        # a group of tensors, or rows of a big one
+        for i in order:
+            for lo, hi, x in pool.views(i, chunk):  # x: expert i's slice, in its own dtype
+                ...
+            pool.release(i)                     # its pages leave this process again
+
+Memory is then bounded by the chunk (and the aggregator's state for it), not the model nor N.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Collection, Iterator, Union
+
+import torch
+from torch import Tensor
+
+from ame.checkpoints import Checkpoint
+from ame.errors import AMEError, require
+
+StateDict = dict[str, Tensor]
+BUFFER_NAMES = re.compile(r"(^|\.)(running_mean|running_var|num_batches_tracked)$")
+INIT = -1  # the index that names the initialisation in :meth:`ExpertPool.views`
+
+
+@dataclass(frozen=True)
+class Piece:
+    key: str
+    start: int  # first row (along the tensor's first axis)
+    stop: int
+    lo: int  # where its elements sit in the chunk's flat vector
+    hi: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    pieces: tuple[Piece, ...]
+    numel: int
+
+
+class _Dict:
+    """A state dict as a source."""
+
+    def __init__(self, sd: Mapping[str, Tensor], name: str | None = None):
+        self.sd, self.name = sd, name
+        self.infos = {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
+
+    def rows(self, key: str, start: int | None = None, stop: int | None = None) -> Tensor:
+        t = self.sd[key].detach()
+        return (t if start is None else t[start:stop]).reshape(-1)
+
+    def release(self) -> None:
+        pass
+
+
+class _Lazy:
+    """Expert ``i`` of a sequence that makes state dicts on access (e.g. loads a file): made on
+    first use, dropped on :meth:`release`, so one is alive at a time."""
+
+    def __init__(self, seq: Sequence, i: int, infos: dict | None):
+        self.seq, self.i, self.sd, self.name = seq, i, None, None
+        self.infos = infos  # filled by the pool from the first expert
+
+    def load(self) -> Mapping[str, Tensor]:
+        if self.sd is None:
+            self.sd = self.seq[self.i]
+        return self.sd
+
+    def rows(self, key: str, start: int | None = None, stop: int | None = None) -> Tensor:
+        t = self.load()[key].detach()
+        return (t if start is None else t[start:stop]).reshape(-1)
+
+    def release(self) -> None:
+        self.sd = None
+
+
+def _source(x, key_prefix: str | None, what: str):
+    if isinstance(x, (str, Path)):
+        return Checkpoint(x, key_prefix, what)
+    if isinstance(x, Checkpoint):
+        return x
+    if isinstance(x, Mapping):
+        return _Dict(x)
+    raise AMEError(f"{what}: expected a checkpoint path or a state dict, got {type(x).__name__}")
+
+
+ExpertLike = Union[str, Path, Mapping[str, Tensor], Checkpoint]
+
+
+class ExpertPool:
+    """Experts for an aggregator.
+
+    Args:
+        experts: checkpoint paths, :class:`~ame.checkpoints.Checkpoint` s or state dicts; or any
+            sequence that makes state dicts on access (read lazily, one at a time).
+        sizes: shard sizes (equal when not given).
+        init: the experts' shared initialisation (a path, checkpoint or state dict), if any.
+        buffers: names of the non-parameter entries; by default found from the names of
+            normalisation statistics (``running_mean``, ``running_var``, ``num_batches_tracked``)
+            and every non-float entry.
+        names: for messages (default: the paths).
+        dtype: the aggregate's floating dtype (default: each entry's dtype in the experts).
+        key_prefix: strip (and keep only keys under) this prefix when reading paths.
+    """
+
+    def __init__(self, experts: Sequence[ExpertLike], sizes: Sequence[float] | None = None,
+                 init: ExpertLike | None = None, buffers: Collection[str] | None = None,
+                 names: Sequence[str] | None = None, dtype: torch.dtype | str | None = None,
+                 key_prefix: str | None = None):
+        n = len(experts)
+        require(n > 0, "no experts to aggregate; check experts.paths or data.shards.num_shards")
+        lazy = not isinstance(experts, (list, tuple)) or not all(
+            isinstance(e, (str, Path, Mapping, Checkpoint)) for e in experts)
+        if lazy:
+            first = experts[0]
+            infos = {k: (tuple(v.shape), v.dtype) for k, v in first.items()}
+            self.sources = [_Lazy(experts, i, infos) for i in range(n)]
+            del first
+        else:
+            self.sources = [_source(e, key_prefix, "experts.paths") for e in experts]
+        given = names if names is not None else getattr(experts, "names", None)
+        self.names = [str(x) for x in given] if given is not None else [
+            getattr(s, "name", None) for s in self.sources]
+        self.n = n
+        sizes = [1] * n if sizes is None else list(sizes)
+        require(len(sizes) == n and all(isinstance(s, (int, float)) and s > 0 for s in sizes),
+                f"need one positive shard size per expert ({n}), got {sizes}; check experts.sizes")
+        self.sizes = sizes
+        ref = self.sources[0].infos
+        self.infos: dict[str, tuple[tuple[int, ...], torch.dtype]] = dict(ref)
+        for i, s in enumerate(self.sources[1:], start=1):
+            if not isinstance(s, _Lazy):
+                self._match(s.infos, self.label(i), "the first expert")
+        self.init = None
+        if init is not None:
+            self.init = _source(init, key_prefix, "experts.init")
+            self._match(self.init.infos, "the initialisation", "the first expert", dtypes=False)
+        self.keys = list(ref)
+        self.floats = [k for k in self.keys if ref[k][1].is_floating_point]
+        self.buffers = set(buffers) if buffers is not None else {k for k in self.keys if BUFFER_NAMES.search(k)}
+        self.buffers |= {k for k in self.keys if k not in self.floats}
+        self.params = [k for k in self.floats if k not in self.buffers]
+        if dtype is not None and isinstance(dtype, str):
+            require(isinstance(getattr(torch, dtype, None), torch.dtype) and getattr(torch, dtype).is_floating_point,
+                    f"dtype={dtype!r} is not a floating torch dtype; use float32, bfloat16 or float16")
+            dtype = getattr(torch, dtype)
+        self.dtype = dtype
+        self.score = None  # a held-out scorer, attached only for aggregators that are not data-free
+        self._chunks: dict[int, list[Chunk]] = {}
+        self._work: dict = {}
+
+    # -- description -------------------------------------------------------------------------
+    def label(self, i: int) -> str:
+        if i == INIT:
+            return "the initialisation"
+        return f"expert {i}" + (f" ({self.names[i]})" if self.names[i] else "")
+
+    def _match(self, infos: dict, name: str, against: str, dtypes: bool = True) -> None:
+        ref = self.infos
+        if infos.keys() != ref.keys():
+            missing, extra = sorted(ref.keys() - infos.keys()), sorted(infos.keys() - ref.keys())
+            raise AMEError(f"{name} does not match {against}: missing keys {missing[:3]}, unexpected keys "
+                           f"{extra[:3]}; experts, init and model= must share one architecture (or set "
+                           "experts.key_prefix)")
+        for k, (shape, dtype) in ref.items():
+            s, d = infos[k]
+            if s != shape or (dtypes and d != dtype) or d.is_floating_point != dtype.is_floating_point:
+                raise AMEError(f"{name} does not match {against} at '{k}': {s} {d} vs {shape} {dtype}; experts, "
+                               "init and model= must share one architecture")
+
+    def check_against(self, infos: dict, against: str) -> None:
+        """One clear error if the experts (and the init) do not fit ``infos`` (a model's state dict)."""
+        want = {k: v for k, v in infos.items()}
+        for name, have in ((self.label(0), self.infos),
+                           *((("the initialisation (experts.init)", self.init.infos),) if self.init else ())):
+            if have.keys() != want.keys():
+                missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+                raise AMEError(f"{name} does not match {against}: missing keys {missing[:3]}, unexpected keys "
+                               f"{extra[:3]}; experts, init and model= must share one architecture")
+            for k, (shape, _) in want.items():
+                if have[k][0] != shape:
+                    raise AMEError(f"{name} does not match {against} at '{k}': {have[k][0]} vs {shape}; experts, "
+                                   "init and model= must share one architecture")
+
+    def out_dtype(self, key: str) -> torch.dtype:
+        d = self.infos[key][1]
+        return self.dtype if self.dtype is not None and d.is_floating_point else d
+
+    def out_infos(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {k: (shape, self.out_dtype(k)) for k, (shape, _) in self.infos.items()}
+
+    def numel(self, keys: Sequence[str] | None = None) -> int:
+        return sum(_numel(self.infos[k][0]) for k in (self.floats if keys is None else keys))
+
+    # -- streaming -----------------------------------------------------------------------------
+    def chunks(self, max_bytes: int) -> list[Chunk]:
+        """The float entries in order, grouped into chunks of at most ``max_bytes`` of float32
+        (a tensor larger than that is cut into groups of rows)."""
+        max_numel = max(1, int(max_bytes) // 4)
+        if max_numel in self._chunks:
+            return self._chunks[max_numel]
+        out, pieces, used = [], [], 0
+        for k in self.floats:
+            shape = self.infos[k][0]
+            rows = shape[0] if shape else 1
+            row = _numel(shape[1:]) if shape else 1
+            start = 0
+            while start < rows or (rows == 0 and start == 0):
+                room = max_numel - used
+                take = rows - start if (rows - start) * row <= room else max(room // max(row, 1), 0)
+                if take == 0 and pieces:  # close this chunk and start the next
+                    out.append(Chunk(tuple(pieces), used))
+                    pieces, used = [], 0
+                    continue
+                take = max(take, 1) if rows else 0
+                pieces.append(Piece(k, start, start + take, used, used + take * row))
+                used += take * row
+                start += take
+                if rows == 0:
+                    break
+        if pieces:
+            out.append(Chunk(tuple(pieces), used))
+        self._chunks[max_numel] = out
+        return out
+
+    def buffer(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A workspace of ``numel`` entries, reused from chunk to chunk (fresh pages cost a fault
+        each, which at a few µs per 4 KB page is as slow as the arithmetic)."""
+        t = self._work.get((name, dtype))
+        if t is None or t.numel() < numel:
+            t = self._work[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        return t[:numel]
+
+    def _src(self, i: int):
+        if i == INIT:
+            require(self.init is not None, "no initialisation was given; set experts.init")
+            return self.init
+        return self.sources[i]
+
+    def views(self, i: int, chunk: Chunk) -> Iterator[tuple[int, int, Tensor]]:
+        """Expert ``i``'s (or, for ``INIT``, the init's) slice of ``chunk``, piece by piece:
+        ``(lo, hi, flat tensor)`` in the source's dtype. A file's slices are read into a buffer
+        reused by the next call: use each piece before asking for another source's. Call
+        :meth:`release` when done."""
+        src = self._src(i)
+        if isinstance(src, _Lazy) and src.sd is None:
+            sd = src.load()
+            self._match({k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, self.label(i), "the first expert")
+        raw = None
+        for p in chunk.pieces:
+            whole = p.start == 0 and p.stop == (self.infos[p.key][0][0] if self.infos[p.key][0] else 1)
+            if isinstance(src, Checkpoint) and src.format == "safetensors":  # read into a reused buffer
+                if raw is None:
+                    raw = self.buffer(f"raw{i == INIT}", chunk.numel * 8, torch.uint8)
+                dtype = src.infos[p.key][1]
+                size = dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty((), dtype=dtype).element_size()
+                dest = raw[p.lo * size:p.hi * size].view(dtype)
+                x = src.rows(p.key, None if whole else p.start, None if whole else p.stop, out=dest)
+            else:
+                x = src.rows(p.key) if whole else src.rows(p.key, p.start, p.stop)
+            yield p.lo, p.hi, x
+
+    def read(self, i: int, chunk: Chunk, out: Tensor | None = None, release: bool = True) -> Tensor:
+        """Expert ``i``'s slice of ``chunk`` as one float32 vector (into ``out`` when given).
+
+        From a safetensors file the pieces are read straight into ``out`` (float32) or into one
+        buffer converted by a single copy: one large kernel rather than one per tensor, which on
+        a busy machine (each multi-threaded kernel waits for its threads) is several times faster."""
+        out = torch.empty(chunk.numel, dtype=torch.float32) if out is None else out
+        src = self._src(i)
+        if isinstance(src, Checkpoint) and src.format == "safetensors":
+            dtypes = {src.infos[p.key][1] for p in chunk.pieces}
+            if len(dtypes) == 1:
+                dtype = dtypes.pop()
+                dest = out if dtype == torch.float32 else self.buffer(f"raw{i == INIT}", chunk.numel * dtype.itemsize,
+                                                                      torch.uint8)
+                flat = dest[:chunk.numel] if dtype == torch.float32 else dest[:chunk.numel * dtype.itemsize].view(dtype)
+                for p in chunk.pieces:
+                    whole = p.start == 0 and p.stop == (self.infos[p.key][0][0] if self.infos[p.key][0] else 1)
+                    src.rows(p.key, None if whole else p.start, None if whole else p.stop, out=flat[p.lo:p.hi])
+                if dtype != torch.float32:
+                    out.copy_(flat)
+                return out
+        for lo, hi, x in self.views(i, chunk):
+            out[lo:hi].copy_(x)
+        if release:
+            self.release(i)
+        return out
+
+    def release(self, i: int) -> None:
+        self._src(i).release()
+
+    def scan(self, chunk: Chunk, which: Sequence[int] | None = None) -> None:
+        """Raise one clear error naming the first expert (or the init) with NaN/Inf values in ``chunk``."""
+        which = ([INIT] if self.init is not None else []) + list(range(self.n)) if which is None else which
+        for i in which:
+            for p, (_, _, x) in zip(chunk.pieces, self.views(i, chunk)):
+                if not torch.isfinite(x).all():
+                    self.release(i)
+                    raise AMEError(f"{self.label(i)} has NaN/Inf values in '{p.key}'; retrain that expert or "
+                                   "leave it out")
+            self.release(i)
+
+    def whole(self, i: int, keys: Sequence[str] | None = None) -> StateDict:
+        """Entries of expert ``i`` (or the init) as full tensors (copies), ``keys`` or all of them."""
+        src = self._src(i)
+        out = {k: src.rows(k).clone().reshape(self.infos[k][0]) for k in (self.keys if keys is None else keys)}
+        src.release()
+        return out
+
+    def subset(self, idx: Sequence[int]) -> "ExpertPool":
+        """The experts ``idx`` (same init, buffers, dtype), still lazy."""
+        sub = object.__new__(ExpertPool)
+        sub.__dict__.update(self.__dict__)
+        sub.sources = [self.sources[i] for i in idx]
+        sub.names = [self.names[i] for i in idx]
+        sub.sizes = [self.sizes[i] for i in idx]
+        sub.n, sub._chunks, sub._work = len(idx), {}, {}
+        return sub
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,45 @@
+"""A data-using reference, declared as such: BatchNorm statistics recomputed on held-out data.
+
+``bn_reset=true`` replaces the aggregate's running means and variances by those of its own
+activations on the validation split (``data.val_size``), a "reset"/"repair" used in the
+model-merging literature. It shows how much of a merge's gap is only its statistics; the run's
+results say ``data_free: false``."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from ame.data import ImageData
+from ame.errors import require
+from ame.io import StateDict
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+@torch.no_grad()
+def reset_batchnorm(model: nn.Module, sd: StateDict, data: ImageData, x: torch.Tensor, device: torch.device,
+                    batch_size: int = 256) -> StateDict:
+    """``sd`` with every BatchNorm's running statistics recomputed on the images ``x`` (the exact
+    mean and unbiased variance over all of them: momentum ``None``, one pass in train mode)."""
+    require(len(x) > 0, "bn_reset=true recomputes BatchNorm statistics on the validation split, but it is empty; "
+            "set data.val_size (e.g. data.val_size=1000)")
+    net = copy.deepcopy(model).to(device)
+    net.load_state_dict(sd)
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    net.train()
+    for i in range(0, len(x), batch_size):
+        net(data.normalize(x[i:i + batch_size].to(device)))
+    out = {k: v.detach().cpu().to(sd[k].dtype) for k, v in net.state_dict().items()}
+    for m in bns:  # counters as they were: only the statistics are replaced
+        prefix = next(n for n, mod in net.named_modules() if mod is m)
+        key = f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"
+        if key in sd:
+            out[key] = sd[key].clone()
+    return out
