@@ -167,12 +167,16 @@ def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
     found = list(dict.fromkeys((r["aggregator"], r["variant"]) for r in results))
     rank = {name: i for i, name in enumerate(ORDER)}
     for name, variant in sorted(found, key=lambda nv: rank.get(nv[0], len(ORDER))):  # stable: variants in run order
-        ms = [r["metrics"] for r in results if (r["aggregator"], r["variant"]) == (name, variant)]
-        if name == "soup" and not variant:  # the soup row already: add its distances, not a copy
-            soup = next(r for r in rows if r.label == "soup")
-            soup.stats.update({k: s for k, s in _stats(ms).items() if k.startswith("dist/")})
-            continue
-        rows.append(Row(setting, aggregator_label(name, variant), name, variant, _stats(ms)))
+        runs = [r for r in results if (r["aggregator"], r["variant"]) == (name, variant)]
+        ms = [r["metrics"] for r in runs]
+        label = aggregator_label(name, variant)
+        if name == "soup" and not variant:
+            if all(r["metrics"].get("id/acc") == r["soup"].get("id/acc") for r in runs):
+                soup = next(r for r in rows if r.label == "soup")  # the soup row already: add its distances
+                soup.stats.update({k: s for k, s in _stats(ms).items() if k.startswith("dist/")})
+                continue
+            label = "soup, as run (e.g. bn_reset)"  # not the reference soup's network: a row of its own
+        rows.append(Row(setting, label, name, variant, _stats(ms)))
     return rows
 
 
