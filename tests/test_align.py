@@ -80,6 +80,7 @@ def test_weight_matching_records_how_much_closer_the_experts_moved():
     assert before[0] == pytest.approx(1.0) and all(a > b for a, b in zip(after[1:], before[1:]))
 
 
+@pytest.mark.slow
 def test_aligned_soup_of_independent_experts_beats_the_unaligned_soup(tmp_path):
     """End to end on digits (iid shards; the default Dirichlet shards of 1,800 images leave some experts
     too weak to tell): init=independent, the soup with and without weight matching."""

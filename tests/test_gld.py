@@ -87,6 +87,7 @@ def test_natural_shards_keep_clients_whole_and_balance_sizes():
     assert sum(plain.sizes) == len(groups)
 
 
+@pytest.mark.slow
 def test_gld23k_with_vit_s_composes_and_runs_end_to_end(gld_root, tmp_path):
     cfg = run_cli(["--cfg", "job", "data=gld23k"], tmp_path, out="cfg").stdout
     assert "vit_small_patch16_224" in cfg and "ame.data.shards.natural" in cfg and "torch.optim.AdamW" in cfg

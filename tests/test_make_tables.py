@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT
@@ -84,6 +85,7 @@ def test_an_older_csv_with_a_repeated_soup_row_reads_as_one_soup_row(tmp_path):
     assert "| soup | 50.00 ± 1.00 | 0.00 ± 0.00 |" in out
 
 
+@pytest.mark.slow
 def test_fig1_series_average_seeds_per_line_and_the_png_is_deterministic(tmp_path):
     from ame.analysis import load, series
 

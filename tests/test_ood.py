@@ -115,6 +115,7 @@ def test_ood_metrics_report_as_the_literature_does():
     assert "ood/acc" not in only_extras and only_extras["ood/extra_acc"] == 0.5
 
 
+@pytest.mark.slow
 def test_a_run_on_published_arrays_reports_the_same_keys_as_a_generated_run(tmp_path):
     from ame.data import load_digits
     d = load_digits()

@@ -99,6 +99,7 @@ def test_wandb_offline_run_reads_back_with_config_summary_history_and_artifacts(
     assert next(rec for rec in records if rec["type"] == "exit")["exit"].get("exit_code", 0) == 0
 
 
+@pytest.mark.slow
 def test_wandb_runs_of_a_sweep_share_a_group_and_are_named_by_their_overrides(tmp_path):
     run_cli(["-m", "debug=fast", "aggregator=soup,ame_sgd", "tags=[first,digits]", "logger.job_type=check",
              "+logger.notes=from the test"], tmp_path, out="sweep")

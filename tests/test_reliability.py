@@ -19,6 +19,7 @@ from tests.conftest import FAST, ROOT, read_results, run_cli
 from tests.test_data import make_image_folder
 
 
+@pytest.mark.slow
 def test_same_command_twice_gives_identical_results_and_bytes(tmp_path):
     args = [*FAST, "aggregator=ame_adagrad", "aggregator.order=shuffle"]
     run_cli(args, tmp_path / "a")
@@ -32,6 +33,7 @@ def test_same_command_twice_gives_identical_results_and_bytes(tmp_path):
     assert a["experts"][0]["path"].split("/experts/")[1] == b["experts"][0]["path"].split("/experts/")[1]
 
 
+@pytest.mark.slow
 def test_run_killed_while_training_experts_resumes_to_the_same_result(tmp_path):
     args = [*FAST, "data.shards.num_shards=4", "train.epochs=150"]
     env = {**os.environ, "AME_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
@@ -55,6 +57,7 @@ def test_run_killed_while_training_experts_resumes_to_the_same_result(tmp_path):
     assert read_results(tmp_path / "resumed")["metrics"] == read_results(tmp_path / "fresh" / "out")["metrics"]
 
 
+@pytest.mark.slow
 def test_parallel_joblib_jobs_train_shared_experts_once_and_both_succeed(tmp_path):
     run_cli(["-m", *FAST, "hydra/launcher=local", "aggregator=soup,ame_adam"], tmp_path)  # the shipped config: 2 jobs
     results = [read_results(tmp_path / "out" / str(i)) for i in range(2)]
@@ -119,6 +122,7 @@ def test_a_bad_job_does_not_stop_the_sweep_and_the_sweep_names_it(tmp_path):
     assert "job 1 (" in proc.stderr.split(errors[-1])[1] and "Invalid learning rate" in proc.stderr.split(errors[-1])[1]
 
 
+@pytest.mark.slow
 def test_a_bad_job_does_not_stop_the_joblib_launcher(tmp_path):
     proc = run_cli(["-m", *FAST, "hydra/launcher=local", "aggregator.optimizer.lr=-1,0.001"], tmp_path, check=False)
     failed, done, _ = _sweep_outcome(tmp_path, proc, 2)
