@@ -15,6 +15,7 @@ import torch
 import ame.data.corruptions as C
 from ame.data.corruptions import CORRUPTIONS, EXTRAS, FAMILIES, STANDARD, corrupt
 from ame.errors import AMEError
+from scripts.check_cifar_c import clipped_zoom as _clipped_zoom  # the reference's clipped_zoom (one port)
 
 skimage = pytest.importorskip("skimage")
 cv2 = pytest.importorskip("cv2")
@@ -72,16 +73,6 @@ def test_defocus_blur_is_cv2_filter2d_with_the_antialiased_disk(imgs, s):
     ref = [np.uint8(np.clip(np.stack([cv2.filter2D(im[..., k] / 255., -1, disk) for k in range(3)], -1), 0, 1) * 255)
            for im in imgs]
     close(ours("defocus_blur", imgs, s), np.stack(ref), levels=1)
-
-
-def _clipped_zoom(img, z):
-    from scipy.ndimage import zoom
-    h = img.shape[0]
-    ch = int(np.ceil(h / z))
-    top = (h - ch) // 2
-    img = zoom(img[top:top + ch, top:top + ch], (z, z, 1), order=1)
-    t = (img.shape[0] - h) // 2
-    return img[t:t + h, t:t + h]
 
 
 @pytest.mark.parametrize("s", [1, 3, 5])
