@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ame.errors import AMEError, instantiate, positive_int, require
+from ame.config import instantiate
+from ame.errors import AMEError, positive_int, require
 
 METRIC_PREFIXES = ("id/", "ood/", "shard/", "dist/", "val/")
 # the aggregate's metrics outside ood/ (whose keys follow eval.corruptions): a typo is caught before any work

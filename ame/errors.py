@@ -17,11 +17,3 @@ def positive_int(value, key: str, minimum: int = 1) -> int:
             f"{key} must be an integer ≥ {minimum}, got {value!r}")
     return value
 
-
-def __getattr__(name: str):
-    """``instantiate`` lives in :mod:`ame.config` now; importing it from here still works."""
-    if name == "instantiate":
-        from ame.config import instantiate
-
-        return instantiate
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -120,7 +120,7 @@ def timm_model(in_channels: int, image_size: int, num_classes: int, name: str = 
     classifier head when the classes differ and resamples a position embedding), ``true`` for
     timm's own download (online users), or null for random weights. A pretrained model keeps the
     input normalisation it was trained with: its ``pretrained_cfg`` mean/std are recorded in
-    ``model.input_stats`` and :func:`ame.train.build_model` maps the data's standardised inputs to them."""
+    ``model.input_stats`` and :func:`build_model` maps the data's standardised inputs to them."""
     import logging
 
     import timm

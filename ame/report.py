@@ -11,7 +11,6 @@ from urllib.parse import urlparse
 
 from ame.errors import AMEError
 from ame.io import write_json
-from ame.progress import Timer, progress  # noqa: F401  (re-exported: they lived here before ame.progress)
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from ame.data import ImageData
 from ame.config import instantiate
 from ame.errors import AMEError, positive_int, require
-from ame.models import buffer_names, build_model  # noqa: F401  (buffer_names: re-exported)
+from ame.models import build_model
 from ame.progress import bar, report
 
 INITS = ("shared", "warm", "independent")

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from ame.data import ImageData  # noqa: E402
-from ame.train import build_model, expert_seed, fit, train_experts  # noqa: E402
+from ame.models import build_model  # noqa: E402
+from ame.train import expert_seed, fit, train_experts  # noqa: E402
 
 
 def config(parallel: bool, epochs: int):

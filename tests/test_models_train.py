@@ -10,7 +10,8 @@ from ame.data import load_digits, split
 from ame.errors import AMEError
 from ame.experts import cache_key, trained_experts
 from ame.models import CNN, MLP, ResNet
-from ame.train import augment, buffer_names, build_model
+from ame.models import buffer_names, build_model
+from ame.train import augment
 from tests.conftest import compose_cfg
 
 
