@@ -1,28 +1,30 @@
 """One run, top-down like the paper's pipeline: data → shards → experts → aggregate → evaluate → report."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ame.aggregators import AME, Aggregator, average
 from ame.align import align_experts, permutation_spec
-from ame.config import clean_config, instantiate, run_identity
-from ame.data import split
-from ame.device import resolve_device
-from ame.errors import AMEError, require
-from ame.data.corruptions import VERSION as CORRUPTIONS_VERSION
-from ame.evaluate import Evaluator, accuracy
-from ame.experts import config_hash, file_experts, trained_experts
 from ame.cache import Entry
 from ame.checks import check_config
+from ame.config import clean_config, instantiate, run_identity
+from ame.data import split
+from ame.data.corruptions import VERSION as CORRUPTIONS_VERSION
+from ame.device import resolve_device
+from ame.errors import AMEError, require
+from ame.evaluate import Evaluator, accuracy
+from ame.experts import config_hash, file_experts, trained_experts
 from ame.io import finite_json, save_state_dict
-from ame.repair import has_batchnorm, reset_batchnorm
 from ame.models import buffer_names, build_model
 from ame.progress import Timer, listening, report
+from ame.repair import has_batchnorm, reset_batchnorm
 from ame.report import format_table, write_results
 from ame.train import check_train_cfg
 
@@ -108,10 +110,11 @@ def brief(m: dict) -> str:
     return ", ".join(f"{label} {100 * m[k]:.2f}%" for k, label in names.items() if isinstance(m.get(k), float))
 
 
-def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
+def _reference_metrics(evaluator: Evaluator, ex, soup: Callable[[], dict], cfg: DictConfig) -> dict:
     """Metrics of the experts, the soup and the warm-start base. They are the same for every
     aggregator in a sweep, so they are computed once per expert set and evaluation setting and
-    cached beside the experts (trained experts only)."""
+    cached beside the experts (trained experts only). ``soup()`` gives the soup's weights (computed
+    only when the cache misses)."""
     eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
                 if k not in ("batch_size", "device", "_target_", "_partial_", "workers")}
     spec = {"eval": eval_cfg, "experts": ex.fingerprint, "format": 2,  # tied to the exact expert files
@@ -132,7 +135,7 @@ def _reference_metrics(evaluator: Evaluator, ex, soup, cfg: DictConfig) -> dict:
 
     mean = evaluator.ensemble_probabilities(ex.experts, each)
     ensemble = evaluator.metrics(mean)
-    ref = {"soup": evaluator(soup, name="soup"), "experts": experts,
+    ref = {"soup": evaluator(soup(), name="soup"), "experts": experts,
            "ensemble": {**ensemble, "single_network": False},  # the output ensemble: N networks, not one
            "base": evaluator(ex.init, name="warm base") if cfg.experts.source == "train" and cfg.train.init == "warm"
            else None}
@@ -177,12 +180,12 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
             f"classes, but {data.name} has {data.num_classes}; check data= or the expert files")
     buffers = buffer_names(model)
     against = f"model={cfg.model._target_.rsplit('.', 1)[-1]}"
-    ex.experts.pool(ex.sizes, ex.init, buffers).check_against(
-        {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}, against)
+    pool = ex.experts.pool(ex.sizes, ex.init, buffers)
+    pool.check_against({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}, against)
     if aligner is not None:
         with timer("align"):
             ex = align_experts(ex, aligner, spec, Path(cfg.paths.cache_dir), config_hash(cfg.align))
-    pool = ex.experts.pool(ex.sizes, ex.init, buffers)
+        pool = ex.experts.pool(ex.sizes, ex.init, buffers)  # the aligned copies
     single = aggregator.single_network  # the output ensemble is N networks: no weights
     val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
     if ame_every != 0 and isinstance(aggregator, AME):  # only when a logger wants the curves
@@ -196,7 +199,7 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
     if cfg.get("bn_reset"):  # the data-using reference: statistics recomputed on the validation split
         with timer("bn_reset"):
             aggregate = reset_batchnorm(model, aggregate, data, val_x, eval_device)
-    soup = average(pool)
+    soup = functools.cache(lambda: average(pool))  # the reference soup, once, and only if needed
 
     with timer("evaluate", lambda: f"aggregate {brief(metrics)}"):
         evaluator = instantiate(cfg.eval, "eval")(model=model, data=data, class_counts=ex.class_counts,
@@ -207,6 +210,7 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
         if single:
             metrics = evaluator(aggregate, name=f"{aggregator.name} (aggregate)")
             pivot = aggregator.pivot(pool)
+            soup = soup()
             pivot = soup if pivot is None else pivot
             params = [k for k, v in aggregate.items() if v.is_floating_point() and k not in buffers]
             scale, to_soup, to_pivot = (distance(a, b, params)
