@@ -47,6 +47,11 @@ COLUMNS = [
     Column("ood/weather/acc", "weather", "accuracy under weather corruptions (%)"),
     Column("ood/digital/acc", "digital", "accuracy under digital corruptions (%)"),
     Column("shard/min_acc", "worst shard", "worst-shard accuracy (%)"),
+    # experts against the base on each expert's own shard mix (the base row: its mean over the shards)
+    Column("shard/own_acc", "own shard", "accuracy on the own shard's class mix (%)"),
+    Column("shard/own_gain", "gain on own shard", "own-shard accuracy minus the base's (points)"),
+    Column("shard/own_gain_min", "min gain", "the smallest expert's own-shard gain over the base (points)"),
+    Column("shard/beats_base", "beat base", "share of experts beating the base on their own shard (%)"),
     Column("dist/pivot", "dist. to pivot", "distance to the pivot (relative to ‖pivot − soup‖)", percent=False),
     Column("dist/soup", "dist. to soup", "distance to the soup (relative to ‖pivot − soup‖)", percent=False),
 ]
@@ -59,7 +64,8 @@ NAMES = {"soup": "soup", "weighted_soup": "weighted soup", "ame_sgd": "AME-SGD",
          "ame_rmsprop": "AME-RMSprop", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE",
          "greedy_soup": "greedy soup (uses validation data)", "ensemble": "output ensemble (N networks)"}
 REFERENCES = ["base (warm start)", "experts (mean)", "experts (best ID)", "output ensemble (N networks)", "soup"]
-IGNORED = ("seed=", "hydra.", "hydra/", "logger", "paths.", "experiment=", "tags=", "task_name=", "debug=")
+IGNORED = ("seed=", "hydra.", "hydra/", "logger", "paths.", "experiment=", "tags=", "task_name=", "debug=",
+           "optimized_metric=")  # a tuned run is marked by its results (tuned_on_validation)
 
 # how an override reads in a title or legend: key → (format of the value)
 _SETTING_WORDS = {"data/shards": "{} shards", "data.shards.alpha": "α = {}", "train.init": "{} init",
@@ -156,20 +162,22 @@ def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
     by_set = list({expert_set(r): r for r in results}.values())
     refs: list[tuple[str, list[dict]]] = []
     if any(r.get("base") for r in by_set):
-        refs.append(("base (warm start)", [r["base"] for r in by_set if r.get("base")]))
-    refs.append(("experts (mean)", [{k: statistics.mean(e[k] for e in r["experts"]) for k in r["experts"][0]
-                                     if all(isinstance(e.get(k), float) for e in r["experts"])} for r in by_set]))
+        refs.append(("base (warm start)", [_base(r) for r in by_set if r.get("base")]))
+    refs.append(("experts (mean)", [_experts_mean(r["experts"]) for r in by_set]))
     refs.append(("experts (best ID)", [max(r["experts"], key=lambda e: e["id/acc"]) for r in by_set]))
     if all(r.get("ensemble") for r in by_set):
         refs.append(("output ensemble (N networks)", [r["ensemble"] for r in by_set]))
     refs.append(("soup", [r["soup"] for r in by_set]))
     rows = [Row(setting, label, stats=_stats(ms)) for label, ms in refs]
-    found = list(dict.fromkeys((r["aggregator"], r["variant"]) for r in results))
+    found = list(dict.fromkeys((r["aggregator"], r["variant"], bool(r.get("tuned_on_validation"))) for r in results))
     rank = {name: i for i, name in enumerate(ORDER)}
-    for name, variant in sorted(found, key=lambda nv: rank.get(nv[0], len(ORDER))):  # stable: variants in run order
-        runs = [r for r in results if (r["aggregator"], r["variant"]) == (name, variant)]
+    for name, variant, tuned in sorted(found, key=lambda nv: rank.get(nv[0], len(ORDER))):  # stable: run order
+        runs = [r for r in results if (r["aggregator"], r["variant"], bool(r.get("tuned_on_validation")))
+                == (name, variant, tuned)]
         ms = [r["metrics"] for r in runs]
         label = aggregator_label(name, variant)
+        if tuned:  # its hyperparameters were chosen on the validation split: not data-free
+            label = label[:-1] + ", tuned on validation)" if label.endswith(")") else label + " (tuned on validation)"
         if name == "soup" and not variant:
             if all(r["metrics"].get("id/acc") == r["soup"].get("id/acc") for r in runs):
                 soup = next(r for r in rows if r.label == "soup")  # the soup row already: add its distances
@@ -178,6 +186,22 @@ def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
             label = "soup, as run (e.g. bn_reset)"  # not the reference soup's network: a row of its own
         rows.append(Row(setting, label, name, variant, _stats(ms)))
     return rows
+
+
+def _experts_mean(experts: list[dict]) -> dict:
+    """The experts' mean metrics; with the base's own-shard comparison, also the smallest gain and
+    the share of experts that beat the base on their own shard."""
+    m = {k: statistics.mean(e[k] for e in experts) for k in experts[0] if all(isinstance(e.get(k), float) for e in experts)}
+    if "shard/own_gain" in m:
+        m["shard/own_gain_min"] = min(e["shard/own_gain"] for e in experts)
+        m["shard/beats_base"] = statistics.mean(float(e["shard/own_gain"] > 0) for e in experts)
+    return m
+
+
+def _base(r: dict) -> dict:
+    """The base's metrics, with its accuracy on the experts' own shard mixes (their mean)."""
+    own = [e["shard/base_own_acc"] for e in r["experts"] if "shard/base_own_acc" in e]
+    return r["base"] | ({"shard/own_acc": statistics.mean(own)} if own and len(own) == len(r["experts"]) else {})
 
 
 def summarize(results: list[dict]) -> list[Row]:

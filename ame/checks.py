@@ -129,6 +129,8 @@ def check_metric_name(metric, corruptions: Sequence[str]) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Every value that needs no data, before anything is trained or written."""
     seed(cfg.seed, "seed")
+    if cfg.get("base_seed") is not None:
+        seed(cfg.base_seed, "base_seed")
     if cfg.experts.source == "train":
         check_train(cfg.train)
     check_eval(cfg.eval)

@@ -14,7 +14,8 @@ architecture to a flat dict of metrics:
   ``ood/<corruption>/s<k>/acc`` for every corruption evaluated;
 - ``shard/min_acc``: accuracy on the test set reweighted to each shard's class mix, worst shard;
   for an expert also ``shard/own_acc`` (its own shard's mix) and ``shard/other_acc`` (the
-  pooled mix of the other shards).
+  pooled mix of the other shards); the pipeline adds ``shard/base_own_acc`` (the warm base on
+  that expert's mix) and ``shard/own_gain`` (own minus base: what fine-tuning bought).
 """
 from __future__ import annotations
 
@@ -124,6 +125,16 @@ class Evaluator:
             total = probs if total is None else {k: v + probs[k] for k, v in total.items()}
         return {k: v / len(experts) for k, v in total.items()}
 
+    def _per_class(self, pred: torch.Tensor) -> np.ndarray:
+        correct = (pred == self.test_y).double()
+        return np.array([float(correct[self.test_y == c].mean()) if (self.test_y == c).any() else 0.0
+                         for c in range(self.data.num_classes)])
+
+    def shard_accs(self, probs: dict) -> list[float]:
+        """Test accuracy reweighted to each shard's class mix (needs the class mixes)."""
+        per_class = self._per_class(probs["id"].argmax(1))
+        return [self._mix_acc(per_class, c) for c in self.counts]
+
     def metrics(self, probs: dict, shard: int | None = None) -> dict[str, float]:
         """Metrics from :meth:`probabilities` (of one network, or averaged over an ensemble)."""
         p = probs["id"]
@@ -133,10 +144,8 @@ class Evaluator:
         if self.ood:
             m |= ood_metrics({k: float((probs[k].argmax(1) == y).float().mean()) for k, (_, y) in self.ood.items()})
         if self.counts is not None:
-            correct = (pred == self.test_y).double()
-            per_class = np.array([float(correct[self.test_y == c].mean()) if (self.test_y == c).any() else 0.0
-                                  for c in range(self.data.num_classes)])
-            accs = [self._mix_acc(per_class, c) for c in self.counts]
+            accs = self.shard_accs(probs)
+            per_class = self._per_class(pred)
             m["shard/min_acc"] = min(accs)
             if shard is not None:
                 m["shard/own_acc"] = accs[shard]

@@ -112,15 +112,23 @@ def cache_key(cfg: DictConfig, data: ImageData, base_sha: str | None = None) -> 
         train.pop("warm_epochs", None), train.pop("warm_lr", None)
     spec = {"version": CACHE_VERSION, "content": data.fingerprint(), "seed": int(cfg.seed), "base": base_sha,
             "train": train, "data": OmegaConf.to_container(cfg.data, resolve=True), "model": _model_spec(cfg.model)}
+    if cfg.get("base_seed") is not None:  # it draws the public and validation splits (keys unchanged without it)
+        spec["base_seed"] = int(cfg.base_seed)
     return config_hash(spec), _strip(spec)
+
+
+def base_seed(cfg: DictConfig) -> int:
+    """The seed of the experts' shared base (its init, its public split and its data order):
+    ``base_seed``, or ``seed`` when that is null."""
+    return int(cfg.seed if cfg.get("base_seed") is None else cfg.base_seed)
 
 
 def base_key(cfg: DictConfig, data: ImageData) -> tuple[str, dict]:
     """Hash of what determines the experts' shared starting point: model, seed and init kind; for a
     warm start also the data settings but its sharding, and the base's own training (not the
     experts' epochs, nor their lr when ``warm_lr`` is set). Sweeps over shards or expert epochs
-    thus share one base."""
-    spec = {"version": CACHE_VERSION, "data": data.fingerprint(), "seed": int(cfg.seed), "init": cfg.train.init,
+    thus share one base, and so do sweeps over ``seed`` when ``base_seed`` is set."""
+    spec = {"version": CACHE_VERSION, "data": data.fingerprint(), "seed": base_seed(cfg), "init": cfg.train.init,
             "model": _model_spec(cfg.model)}
     if cfg.train.init == "warm":
         train = OmegaConf.to_container(cfg.train, resolve=True)
@@ -145,7 +153,7 @@ def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torc
         with base.lock():
             hit = base.load_tensors("init.safetensors")  # read once, verified while read
             if hit is None:
-                init = initial_state(cfg.model, cfg.train, data, split.public, int(cfg.seed), device)
+                init = initial_state(cfg.model, cfg.train, data, split.public, base_seed(cfg), device)
                 base_sha = base.put_tensors("init.safetensors", init, _meta(init=str(cfg.train.init),
                                                                              public_size=str(len(split.public))))
             else:

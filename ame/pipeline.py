@@ -117,7 +117,7 @@ def _reference_metrics(evaluator: Evaluator, ex, soup: Callable[[], dict], cfg: 
     only when the cache misses)."""
     eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
                 if k not in ("batch_size", "device", "_target_", "_partial_", "workers")}
-    spec = {"eval": eval_cfg, "experts": ex.fingerprint, "format": 2,  # tied to the exact expert files
+    spec = {"eval": eval_cfg, "experts": ex.fingerprint, "format": 3,  # tied to the exact expert files
             "corruptions": CORRUPTIONS_VERSION}  # and to the corruption code's outputs
     entry = Entry(cfg.paths.cache_dir, "metrics", config_hash(spec), spec, what="the reference metrics") \
         if ex.fingerprint is not None else None
@@ -127,18 +127,25 @@ def _reference_metrics(evaluator: Evaluator, ex, soup: Callable[[], dict], cfg: 
             log.info("experts, ensemble, soup and base: metrics from the cache (%s)", entry.root)
             return ref
     own = ex.class_counts is not None
+    base = None
+    if cfg.experts.source == "train" and cfg.train.init == "warm":
+        probs = evaluator.probabilities(ex.init, name="warm base")
+        base = evaluator.metrics(probs)
+        base_own = evaluator.shard_accs(probs) if own else None
     experts: list[dict] = []
 
     def each(i: int, probs: dict) -> None:
-        experts.append(evaluator.metrics(probs, shard=i if own else None))
+        m = evaluator.metrics(probs, shard=i if own else None)
+        if base is not None and own:  # did fine-tuning on the shard beat the base on the shard's own mix?
+            m |= {"shard/base_own_acc": base_own[i], "shard/own_gain": m["shard/own_acc"] - base_own[i]}
+        experts.append(m)
         log.info("evaluated expert %d: %s", i, brief(experts[-1]))
 
     mean = evaluator.ensemble_probabilities(ex.experts, each)
     ensemble = evaluator.metrics(mean)
     ref = {"soup": evaluator(soup(), name="soup"), "experts": experts,
            "ensemble": {**ensemble, "single_network": False},  # the output ensemble: N networks, not one
-           "base": evaluator(ex.init, name="warm base") if cfg.experts.source == "train" and cfg.train.init == "warm"
-           else None}
+           "base": base}
     for name in ("ensemble", "soup", "base"):
         if ref[name] is not None:
             log.info("evaluated %s: %s", name, brief(ref[name]))
@@ -163,7 +170,7 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
                f"{len(shards.public)}, validation {len(shards.val)}"):
         splitter = instantiate(cfg.data.shards, "data.shards")
         shards = split(data.train_y.numpy(), splitter, seed=seed, public_size=int(cfg.data.public_size),
-                       val_size=int(cfg.data.get("val_size", 0)),
+                       val_size=int(cfg.data.get("val_size", 0)), holdout_seed=cfg.get("base_seed"),
                        groups=None if data.train_groups is None else data.train_groups.numpy())
     model = build_model(cfg.model, data, seed)
     require(not cfg.get("bn_reset") or has_batchnorm(model), f"bn_reset=true, but model="

@@ -138,3 +138,32 @@ def test_aggregator_rows_put_the_soups_first_whatever_the_folder_names(tmp_path)
     out = script("make_tables.py", tmp_path).stdout
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[rows.index("soup"):] == ["soup", "weighted soup", "AME-Adam", "AME-Adagrad"]
+
+
+def test_tuned_runs_make_their_own_row_and_experts_are_compared_with_the_base_on_their_shard(tmp_path):
+    for seed in (0, 1):
+        for agg, tuned, acc in (("ame_adam", False, 0.6), ("ame_adam", True, 0.8)):
+            d = tmp_path / f"{agg}{seed}{tuned}"
+            over = [f"seed={seed}", f"aggregator={agg}"] + (["aggregator.optimizer.lr=0.001",
+                                                             "optimized_metric=val/acc"] if tuned else [])
+            write_run(d, agg, seed, acc, over)
+            r = json.loads((d / "results.json").read_text())
+            r["tuned_on_validation"] = tuned
+            r["base"] = {"id/acc": 0.7}
+            gains = (0.2, -0.1) if seed == 0 else (0.3, 0.1)  # expert 1 of seed 0 lost on its own shard
+            r["experts"] = [e | {"shard/own_acc": 0.5 + g, "shard/base_own_acc": 0.5, "shard/own_gain": g}
+                            for e, g in zip(r["experts"], gains)]
+            (d / "results.json").write_text(json.dumps(r))
+    out = script("make_tables.py", tmp_path).stdout
+    assert "###" not in out  # optimized_metric is not a setting: one table
+    assert "| AME-Adam | 60.00 ± 0.00 |" in out
+    assert "| AME-Adam (lr 0.001, tuned on validation) | 80.00 ± 0.00 |" in out
+    header = next(line for line in out.splitlines() if line.startswith("| network"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    experts = next(line for line in out.splitlines() if line.startswith("| experts (mean)"))
+    base = next(line for line in out.splitlines() if line.startswith("| base (warm start)"))
+    cell = lambda line, name: [c.strip() for c in line.strip("|").split("|")][cols.index(name)]  # noqa: E731
+    assert cell(experts, "gain on own shard") == "12.50 ± 10.61"  # (5, 20) points over the two seeds
+    assert cell(experts, "min gain") == "0.00 ± 14.14"  # -10 and +10
+    assert cell(experts, "beat base") == "75.00 ± 35.36"  # 1 of 2, then 2 of 2
+    assert cell(base, "own shard") == "50.00 ± 0.00" and cell(experts, "own shard") == "62.50 ± 10.61"

@@ -32,6 +32,9 @@ def test_default_run_writes_the_results_contract(default_run):
     assert len(r["experts"]) == 3 and all(e["shard_size"] > 0 and e["path"].endswith(".safetensors")
                                           for e in r["experts"])
     assert {"shard/own_acc", "shard/other_acc", "shard/min_acc"} <= r["experts"][0].keys()
+    # each expert against the base on its own shard's mix; the base's worst shard is the lowest of those
+    assert min(e["shard/base_own_acc"] for e in r["experts"]) == pytest.approx(r["base"]["shard/min_acc"])
+    assert all(e["shard/own_gain"] == pytest.approx(e["shard/own_acc"] - e["shard/base_own_acc"]) for e in r["experts"])
     assert {"dist/soup", "dist/pivot", "dist/scale"} <= r["metrics"].keys()
     assert set(r["timings_s"]) == {"data", "shards", "experts", "aggregate", "evaluate"}
     sd = load_file(str(tmp / "out" / "aggregate.safetensors"))
@@ -144,6 +147,17 @@ def test_multirun_over_aggregators_trains_experts_once(tmp_path):
     assert results[1]["metrics"]["id/acc"] == results[0]["soup"]["id/acc"]
     assert results[1]["metrics"]["dist/soup"] < 1e-5
     assert [e["path"] for e in results[0]["experts"]] == [e["path"] for e in results[2]["experts"]]
+
+
+def test_base_seed_trains_one_base_for_every_seed(tmp_path):
+    run_cli(["-m", *FAST, "aggregator=soup", "seed=0,1", "base_seed=0"], tmp_path)
+    a, b = (read_results(tmp_path / "out" / str(i)) for i in range(2))
+    same = [k for k in a["base"] if not k.startswith("shard/")]  # the worst shard depends on the shards
+    assert [a["base"][k] for k in same] == [b["base"][k] for k in same]
+    assert len([p for p in (tmp_path / "cache" / "bases").iterdir() if p.is_dir()]) == 1
+    assert a["experts"][0]["path"] != b["experts"][0]["path"] and a["soup"] != b["soup"]  # other shards, other experts
+    log = (tmp_path / "out" / "1" / "run.log").read_text()
+    assert "warm base epoch" not in log  # the second seed read the first one's base from the cache
 
 
 def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_path):

@@ -34,6 +34,19 @@ def test_same_seed_same_shards_other_seed_other_shards(name):
     assert not all(np.array_equal(x, y) for x, y in zip(a.shards, c.shards))
 
 
+def test_holdout_seed_fixes_public_and_validation_splits_while_seeds_vary_the_shards():
+    a, b = (split(LABELS, SPLITTERS["dirichlet"], seed=s, public_size=40, val_size=30, holdout_seed=0) for s in (1, 2))
+    assert np.array_equal(a.public, b.public) and np.array_equal(a.val, b.val)  # one base, one validation split
+    assert not all(np.array_equal(x, y) for x, y in zip(a.shards, b.shards))
+    for s in (a, b):  # still disjoint from the held-out images, and complete
+        everything = np.concatenate([*s.shards, s.public, s.val])
+        assert len(everything) == len(np.unique(everything)) == len(LABELS)
+    same = split(LABELS, SPLITTERS["dirichlet"], seed=1, public_size=40, val_size=30, holdout_seed=1)
+    plain = split(LABELS, SPLITTERS["dirichlet"], seed=1, public_size=40, val_size=30)
+    assert all(np.array_equal(x, y) for x, y in zip([same.public, same.val, *same.shards],
+                                                    [plain.public, plain.val, *plain.shards]))
+
+
 def test_shard_indices_are_stable_across_machines_and_releases():
     # numpy's PCG64 stream for an integer seed is fixed; this hash pins the whole splitting recipe.
     s = split(LABELS, SPLITTERS["dirichlet"], seed=0, public_size=20)

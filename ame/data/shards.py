@@ -111,19 +111,22 @@ def natural(labels: np.ndarray, num_shards: int, rng: np.random.Generator,
 
 
 def split(labels: np.ndarray, splitter: Callable[..., list[np.ndarray]], seed: int, public_size: int = 0,
-          val_size: int = 0, groups: np.ndarray | None = None) -> Split:
+          val_size: int = 0, groups: np.ndarray | None = None, holdout_seed: int | None = None) -> Split:
     """Take out ``public_size`` examples, then ``val_size`` more (a validation split, for the
     aggregators that are not data-free), uniformly at random; then shard the rest with
     ``splitter(labels, rng=...)`` (one of the functions above, with its settings bound: the
     ``data.shards`` config), which also gets the examples' ``groups`` (client ids) if it takes them.
-    Returned indices refer to the full training set."""
+    Returned indices refer to the full training set. ``holdout_seed`` (None: ``seed``) draws the
+    public and validation splits alone, so that runs of several seeds can share one base trained on
+    one public split while their shards differ."""
     labels = np.asarray(labels)
     require(0 <= public_size < len(labels),
             f"data.public_size must be in [0, {len(labels)}), got {public_size}")
     require(0 <= val_size < len(labels) - public_size,
             f"data.val_size must be in [0, {len(labels) - public_size}), got {val_size}")
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(labels))
+    hold = rng if holdout_seed is None or int(holdout_seed) == seed else np.random.default_rng(int(holdout_seed))
+    perm = hold.permutation(len(labels))
     public, val = np.sort(perm[:public_size]), np.sort(perm[public_size:public_size + val_size])
     rest = np.sort(perm[public_size + val_size:])
     takes_groups = "groups" in inspect.signature(splitter).parameters

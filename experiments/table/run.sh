@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The comparison table on CIFAR-10 shards: shards iid and Dirichlet α ∈ {0.1, 0.5} × init warm
-# (experts fine-tune a base trained on 10k public images, lr 0.01) and shared (experts train from
-# one random init, lr 0.05) × seeds 0, 1, 2 × 7 aggregators: 126 runs, 18 expert sets. Extra
-# arguments go to every run (e.g. data=cifar100_shards).
+# The comparison table on CIFAR-10 shards (strong regime by default; REGIME=small_cnn for the first
+# results' small CNN): shards iid and Dirichlet α ∈ {0.1, 0.5} × seeds 0, 1, 2 × 12 aggregators
+# (9 expert sets of 4, trained once and cached), then one row per AME optimizer with its learning
+# rate chosen on the validation split (experiments/table/tune.sh; not data-free). Extra arguments go
+# to every run (e.g. logger=none). A stopped run resumes from the cache.
 set -euo pipefail
 # Every run logs to W&B (offline: <job dir>/wandb/; one W&B group per sweep directory). Add
 # logger=none to skip it (about 3 s per job), or logger.mode=online to upload as you go.
 cd "$(dirname "$0")/../.."
-run() { python run.py -m experiment=table "$@"; }
-for shards in "data/shards=iid" "data/shards=dirichlet data.shards.alpha=0.1,0.5"; do
-  run $shards train.init=warm "$@"
-  run $shards train.init=shared train.optimizer.lr=0.05 "$@"
+REGIME=${REGIME:-strong}
+SHARDS=("data/shards=iid" "data/shards=dirichlet data.shards.alpha=0.5" "data/shards=dirichlet data.shards.alpha=0.1")
+for shards in "${SHARDS[@]}"; do
+  python run.py -m experiment=table regime="$REGIME" $shards "$@"
 done
-python scripts/make_tables.py multirun/table --out experiments/table/table.md
-python scripts/make_figures.py summary multirun/table --out experiments/table/table.png
+for shards in "${SHARDS[@]}"; do
+  bash experiments/table/tune.sh "$shards" "$@"
+done
+python scripts/make_tables.py "multirun/table/$REGIME" --out "experiments/table/table_$REGIME.md"
+python scripts/make_figures.py summary "multirun/table/$REGIME" --out "experiments/table/table_$REGIME.png"
