@@ -74,8 +74,9 @@ _SETTING_WORDS = {"data/shards": "{} shards", "data.shards.alpha": "α = {}", "t
                   "aggregator.optimizer.lr": "lr {}", "aggregator.pivot": "pivot {}",
                   "aggregator.epochs": "{} ensembling epochs", "aggregator.amplification": "ζ = {}",
                   "aggregator.pseudogradient": "{} pseudogradient", "aggregator.order": "{} order",
-                  "aggregator.lr_schedule": "{} lr schedule"}
-_VALUE_WORDS = {"train.init": {"warm": "warm-start", "shared": "shared random", "independent": "independent"},
+                  "aggregator.lr_schedule": "{} lr schedule", "regime": "{} regime"}
+_VALUE_WORDS = {"regime": {"strong": "strong (ResNet-20)", "small_cnn": "small-CNN"},
+                "train.init": {"warm": "warm-start", "shared": "shared random", "independent": "independent"},
                 "data/shards": {"iid": "iid", "dirichlet": "Dirichlet", "classes": "class-split"},
                 "align": {"none": "none", "weight_matching": "weight matching"},
                 "data": {"cifar10_shards": "CIFAR-10", "cifar100_shards": "CIFAR-100", "digits_shards": "digits",

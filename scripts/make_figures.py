@@ -43,7 +43,7 @@ def _level_label(line: str, v) -> str:
     return pretty_setting(f"{line}={_fmt(v)}")
 
 
-def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str) -> None:
+def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str, title: str = "") -> None:
     """``data``/``refs``: :func:`ame.analysis.series` of the aggregators and of the reference networks."""
     if not data:
         raise SystemExit(f"no runs with the overrides {x} and {line} and the metric {metric}")
@@ -81,7 +81,8 @@ def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str) -> N
                          va="center", transform=axes[0][-1].get_yaxis_transform())
     axes[0][0].set_ylabel(axis_label(metric))
     spread = ("mean and 95 % CI over " + "/".join(map(str, seeds)) + " seeds") if seeds != [1] else "one seed"
-    fig.suptitle(f"{axis_label(metric).replace(' (%)', '')} of the merged network ({spread})", fontsize=10)
+    fig.suptitle(f"{title}{': ' if title else ''}{axis_label(metric).replace(' (%)', '')} of the merged network "
+                 f"({spread})", fontsize=10)
     fig.legend(handles=[Line2D([], [], color=colours[v], marker="o", markersize=3, label=_level_label(line, v))
                         for v in levels], loc="lower center", ncol=len(levels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
@@ -107,7 +108,7 @@ def series_table(data: dict, panels: list[str], x: str, line: str, metric: str) 
     return "\n".join(out) + f"\n\n{metric} in %, {spread}.\n"
 
 
-def summary(rows: list[Row], out: Path, metrics=("id/acc", "ood/acc")) -> None:
+def summary(rows: list[Row], out: Path, metrics=("id/acc", "ood/acc"), title: str = "") -> None:
     """One panel per setting: each row's accuracies as points with 95 % confidence intervals."""
     groups = settings(rows)
     metrics = [m for m in metrics if any(m in r.stats for r in rows)]
@@ -143,6 +144,8 @@ def summary(rows: list[Row], out: Path, metrics=("id/acc", "ood/acc")) -> None:
     for ax in axes[-1]:
         ax.set_xlabel(f"accuracy (%), {spread}")
     axes[0][0].legend(fontsize=7, loc="lower left")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, **SAVE)
     plt.close(fig)
@@ -158,6 +161,7 @@ def main() -> None:
     ap.add_argument("--x", default="train.epochs", help="fig1: the override on the x axis")
     ap.add_argument("--line", default="data.shards.num_shards", help="fig1: one line per value of this override")
     ap.add_argument("--metric", default="id/acc", help="fig1: the metric on the y axis")
+    ap.add_argument("--title", default="", help="what the figure shows, e.g. the regime (above the panels)")
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.kind == "fig1":
@@ -167,12 +171,12 @@ def main() -> None:
             results = load(args.dirs)
             data, refs = series(results, args.x, args.line, args.metric), references(results, args.x, args.line,
                                                                                      args.metric)
-        fig1(data, refs, args.out, args.x, args.line, args.metric)
+        fig1(data, refs, args.out, args.x, args.line, args.metric, args.title)
         table = series_table({**refs, **data}, [*refs, *data], args.x, args.line, args.metric)
         if args.out.with_suffix(".md") not in args.dirs:
             args.out.with_suffix(".md").write_text(table)
     else:
-        summary(read(args.dirs), args.out)
+        summary(read(args.dirs), args.out, title=args.title)
     print(args.out)
 
 

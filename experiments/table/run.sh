@@ -16,5 +16,6 @@ done
 for shards in "${SHARDS[@]}"; do
   bash experiments/table/tune.sh "$shards" "$@"
 done
-python scripts/make_tables.py "multirun/table/$REGIME" --out "experiments/table/table_$REGIME.md"
-python scripts/make_figures.py summary "multirun/table/$REGIME" --out "experiments/table/table_$REGIME.png"
+OUT=experiments/table$([ "$REGIME" = strong ] || echo "/$REGIME")  # the strong regime's table, or a regime's folder
+python scripts/make_tables.py "multirun/table/$REGIME" --out "$OUT/table.md"
+python scripts/make_figures.py summary "multirun/table/$REGIME" --out "$OUT/table.png"
