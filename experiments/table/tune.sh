@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 REGIME=${REGIME:-strong}
 shards=$1
 shift
-slug=$(echo "$shards" | tr ' /=' '_--')
+slug=$(echo "$shards" | sed 's/[ /=]/_/g')
 declare -A GRID=(
   [ame_adam]="choice(1e-5,3e-5,1e-4,3e-4,1e-3)"
   [ame_adamw]="choice(1e-5,3e-5,1e-4,3e-4,1e-3)"
@@ -23,7 +23,7 @@ for agg in ame_adam ame_adamw ame_adagrad ame_adadelta ame_rmsprop; do
   if [ ! -f "$dir/optimization_results.yaml" ]; then
     python run.py -m experiment=table hparams_search=ame_lr regime="$REGIME" $shards seed=0 aggregator="$agg" \
       '~hydra.sweeper.params.seed' '~hydra.sweeper.params.aggregator' \
-      "hydra.sweeper.params.aggregator.optimizer.lr=${GRID[$agg]}" hydra.sweep.dir="$dir" "$@"
+      "aggregator.optimizer.lr=${GRID[$agg]}" hydra.sweep.dir="$dir" "$@"
   fi
   lr=$(python -c "from omegaconf import OmegaConf; print(OmegaConf.load('$dir/optimization_results.yaml').best_params['aggregator.optimizer.lr'])")
   echo "$agg: lr $lr chosen on the validation split ($dir/optimization_results.yaml)"
