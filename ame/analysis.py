@@ -56,6 +56,10 @@ COLUMNS = [
     Column("dist/soup", "dist. to soup", "distance to the soup (relative to ‖pivot − soup‖)", percent=False),
 ]
 BY_KEY = {c.key: c for c in COLUMNS}
+PAIRED = ["id/acc", "ood/acc", "shard/min_acc"]
+# each network minus the soup of the same experts, seed by seed (make_tables' second table)
+PAIRED_COLUMNS = [Column(f"vs_soup/{k}", f"Δ {BY_KEY[k].short}", f"{BY_KEY[k].long.replace(' (%)', '')} minus the soup's "
+                         "(points)") for k in PAIRED] + [BY_KEY["dist/pivot"], BY_KEY["dist/soup"]]
 
 ORDER = ["soup", "weighted_soup", "ame_sgd", "ame_adam", "ame_adamw", "ame_adagrad", "ame_adadelta", "ame_rmsprop",
          "task_arithmetic", "ties", "dare", "greedy_soup", "ensemble"]  # aggregator rows: soups first, as in the paper
@@ -161,15 +165,15 @@ def _stats(ms: list[dict]) -> dict[str, Stat]:
 
 def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
     by_set = list({expert_set(r): r for r in results}.values())
-    refs: list[tuple[str, list[dict]]] = []
+    refs: list[tuple[str, list[tuple[dict, dict]]]] = []  # (metrics, the same expert set's soup)
     if any(r.get("base") for r in by_set):
-        refs.append(("base (warm start)", [_base(r) for r in by_set if r.get("base")]))
-    refs.append(("experts (mean)", [_experts_mean(r["experts"]) for r in by_set]))
-    refs.append(("experts (best ID)", [max(r["experts"], key=lambda e: e["id/acc"]) for r in by_set]))
+        refs.append(("base (warm start)", [(_base(r), r["soup"]) for r in by_set if r.get("base")]))
+    refs.append(("experts (mean)", [(_experts_mean(r["experts"]), r["soup"]) for r in by_set]))
+    refs.append(("experts (best ID)", [(max(r["experts"], key=lambda e: e["id/acc"]), r["soup"]) for r in by_set]))
     if all(r.get("ensemble") for r in by_set):
-        refs.append(("output ensemble (N networks)", [r["ensemble"] for r in by_set]))
-    refs.append(("soup", [r["soup"] for r in by_set]))
-    rows = [Row(setting, label, stats=_stats(ms)) for label, ms in refs]
+        refs.append(("output ensemble (N networks)", [(r["ensemble"], r["soup"]) for r in by_set]))
+    refs.append(("soup", [(r["soup"], r["soup"]) for r in by_set]))
+    rows = [Row(setting, label, stats=_stats([m for m, _ in pairs]) | _vs_soup(pairs)) for label, pairs in refs]
     found = list(dict.fromkeys((r["aggregator"], r["variant"], bool(r.get("tuned_on_validation"))) for r in results))
     rank = {name: i for i, name in enumerate(ORDER)}
     for name, variant, tuned in sorted(found, key=lambda nv: rank.get(nv[0], len(ORDER))):  # stable: run order
@@ -179,14 +183,24 @@ def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
         label = aggregator_label(name, variant)
         if tuned:  # its hyperparameters were chosen on the validation split: not data-free
             label = label[:-1] + ", tuned on validation)" if label.endswith(")") else label + " (tuned on validation)"
+        if name == "ensemble" and not variant and all(r["metrics"].get("id/acc") == r["ensemble"].get("id/acc")
+                                                      for r in runs if r.get("ensemble")):
+            continue  # the output ensemble's reference row already
         if name == "soup" and not variant:
             if all(r["metrics"].get("id/acc") == r["soup"].get("id/acc") for r in runs):
                 soup = next(r for r in rows if r.label == "soup")  # the soup row already: add its distances
                 soup.stats.update({k: s for k, s in _stats(ms).items() if k.startswith("dist/")})
                 continue
             label = "soup, as run (e.g. bn_reset)"  # not the reference soup's network: a row of its own
-        rows.append(Row(setting, label, name, variant, _stats(ms)))
+        rows.append(Row(setting, label, name, variant, _stats(ms) | _vs_soup([(r["metrics"], r["soup"]) for r in runs])))
     return rows
+
+
+def _vs_soup(pairs: list[tuple[dict, dict]]) -> dict[str, Stat]:
+    """Paired differences with the soup of the same experts (the same seed): ``vs_soup/<key>``,
+    mean ± std over seeds. Seed-to-seed swings that move both networks alike cancel here."""
+    return _stats([{f"vs_soup/{k}": m[k] - soup[k] for k in PAIRED
+                    if isinstance(m.get(k), float) and isinstance(soup.get(k), float)} for m, soup in pairs])
 
 
 def _experts_mean(experts: list[dict]) -> dict:
@@ -232,7 +246,7 @@ def read_summary(path: Path) -> list[Row]:
                 label, name, variant = _old_label(line["network"])
             n = int(line["runs"])
             stats = {}
-            for c in COLUMNS:
+            for c in COLUMNS + PAIRED_COLUMNS:
                 mean, std = line.get(f"{c.key}_mean"), line.get(f"{c.key}_std")
                 if mean:
                     stats[c.key] = Stat(float(mean), float(std) if std else None, n)
@@ -257,9 +271,9 @@ def settings(rows: list[Row]) -> list[str]:
     return list(dict.fromkeys(r.setting for r in rows))
 
 
-def columns(rows: list[Row]) -> list[Column]:
-    """The columns some row has, in :data:`COLUMNS` order."""
-    return [c for c in COLUMNS if any(c.key in r.stats for r in rows)]
+def columns(rows: list[Row], among: list[Column] = COLUMNS) -> list[Column]:
+    """The columns some row has, in ``among``'s order (:data:`COLUMNS`, or :data:`PAIRED_COLUMNS`)."""
+    return [c for c in among if any(c.key in r.stats for r in rows)]
 
 
 def spread_label(rows: list[Row]) -> str:

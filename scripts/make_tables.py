@@ -7,7 +7,8 @@
 One table per setting (the runs' overrides other than ``seed``, the aggregator's, the logger's,
 paths and Hydra's), one row per network: the warm-start base, the experts (mean and best), the
 output ensemble, the soup and each aggregator setting; mean ± std over the runs that differ only
-in ``seed``. Rows, columns and their order come from :mod:`ame.analysis`. Deterministic given the
+in ``seed``. Under it, from results trees, the same networks paired with the soup of the same
+experts: each one's ID / OOD / worst-shard accuracy minus the soup's, seed by seed, mean ± std. Rows, columns and their order come from :mod:`ame.analysis`. Deterministic given the
 inputs.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import csv
 import io
 from pathlib import Path
 
-from ame.analysis import Row, cell, columns, pretty_setting, read, settings, spread_label
+from ame.analysis import PAIRED_COLUMNS, Row, cell, columns, pretty_setting, read, settings, spread_label
 
 
 def markdown(rows: list[Row]) -> str:
@@ -30,6 +31,14 @@ def markdown(rows: list[Row]) -> str:
         lines += ["| network | " + " | ".join(c.short for c in cols) + " |", "|---|" + "---:|" * len(cols)]
         lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c) for c in cols) + " |" for r in mine]
         lines.append(f"\nAccuracies in %, NLL in nats; {spread_label(mine)}.\n")
+        paired = [r for r in mine if r.label != "soup" and any(k.startswith("vs_soup/") for k in r.stats)]
+        if paired:
+            cols = columns(paired, PAIRED_COLUMNS)
+            lines += ["Paired with the soup of the same experts (seed by seed): each network minus the soup, in "
+                      f"points; {spread_label(paired)}.\n",
+                      "| network | " + " | ".join(c.short for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+            lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c) for c in cols) + " |" for r in paired]
+            lines.append("")
         parts.append("\n".join(lines))
     return "\n".join(parts)
 
@@ -57,7 +66,7 @@ def csv_rows(rows: list[Row]) -> str:
     """One CSV line per (setting, row): mean, std and run count of every column, unrounded."""
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
-    cols = columns(rows)
+    cols = columns(rows) + [c for c in columns(rows, PAIRED_COLUMNS) if c.key.startswith("vs_soup/")]
     out.writerow(["setting", "network", "aggregator", "variant", "runs"]
                  + [f"{c.key}_{s}" for c in cols for s in ("mean", "std")])
     for r in rows:

@@ -46,6 +46,8 @@ def test_tables_group_by_setting_and_average_over_seeds(tmp_path):
     assert "| soup | 60.00 ± 14.14 |" in first and "soup (aggregate)" not in first  # one soup row
     assert "| AME-Adam | 70.00 ± 14.14 |" in first
     assert "| AME-Adam (lr 0.1) | 90.00 |" in first
+    paired = first.split("Paired with the soup")[1]  # the same seed's soup subtracted: the seed swing (±14) cancels
+    assert "| AME-Adam | 10.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.50 ± 0.00 | 0.25 ± 0.00 |" in paired
     assert "| experts (best ID) | 20.00 ± 0.00 |" in first
     assert "mean ± std over 1–2 seeds" in first  # what ± means, and over how many
     assert script("make_tables.py", tmp_path).stdout == out
@@ -135,7 +137,7 @@ def test_fig1_refuses_to_average_runs_from_different_settings(tmp_path):
 def test_aggregator_rows_put_the_soups_first_whatever_the_folder_names(tmp_path):
     for name in ("ame_adagrad", "ame_adam", "weighted_soup", "soup"):  # alphabetical folders: ame_* first
         write_run(tmp_path / f"aggregator={name}", name, 0, 0.5, [f"aggregator={name}"])
-    out = script("make_tables.py", tmp_path).stdout
+    out = script("make_tables.py", tmp_path).stdout.split("Paired with the soup")[0]  # the first table
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[rows.index("soup"):] == ["soup", "weighted soup", "AME-Adam", "AME-Adagrad"]
 
