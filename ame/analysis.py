@@ -183,8 +183,8 @@ def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
         label = aggregator_label(name, variant)
         if tuned:  # its hyperparameters were chosen on the validation split: not data-free
             label = label[:-1] + ", tuned on validation)" if label.endswith(")") else label + " (tuned on validation)"
-        if name == "ensemble" and not variant and all(r["metrics"].get("id/acc") == r["ensemble"].get("id/acc")
-                                                      for r in runs if r.get("ensemble")):
+        if name == "ensemble" and not variant and any(r.label == "output ensemble (N networks)" for r in rows) \
+                and all(r["metrics"].get("id/acc") == r["ensemble"].get("id/acc") for r in runs):
             continue  # the output ensemble's reference row already
         if name == "soup" and not variant:
             if all(r["metrics"].get("id/acc") == r["soup"].get("id/acc") for r in runs):

@@ -34,8 +34,8 @@ def markdown(rows: list[Row]) -> str:
         paired = [r for r in mine if r.label != "soup" and any(k.startswith("vs_soup/") for k in r.stats)]
         if paired:
             cols = columns(paired, PAIRED_COLUMNS)
-            lines += ["Paired with the soup of the same experts (seed by seed): each network minus the soup, in "
-                      f"points; {spread_label(paired)}.\n",
+            lines += ["Paired with the soup of the same experts (seed by seed): Δ = each network's accuracy minus "
+                      f"the soup's, in points (the distances as above); {spread_label(paired)}.\n",
                       "| network | " + " | ".join(c.short for c in cols) + " |", "|---|" + "---:|" * len(cols)]
             lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c) for c in cols) + " |" for r in paired]
             lines.append("")

@@ -169,3 +169,18 @@ def test_tuned_runs_make_their_own_row_and_experts_are_compared_with_the_base_on
     assert cell(experts, "min gain") == "0.00 ± 14.14"  # -10 and +10
     assert cell(experts, "beat base") == "75.00 ± 35.36"  # 1 of 2, then 2 of 2
     assert cell(base, "own shard") == "50.00 ± 0.00" and cell(experts, "own shard") == "62.50 ± 10.61"
+
+
+def test_best_trial_takes_the_top_score_and_breaks_ties_towards_the_smaller_value(tmp_path):
+    for i, (lr, acc) in enumerate([(1e-3, 0.70), (1e-4, 0.75), (3e-4, 0.75), (1e-5, 0.60)]):  # a tie, visited larger first
+        d = tmp_path / str(i)
+        (d / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"aggregator.optimizer.lr={lr}", "seed=0"]), d / ".hydra" / "overrides.yaml")
+        (d / "results.json").write_text(json.dumps({"metrics": {"val/acc": acc}}))
+    proc = script("best_trial.py", tmp_path)
+    assert proc.stdout.strip() == "0.0001" and not proc.stderr
+    (tmp_path / "1" / "results.json").write_text(json.dumps({"metrics": {"val/acc": 0.5}}))
+    (tmp_path / "2" / "results.json").write_text(json.dumps({"metrics": {"val/acc": 0.5}}))
+    proc = script("best_trial.py", tmp_path)
+    assert proc.stdout.strip() == "0.001" and "edge of the values tried" in proc.stderr
+    assert "no finished trial" in script("best_trial.py", tmp_path / "0" / ".hydra", check=False).stderr

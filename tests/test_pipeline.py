@@ -3,6 +3,8 @@ offline run, bring-your-own experts, and one clear line for each bad input."""
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -158,6 +160,12 @@ def test_base_seed_trains_one_base_for_every_seed(tmp_path):
     assert a["experts"][0]["path"] != b["experts"][0]["path"] and a["soup"] != b["soup"]  # other shards, other experts
     log = (tmp_path / "out" / "1" / "run.log").read_text()
     assert "warm base epoch" not in log  # the second seed read the first one's base from the cache
+    # the base's public images (one split, drawn by base_seed) are in no seed's shards
+    splits = [load_file(str(Path(r["experts"][0]["path"]).parent / "shards.safetensors")) for r in (a, b)]
+    assert torch.equal(splits[0]["public"], splits[1]["public"])
+    for sp in splits:
+        sharded = torch.cat([v for k, v in sp.items() if k.startswith("shard_")])
+        assert not set(sp["public"].tolist()) & set(sharded.tolist())
 
 
 def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_path):

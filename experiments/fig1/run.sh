@@ -20,5 +20,7 @@ run aggregator=soup "$@"
 run aggregator=ame_adagrad aggregator.optimizer.lr=1e-3,1e-2,1e-1 "$@"
 run aggregator=ame_adamw aggregator.optimizer.lr=1e-4,1e-3,1e-2 "$@"
 run aggregator=ame_adadelta aggregator.optimizer.lr=0.1,1,10 "$@"
-OUT=experiments/fig1$([ "$REGIME" = strong ] || echo "/$REGIME")  # the strong regime's figure, or a regime's folder
+# the strong regime's outputs here; another regime's in experiments/fig1/<regime>/rerun/ (the committed
+# small_cnn/ files are the first results, made by an earlier version: not overwritten)
+OUT=experiments/fig1$([ "$REGIME" = strong ] || echo "/$REGIME/rerun")
 python scripts/make_figures.py fig1 "multirun/fig1/$DATA/$REGIME" --out "$OUT/fig1_$DATA.png"

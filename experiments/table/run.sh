@@ -16,6 +16,8 @@ done
 for shards in "${SHARDS[@]}"; do
   bash experiments/table/tune.sh "$shards" "$@"
 done
-OUT=experiments/table$([ "$REGIME" = strong ] || echo "/$REGIME")  # the strong regime's table, or a regime's folder
+# the strong regime's outputs here; another regime's in experiments/table/<regime>/rerun/ (the committed
+# small_cnn/ files are the first results, made by an earlier version: not overwritten)
+OUT=experiments/table$([ "$REGIME" = strong ] || echo "/$REGIME/rerun")
 python scripts/make_tables.py "multirun/table/$REGIME" --out "$OUT/table.md"
 python scripts/make_figures.py summary "multirun/table/$REGIME" --out "$OUT/table.png"

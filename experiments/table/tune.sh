@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One shard setting of the table (e.g. "data/shards=dirichlet data.shards.alpha=0.1"): for each
 # adaptive AME optimizer, choose its learning rate on the validation split (hparams_search=ame_lr:
-# a 5-point grid, trials scored by val/acc on seed 0's experts; the held-out split is the same for
+# a 5-point grid, trials scored by val/acc on seed 0's experts, the value picked by
+# scripts/best_trial.py, ties to the smaller lr; the held-out split is the same for
 # every seed, since the strong regime fixes base_seed), then run the chosen value on seeds 0, 1, 2
 # with the full evaluation. Those runs are marked tuned_on_validation (not data-free) and make a
 # row of their own in the table. Extra arguments go to every run. A finished search is not rerun.
@@ -25,7 +26,7 @@ for agg in ame_adam ame_adamw ame_adagrad ame_adadelta ame_rmsprop; do
       '~hydra.sweeper.params.seed' '~hydra.sweeper.params.aggregator' \
       "aggregator.optimizer.lr=${GRID[$agg]}" hydra.sweep.dir="$dir" "$@"
   fi
-  lr=$(python -c "from omegaconf import OmegaConf; print(OmegaConf.load('$dir/optimization_results.yaml').best_params['aggregator.optimizer.lr'])")
+  lr=$(python scripts/best_trial.py "$dir")  # the best val/acc; ties: the smaller lr
   echo "$agg: lr $lr chosen on the validation split ($dir/optimization_results.yaml)"
   python run.py -m experiment=table regime="$REGIME" $shards seed=0,1,2 aggregator="$agg" \
     aggregator.optimizer.lr="$lr" optimized_metric=val/acc "$@"
