@@ -144,8 +144,8 @@ class Evaluator:
         if self.ood:
             m |= ood_metrics({k: float((probs[k].argmax(1) == y).float().mean()) for k, (_, y) in self.ood.items()})
         if self.counts is not None:
-            accs = self.shard_accs(probs)
             per_class = self._per_class(pred)
+            accs = [self._mix_acc(per_class, c) for c in self.counts]
             m["shard/min_acc"] = min(accs)
             if shard is not None:
                 m["shard/own_acc"] = accs[shard]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fig. 1 (the paper's design): 4 panels (GD = soup, Adagrad, AdamW, Adadelta), x = the experts'
-# training epochs (1, 2, 4), one line per N ∈ {2, 4, 8, 16}, 3 learning rates per adaptive
+# training epochs (1, 2), one line per N ∈ {2, 4, 8, 16}, 3 learning rates per adaptive
 # optimizer, one ensembling epoch. REGIME picks the base and experts (strong: the 75.6 % ResNet-20
 # base, the default; small_cnn: the first results' small CNN), DATA the data config (default
 # cifar10_shards); further arguments go to every run:
