@@ -43,7 +43,8 @@ def _level_label(line: str, v) -> str:
     return pretty_setting(f"{line}={_fmt(v)}")
 
 
-def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str, title: str = "") -> None:
+def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str, title: str = "",
+         ylim: tuple[float, float] | None = None) -> None:
     """``data``/``refs``: :func:`ame.analysis.series` of the aggregators and of the reference networks."""
     if not data:
         raise SystemExit(f"no runs with the overrides {x} and {line} and the metric {metric}")
@@ -80,6 +81,8 @@ def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str, titl
         axes[0][-1].text(1.0, 100 * sum(base) / len(base), " warm-start\n base", color="grey", fontsize=7,
                          va="center", transform=axes[0][-1].get_yaxis_transform())
     axes[0][0].set_ylabel(axis_label(metric))
+    if ylim:  # a zoom: lines below the window leave it (the .md table keeps every number)
+        axes[0][0].set_ylim(*ylim)
     spread = ("mean and 95 % CI over " + "/".join(map(str, seeds)) + " seeds") if seeds != [1] else "one seed"
     fig.suptitle(f"{title}{': ' if title else ''}{axis_label(metric).replace(' (%)', '')} of the merged network "
                  f"({spread})", fontsize=10)
@@ -162,6 +165,7 @@ def main() -> None:
     ap.add_argument("--line", default="data.shards.num_shards", help="fig1: one line per value of this override")
     ap.add_argument("--metric", default="id/acc", help="fig1: the metric on the y axis")
     ap.add_argument("--title", default="", help="what the figure shows, e.g. the regime (above the panels)")
+    ap.add_argument("--ylim", type=float, nargs=2, metavar=("LOW", "HIGH"), help="fig1: the y window (a zoom)")
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.kind == "fig1":
@@ -171,7 +175,7 @@ def main() -> None:
             results = load(args.dirs)
             data, refs = series(results, args.x, args.line, args.metric), references(results, args.x, args.line,
                                                                                      args.metric)
-        fig1(data, refs, args.out, args.x, args.line, args.metric, args.title)
+        fig1(data, refs, args.out, args.x, args.line, args.metric, args.title, args.ylim)
         table = series_table({**refs, **data}, [*refs, *data], args.x, args.line, args.metric)
         if args.out.with_suffix(".md") not in args.dirs:
             args.out.with_suffix(".md").write_text(table)

@@ -331,14 +331,21 @@ def test_results_report_the_output_ensemble(default_run):
     assert "output ensemble (N networks)" in proc.stdout
 
 
-@pytest.mark.parametrize("name", ["fig1", "table", "ablations", "align"])
+@pytest.mark.parametrize("name", ["fig1", "table", "ablations", "align", "bn_stats"])
 def test_experiment_configs_compose_on_cifar(name, tmp_path):
     from omegaconf import OmegaConf
 
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg([f"experiment={name}"], tmp_path)
-    assert cfg.data.dataset._target_ == "ame.data.load_cifar" and cfg.model._target_ == "ame.models.CNN"
+    strong = name in ("fig1", "table", "bn_stats")  # the strong regime: one shared ResNet-20 + BN base
+    assert cfg.data.dataset._target_ == "ame.data.load_cifar"
+    assert cfg.model._target_ == ("ame.models.ResNet" if strong else "ame.models.CNN")
+    if strong:
+        assert cfg.model.norm == "batch" and cfg.base_seed == 0 and cfg.data.val_size == 1000
+        assert cfg.train.warm_epochs == 30 and cfg.train.warm_lr == 0.1 and cfg.train.optimizer.lr == 0.01
+        small = compose_cfg([f"experiment={name}", "regime=small_cnn"], tmp_path)
+        assert small.model._target_ == "ame.models.CNN" and small.base_seed is None
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if name == "align":
         assert cfg.train.init == "independent" and cfg.aggregator.name == "soup"

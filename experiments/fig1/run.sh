@@ -14,8 +14,9 @@ set -euo pipefail
 # logger=none to skip it (about 3 s per job), or logger.mode=online to upload as you go.
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-cifar10_shards}
-REGIME=${REGIME:-strong}
-run() { python run.py -m experiment=fig1 data="$DATA" regime="$REGIME" "$@"; }
+REGIME=${REGIME:-strong}  # strong | small_cnn | none (the data config's own model and training, e.g. GLD-23K's ViT-S)
+REGIME_ARG=$([ "$REGIME" = none ] && echo "~regime" || echo "regime=$REGIME")
+run() { python run.py -m experiment=fig1 data="$DATA" "$REGIME_ARG" "$@"; }
 run aggregator=soup "$@"
 run aggregator=ame_adagrad aggregator.optimizer.lr=1e-3,1e-2,1e-1 "$@"
 run aggregator=ame_adamw aggregator.optimizer.lr=1e-4,1e-3,1e-2 "$@"

@@ -8,10 +8,11 @@ set -euo pipefail
 # Every run logs to W&B (offline: <job dir>/wandb/; one W&B group per sweep directory). Add
 # logger=none to skip it (about 3 s per job), or logger.mode=online to upload as you go.
 cd "$(dirname "$0")/../.."
-REGIME=${REGIME:-strong}
+REGIME=${REGIME:-strong}  # strong | small_cnn | none (the data config's own model and training, e.g. GLD-23K's ViT-S)
+REGIME_ARG=$([ "$REGIME" = none ] && echo "~regime" || echo "regime=$REGIME")
 SHARDS=("data/shards=iid" "data/shards=dirichlet data.shards.alpha=0.5" "data/shards=dirichlet data.shards.alpha=0.1")
 for shards in "${SHARDS[@]}"; do
-  python run.py -m experiment=table regime="$REGIME" $shards "$@"
+  python run.py -m experiment=table "$REGIME_ARG" $shards "$@"
 done
 for shards in "${SHARDS[@]}"; do
   bash experiments/table/tune.sh "$shards" "$@"

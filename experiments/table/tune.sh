@@ -8,7 +8,8 @@
 # row of their own in the table. Extra arguments go to every run. A finished search is not rerun.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-REGIME=${REGIME:-strong}
+REGIME=${REGIME:-strong}  # strong | small_cnn | none (the data config's own model and training, e.g. GLD-23K's ViT-S)
+REGIME_ARG=$([ "$REGIME" = none ] && echo "~regime" || echo "regime=$REGIME")
 shards=$1
 shift
 slug=$(echo "$shards" | sed 's/[ /=]/_/g')
@@ -22,12 +23,12 @@ declare -A GRID=(
 for agg in ame_adam ame_adamw ame_adagrad ame_adadelta ame_rmsprop; do
   dir="multirun/search/$REGIME/$slug/$agg"
   if [ ! -f "$dir/optimization_results.yaml" ]; then
-    python run.py -m experiment=table hparams_search=ame_lr regime="$REGIME" $shards seed=0 aggregator="$agg" \
+    python run.py -m experiment=table hparams_search=ame_lr "$REGIME_ARG" $shards seed=0 aggregator="$agg" \
       '~hydra.sweeper.params.seed' '~hydra.sweeper.params.aggregator' \
       "aggregator.optimizer.lr=${GRID[$agg]}" hydra.sweep.dir="$dir" "$@"
   fi
   lr=$(python scripts/best_trial.py "$dir")  # the best val/acc; ties: the smaller lr
   echo "$agg: lr $lr chosen on the validation split ($dir/optimization_results.yaml)"
-  python run.py -m experiment=table regime="$REGIME" $shards seed=0,1,2 aggregator="$agg" \
+  python run.py -m experiment=table "$REGIME_ARG" $shards seed=0,1,2 aggregator="$agg" \
     aggregator.optimizer.lr="$lr" optimized_metric=val/acc "$@"
 done
