@@ -67,7 +67,6 @@ NAMES = {"soup": "soup", "weighted_soup": "weighted soup", "ame_sgd": "AME-SGD",
          "ame_adamw": "AME-AdamW", "ame_adagrad": "AME-Adagrad", "ame_adadelta": "AME-Adadelta",
          "ame_rmsprop": "AME-RMSprop", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE",
          "greedy_soup": "greedy soup (uses validation data)", "ensemble": "output ensemble (N networks)"}
-REFERENCES = ["base (warm start)", "experts (mean)", "experts (best ID)", "output ensemble (N networks)", "soup"]
 IGNORED = ("seed=", "hydra.", "hydra/", "logger", "paths.", "experiment=", "tags=", "task_name=", "debug=",
            "optimized_metric=")  # a tuned run is marked by its results (tuned_on_validation)
 
@@ -139,13 +138,21 @@ def load(dirs: list[Path]) -> list[dict]:
         raise SystemExit(f"no results.json under {', '.join(map(str, dirs))}")
     out = []
     for f in files:
-        r = json.loads(f.read_text())
+        r = readable(lambda p: _results(json.loads(p.read_text())), f, "a run's results.json")
         kept = [o for o in overrides(f) if not o.lstrip("+~").startswith(IGNORED)]
         r["setting"] = ", ".join(o for o in kept if not o.startswith("aggregator"))
         r["variant"] = ", ".join(o for o in kept if o.startswith("aggregator.") and "=" in o)
         r["overrides"] = dict(o.lstrip("+~").split("=", 1) for o in kept if "=" in o)
         out.append(r)
     return out
+
+
+def _results(r) -> dict:
+    """A results.json as this project writes it (its keys checked here, once)."""
+    missing = {"aggregator", "metrics", "soup", "experts"} - set(r)
+    if missing:
+        raise KeyError(f"missing {sorted(missing)}")
+    return r
 
 
 def expert_set(r: dict) -> tuple:
@@ -240,7 +247,8 @@ def read_summary(path: Path) -> list[Row]:
     rows: list[Row] = []
     with open(path, newline="") as f:
         for line in csv.DictReader(f):
-            if line.get("aggregator") is not None:
+            legacy = line.get("aggregator") is None
+            if not legacy:
                 label, name, variant = line["network"], line["aggregator"] or None, line.get("variant", "")
             else:
                 label, name, variant = _old_label(line["network"])
@@ -251,7 +259,7 @@ def read_summary(path: Path) -> list[Row]:
                 if mean:
                     stats[c.key] = Stat(float(mean), float(std) if std else None, n)
             row = Row(line["setting"], label, name, variant, stats)
-            if name == "soup" and not variant:  # older tables repeated the soup as an aggregate row
+            if legacy and name == "soup" and not variant:  # older tables repeated the soup as an aggregate row
                 soup = next((r for r in rows if r.setting == row.setting and r.label == "soup"), None)
                 if soup is not None:
                     soup.stats.update({k: s for k, s in stats.items() if k.startswith("dist/")})
@@ -263,8 +271,20 @@ def read_summary(path: Path) -> list[Row]:
 def read(paths: list[Path]) -> list[Row]:
     """Rows from results trees, or from a summary CSV (one path ending in .csv)."""
     if len(paths) == 1 and paths[0].suffix == ".csv":
-        return read_summary(paths[0])
-    return summarize(load(paths))
+        rows = readable(read_summary, paths[0], "a summary CSV written by make_tables.py --out")
+    else:
+        rows = summarize(load(paths))
+    if not rows:
+        raise SystemExit(f"error: no rows in {', '.join(map(str, paths))}")
+    return rows
+
+
+def readable(reader, path: Path, what: str, *args):
+    """``reader(path, *args)``, or one line naming the file when it is missing or not ``what``."""
+    try:
+        return reader(path, *args)
+    except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
+        raise SystemExit(f"error: {path}: cannot read it as {what} ({type(e).__name__}: {e})") from None
 
 
 def settings(rows: list[Row]) -> list[str]:
@@ -321,7 +341,7 @@ def _number(v: str):
         return v
 
 
-def _order(v) -> tuple:
+def value_order(v) -> tuple:
     """Numbers in numeric order, then strings."""
     return (isinstance(v, str), v)
 
@@ -345,8 +365,8 @@ def series(results: list[dict], x: str, line: str, metric: str, name=None) -> di
         panel = name(r) if name else r["aggregator"]
         acc.setdefault(panel, {}).setdefault((_number(o[line]), variant), {}).setdefault(
             _number(o[x]), []).append(r["metrics"][metric])
-    return {panel: {key: [(xv, Stat.of(v)) for xv, v in sorted(pts.items(), key=lambda kv: _order(kv[0]))]
-                    for key, pts in sorted(lines.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1]))}
+    return {panel: {key: [(xv, Stat.of(v)) for xv, v in sorted(pts.items(), key=lambda kv: value_order(kv[0]))]
+                    for key, pts in sorted(lines.items(), key=lambda kv: (value_order(kv[0][0]), kv[0][1]))}
             for panel, lines in acc.items()}
 
 
@@ -371,10 +391,11 @@ def read_series_table(path: Path, x: str, line: str) -> tuple[dict, dict]:
     (``| aggregator | setting | <line> | <x>=1 | ...``, cells ``mean`` or ``mean ± std``), as
     (aggregators, references) for plotting again. The run count per point is not in the table:
     cells with a std count as 2+ seeds (``n`` from the caption), others as one."""
-    lines = [ln for ln in Path(path).read_text().splitlines() if ln.startswith("|")]
+    text = Path(path).read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     xs = [_number(h.split("=", 1)[1]) for h in head[3:]]
-    caption = Path(path).read_text().split("over ")[-1].split(" seeds")[0] if "seeds" in Path(path).read_text() else "1"
+    caption = text.split("over ")[-1].split(" seeds")[0] if "seeds" in text else "1"
     n = int(caption.split("/")[-1]) if caption.split("/")[-1].isdigit() else 1
     data: dict = {}
     for ln in lines[2:]:

@@ -79,7 +79,7 @@ def check_train(train: DictConfig) -> None:
 
 
 def check_eval(ev: DictConfig) -> None:
-    from ame.data.corruptions import CORRUPTIONS
+    from ame.data.ood import PUBLISHED, check_names, check_severities
 
     positive_int(ev.batch_size, "eval.batch_size")
     seed(ev.seed, "eval.seed")
@@ -89,17 +89,15 @@ def check_eval(ev: DictConfig) -> None:
     for key, names in (("eval.corruptions", corruptions), ("eval.extras", ev.get("extras") or [])):
         require(isinstance(names, Sequence) and not isinstance(names, str),
                 f"{key} must be a list, e.g. [gaussian_noise,contrast] (or [] for none), got {names!r}")
-        unknown = sorted({str(c) for c in names} - set(CORRUPTIONS))
-        require(not unknown, f"{key}: unknown {unknown}; choose from {sorted(CORRUPTIONS)}")
+        check_names([str(c) for c in names], key)
     positive_int(ev.get("workers", 2), "eval.workers")
-    from ame.data.ood import PUBLISHED
     require(ev.get("download") in (None, *PUBLISHED),
             f"eval.download must be one of {sorted(PUBLISHED)} or null, got {ev.get('download')!r}")
     require(ev.get("download") is None or str(ev.get("source", "generated")) != "generated",
             "eval.download needs eval.source set to the folder to hold the arrays, e.g. eval.source=~/data/CIFAR-10-C")
-    require(isinstance(severities, Sequence) and not isinstance(severities, str)
-            and all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 5 for s in severities),
+    require(isinstance(severities, Sequence) and not isinstance(severities, str),
             f"eval.severities must be a list of integers in 1..5, e.g. [1,3,5], got {severities!r}")
+    check_severities(severities)
 
 
 def check_logger(logger: DictConfig) -> None:
@@ -109,6 +107,8 @@ def check_logger(logger: DictConfig) -> None:
     require(mode is None or mode in WANDB_MODES,
             f"logger.mode (or $WANDB_MODE) must be one of {WANDB_MODES} or null, got {mode!r}")
     _number(logger.get("init_timeout", 20), "logger.init_timeout", 0, low_open=True)
+    if logger.get("ame_every") is not None:  # null: about 32 points per run; 0: no AME curves
+        positive_int(logger.ame_every, "logger.ame_every", minimum=0)
     tags = logger.get("tags") or []
     require(isinstance(tags, Sequence) and not isinstance(tags, str) and all(isinstance(t, str) for t in tags),
             f"logger.tags must be a list of strings, e.g. [baseline], got {tags!r}")

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ame.data import ImageData
 from ame.data.corruptions import FAMILIES, STANDARD
-from ame.data.ood import check_names, download_published, generated_sets, published_sets, subsample
+from ame.data.ood import check_names, check_severities, download_published, generated_sets, published_sets, subsample
 from ame.io import StateDict
 from ame.progress import bar
 
@@ -82,6 +82,7 @@ class Evaluator:
         names = list(dict.fromkeys([*corruptions, *(extras or ())]))
         check_names(list(corruptions), "eval.corruptions")
         check_names(list(extras or ()), "eval.extras")
+        check_severities(list(severities))
         self.model, self.data, self.batch_size, self.device = model.to(device).eval(), data, batch_size, device
         self.test_x, self.test_y = data.test_x, data.test_y
         severities = list(severities) if names else []
@@ -130,9 +131,9 @@ class Evaluator:
         return np.array([float(correct[self.test_y == c].mean()) if (self.test_y == c).any() else 0.0
                          for c in range(self.data.num_classes)])
 
-    def shard_accs(self, probs: dict) -> list[float]:
+    def shard_accs(self, probs: dict, per_class: np.ndarray | None = None) -> list[float]:
         """Test accuracy reweighted to each shard's class mix (needs the class mixes)."""
-        per_class = self._per_class(probs["id"].argmax(1))
+        per_class = self._per_class(probs["id"].argmax(1)) if per_class is None else per_class
         return [self._mix_acc(per_class, c) for c in self.counts]
 
     def metrics(self, probs: dict, shard: int | None = None) -> dict[str, float]:
@@ -145,7 +146,7 @@ class Evaluator:
             m |= ood_metrics({k: float((probs[k].argmax(1) == y).float().mean()) for k, (_, y) in self.ood.items()})
         if self.counts is not None:
             per_class = self._per_class(pred)
-            accs = [self._mix_acc(per_class, c) for c in self.counts]
+            accs = self.shard_accs(probs, per_class)
             m["shard/min_acc"] = min(accs)
             if shard is not None:
                 m["shard/own_acc"] = accs[shard]

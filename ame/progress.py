@@ -58,7 +58,7 @@ def wanted() -> bool:
 
 
 def _fmt(k: str, v) -> str:
-    if isinstance(v, float) and (k.endswith("acc") or k.endswith("_acc")):
+    if isinstance(v, float) and k.endswith("acc"):
         return f"{k} {100 * v:.2f}%"
     return f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
 

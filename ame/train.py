@@ -175,7 +175,8 @@ def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarr
             logits = vmap(forward)(params, data.normalize(xs.flatten(0, 1)).reshape(n, bs, c, h, w))
         per = F.cross_entropy(logits.flatten(0, 1).float(), ys.flatten(), reduction="none",
                               label_smoothing=float(train_cfg.label_smoothing)).view(n, bs)
-        loss = ((per * mask).sum(1) / mask.sum(1).clamp_min(1)).sum()  # each expert's own batch mean
+        means = (per * mask).sum(1) / mask.sum(1).clamp_min(1)  # each expert's own batch mean
+        loss = means.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for m, on in zip(models, active):
@@ -184,7 +185,7 @@ def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarr
                     p.grad = None
         opt.step()
         sched.step()
-        meter.add(((per * mask).sum(1) / mask.sum(1).clamp_min(1)).detach(), logits.detach(), ys, mask)
+        meter.add(means.detach(), logits.detach(), ys, mask)
         pbar.update()
         for i in range(n):
             if active[i] and (step + 1) % per_epoch[i] == 0:

@@ -16,18 +16,21 @@ import json
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from ame.analysis import overrides, readable
 
 
 def trials(search_dir: Path, param: str, metric: str) -> list[tuple[float, float]]:
     """(value, score) of every finished trial under ``search_dir``."""
     out = []
     for f in sorted(search_dir.rglob("results.json")):
-        overrides = dict(str(o).split("=", 1) for o in OmegaConf.load(f.parent / ".hydra" / "overrides.yaml")
-                         if "=" in str(o))
-        score = json.loads(f.read_text())["metrics"].get(metric)
-        if param in overrides and isinstance(score, (int, float)):
-            out.append((float(overrides[param]), float(score)))
+        given = dict(o.lstrip("+~").split("=", 1) for o in overrides(f) if "=" in o)
+        score = readable(lambda p: json.loads(p.read_text())["metrics"], f, "a run's results.json").get(metric)
+        if param in given and isinstance(score, (int, float)):
+            try:
+                out.append((float(given[param]), float(score)))
+            except ValueError:
+                sys.exit(f"error: {param}={given[param]} in {f.parent} is not a number; best_trial.py ranks numeric "
+                         "hyperparameters (--param)")
     return out
 
 

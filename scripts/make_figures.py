@@ -27,8 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from ame.analysis import (BY_KEY, NAMES, Row, axis_label, load, pretty_setting, read, read_series_table,  # noqa: E402
-                          references, series, settings)
+from ame.analysis import (BY_KEY, NAMES, Row, value_order, axis_label, load, pretty_setting, read, read_series_table,  # noqa: E402
+                          readable, references, series, settings)
 
 SAVE = {"dpi": 150, "metadata": {"Software": None}}  # no version stamp: deterministic bytes
 STYLES = ["-", "--", ":", "-."]
@@ -49,7 +49,7 @@ def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str, titl
     if not data:
         raise SystemExit(f"no runs with the overrides {x} and {line} and the metric {metric}")
     panels = sorted(data, key=lambda p: PAPER_PANELS.index(p) if p in PAPER_PANELS else len(PAPER_PANELS))
-    levels = sorted({k[0] for lines in data.values() for k in lines}, key=lambda v: (isinstance(v, str), v))
+    levels = sorted({k[0] for lines in data.values() for k in lines}, key=value_order)
     colours = dict(zip(levels, plt.cm.viridis([0.85 * i / max(1, len(levels) - 1) for i in range(len(levels))])))
     seeds = sorted({s.n for lines in data.values() for pts in lines.values() for _, s in pts})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), sharey=True, squeeze=False)
@@ -70,7 +70,7 @@ def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str, titl
         ax.set_title(NAMES.get(panel, panel), fontsize=10)
         ax.set_xlabel(axis_label(x))
         ax.set_xscale("log", base=2)
-        ticks = sorted({p[0] for pts in data[panel].values() for p in pts})
+        ticks = sorted({p[0] for pts in data[panel].values() for p in pts}, key=value_order)
         ax.set_xticks(ticks, [_fmt(t) for t in ticks])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
@@ -95,7 +95,7 @@ def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str, titl
 
 def series_table(data: dict, panels: list[str], x: str, line: str, metric: str) -> str:
     """The plotted numbers as a Markdown table: one row per line, one column per x value."""
-    xs = sorted({p[0] for lines in data.values() for pts in lines.values() for p in pts})
+    xs = sorted({p[0] for lines in data.values() for pts in lines.values() for p in pts}, key=value_order)
     xn, ln = x.split(".")[-1], line.split(".")[-1]
     out = [f"| aggregator | setting | {ln} | " + " | ".join(f"{xn}={_fmt(v)}" for v in xs) + " |",
            "|---|---|---:|" + "---:|" * len(xs)]
@@ -170,7 +170,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.kind == "fig1":
         if len(args.dirs) == 1 and args.dirs[0].suffix == ".md":
-            data, refs = read_series_table(args.dirs[0], args.x, args.line)
+            data, refs = readable(read_series_table, args.dirs[0], "a fig1 table written by this script",
+                                  args.x, args.line)
         else:
             results = load(args.dirs)
             data, refs = series(results, args.x, args.line, args.metric), references(results, args.x, args.line,

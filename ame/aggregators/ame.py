@@ -218,7 +218,7 @@ class AME(Aggregator):
         base_lr = [group["lr"] for group in opt.param_groups]
         step = 0
         if trace is not None:
-            soup = pivot.clone() if self.pivot_kind == "soup" else \
+            soup = pivot if self.pivot_kind == "soup" else \
                 average_chunk(pool, chunk, [1.0] * pool.n).to(device, torch.float32)
             self._traced(pool, chunk, w.detach(), pivot, soup, trace[0])
         for order in orders:

@@ -653,11 +653,6 @@ _COLOUR = {"brightness", "saturate", "snow", "frost", "spatter"}  # grey images 
 MIN_SIZE = 8
 
 
-def family(name: str) -> str | None:
-    """noise, blur, weather or digital for a standard corruption, None for an extra."""
-    return next((f for f, names in FAMILIES.items() if name in names), None)
-
-
 def to_uint8(x: Tensor) -> Tensor:
     """The reference's ``np.uint8`` of its [0, 255] output: truncation."""
     return x.clamp(0, 255).floor().to(torch.uint8)
@@ -690,4 +685,4 @@ def corrupt(x: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
     return torch.cat(out) if out else x.clone()
 
 
-__all__ = ["CORRUPTIONS", "STANDARD", "EXTRAS", "FAMILIES", "corrupt", "family", "to_uint8"]
+__all__ = ["CORRUPTIONS", "STANDARD", "EXTRAS", "FAMILIES", "corrupt", "to_uint8"]

@@ -43,12 +43,12 @@ PUBLISHED = {
 
 def check_names(names: Sequence[str], key: str = "eval.corruptions") -> None:
     unknown = [n for n in names if n not in CORRUPTIONS]
-    require(not unknown, f"{key}: unknown corruption(s) {unknown}; choose from {sorted(CORRUPTIONS)}")
+    require(not unknown, f"{key}: unknown {unknown}; choose from {sorted(CORRUPTIONS)}")
 
 
 def check_severities(severities: Sequence[int]) -> None:
     bad = [s for s in severities if not (isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 5)]
-    require(not bad, f"eval.severities must be integers in 1..5, got {list(severities)}")
+    require(not bad, f"eval.severities must be a list of integers in 1..5, e.g. [1,3,5], got {list(severities)}")
 
 
 def subsample(n: int, size: int | None, seed: int) -> Tensor:
@@ -58,21 +58,19 @@ def subsample(n: int, size: int | None, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size or n].sort().values
 
 
-def _key(x: Tensor, name: str, severity: int, seed: int) -> str:
-    h = hashlib.sha256()
-    h.update(f"{VERSION}|{name}|{severity}|{seed}|{tuple(x.shape)}|".encode())
-    h.update(x.contiguous().numpy().tobytes())
-    return h.hexdigest()[:20]
+def _key(images: str, name: str, severity: int, seed: int) -> str:
+    """The cache key of one corrupted set: the images' digest, the corruption, severity, seed, code version."""
+    return hashlib.sha256(f"{VERSION}|{name}|{severity}|{seed}|{images}".encode()).hexdigest()[:20]
 
 
 def generated_sets(x: Tensor, y: Tensor, names: Sequence[str], severities: Sequence[int], seed: int,
                    cache_dir: str | Path | None = None, workers: int = 2) -> Sets:
-    """Corrupted copies of (``x``, ``y``) for every name × severity, cached in ``cache_dir``."""
-    check_names(names)
-    check_severities(severities)
+    """Corrupted copies of (``x``, ``y``) for every name × severity, cached in ``cache_dir``
+    (names and severities checked by the caller: :func:`check_names`, :func:`check_severities`)."""
     jobs = [(n, s) for n in names for s in severities]
     out: dict[tuple[str, int], Tensor] = {}
-    keys = {j: _key(x, *j, seed) for j in jobs}
+    images = hashlib.sha256(f"{tuple(x.shape)}|".encode() + x.contiguous().numpy().tobytes()).hexdigest()  # once
+    keys = {j: _key(images, *j, seed) for j in jobs}
     if cache_dir:  # read what is there first, so threads are started only for the rest
         for j in jobs:
             entry = Entry(cache_dir, "corrupted", keys[j])
@@ -131,9 +129,8 @@ def download_published(name: str, folder: str | Path) -> Path:
 def published_sets(folder: str | Path, names: Sequence[str], severities: Sequence[int], seed: int,
                    size: int | None, image_shape: tuple[int, int, int], num_classes: int) -> Sets:
     """The published arrays in ``folder`` (e.g. an unpacked CIFAR-10-C), as :func:`generated_sets`
-    gives them: the same seeded subsample of each severity's N images."""
-    check_names(names)
-    check_severities(severities)
+    gives them: the same seeded subsample of each severity's N images (names and severities
+    checked by the caller)."""
     folder = _array_folder(Path(folder).expanduser())
     require(folder.is_dir(), f"eval.source: {folder} is not a folder; point it at the unpacked CIFAR-10-C / "
                              f"CIFAR-100-C arrays, or set eval.source=generated")

@@ -9,6 +9,7 @@ set -euo pipefail
 # logger=none to skip it (about 3 s per job), or logger.mode=online to upload as you go.
 cd "$(dirname "$0")/../.."
 REGIME=${REGIME:-strong}  # strong | small_cnn | none (the data config's own model and training, e.g. GLD-23K's ViT-S)
+export REGIME  # tune.sh reads it too
 REGIME_ARG=$([ "$REGIME" = none ] && echo "~regime" || echo "regime=$REGIME")
 SHARDS=("data/shards=iid" "data/shards=dirichlet data.shards.alpha=0.5" "data/shards=dirichlet data.shards.alpha=0.1")
 for shards in "${SHARDS[@]}"; do
