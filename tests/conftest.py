@@ -13,6 +13,35 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+# -- what the machine lacks: tests that need it skip with the reason (markers in pyproject.toml) --------
+def _imagemagick_missing() -> str | None:
+    """Why ImageMagick cannot be used here (None: it can). pip installs Wand, not ImageMagick's C
+    library, which Wand loads at import; it raises ImportError (not ModuleNotFoundError) without it."""
+    try:
+        import wand.image  # noqa: F401
+    except Exception as e:  # noqa: BLE001 — ImportError, OSError from a broken library, ...
+        return f"needs ImageMagick's MagickWand library (apt install libmagickwand-dev): {str(e).splitlines()[0]}"
+    return None
+
+
+def _gpu_missing() -> str | None:
+    return None if torch.cuda.is_available() else "needs a CUDA GPU (torch.cuda.is_available() is False)"
+
+
+MISSING = {"needs_imagemagick": _imagemagick_missing, "gpu": _gpu_missing}
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons: dict[str, str | None] = {}
+    for item in items:
+        for name, why in MISSING.items():
+            if item.get_closest_marker(name) is not None:
+                if name not in reasons:
+                    reasons[name] = why()
+                if reasons[name]:
+                    item.add_marker(pytest.mark.skip(reason=reasons[name]))
+
 # Small and fast: conf/debug/fast.yaml (3 shards of digits, 3 epochs, two corruptions at two
 # severities), without W&B (the W&B tests drop "logger=none").
 FAST = ["debug=fast", "logger=none"]

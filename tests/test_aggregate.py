@@ -245,3 +245,15 @@ def test_greedy_soup_reads_each_expert_twice_at_most_and_returns_the_soup_of_the
     # (re-averaging every candidate soup from the files took 55 reads here)
     assert len(reads) <= 4 * 8
     assert max_diff(out, average([experts[i] for i in chosen], buffers=BUFFERS)) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam", "Adagrad"])
+def test_ame_on_cuda_is_the_cpu_result(optimizer):
+    """The chunk's iterate and optimizer state on the GPU (aggregator.device=cuda): the same AME."""
+    ex, init = tiny_experts(4), tiny_experts(1, seed=7)[0]
+    opt = functools.partial(getattr(torch.optim, optimizer), lr=0.05)
+    cpu = AME(opt, pivot="init")(ex, [1, 2, 3, 4], init, BUFFERS)
+    gpu = AME(opt, pivot="init", device="cuda")(ex, [1, 2, 3, 4], init, BUFFERS)
+    assert all(v.device.type == "cpu" for v in gpu.values())
+    assert max_diff(cpu, gpu) <= 1e-6

@@ -196,7 +196,7 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     (["aggregator.device=cuda"] if not torch.cuda.is_available() else ["aggregator.epochs=0"], "aggregator."),
     (["train.epochs=abc"], "train.epochs must be an integer"),
     (["aggregator=greedy_soup"], "is not data-free: it needs a validation split"),
-    (["aggregator.optimizer._target_=torch.optim.LBFGS"], "needs an optimizer that steps on a given gradient"),
+    (["aggregator.optimizer._target_=torch.optim.LBFGS"], "needs an optimizer that steps on a given dense gradient"),
     (["model=cnn", "model.widths=[8,8,8,8]"], "model.widths has 4 blocks"),
     (["optimized_metric=val/acc"], "data.val_size=0; set data.val_size"),
     (["aggregator=ensemble", "optimized_metric=val/acc", "data.val_size=100"], "needs a single network to score"),

@@ -41,6 +41,9 @@ CONFIG_VALUES = [
     ("optimized_metric=id/accc", "optimized_metric=id/accc is not a metric of this project"),
     ("optimized_metric=ood/acc eval.corruptions=[]", "but eval.corruptions is empty"),
     ("aggregator.optimizer.lr=-1", "aggregator.optimizer: Invalid learning rate"),
+    ("aggregator.optimizer._target_=torch.optim.SparseAdam", "SparseAdam.step() cannot take a dense pseudogradient"),
+    ("aggregator.optimizer._target_=torch.optim.LBFGS", "LBFGS.step() cannot take a dense pseudogradient"),
+    ("aggregator.optimizer._target_=torch.nn.Linear", "aggregator.optimizer: "),
 ]
 
 
@@ -65,6 +68,21 @@ def test_bad_config_value_through_run_py_is_one_line_and_exit_1(override, messag
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 1 and len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("target", ["torch.optim.SparseAdam", "torch.optim.LBFGS"])
+def test_an_optimizer_that_cannot_step_on_pseudogradients_stops_ame_merge_in_one_line(target, tmp_path):
+    import subprocess
+    import sys
+
+    for i in range(2):
+        save_state_dict({"w": torch.ones(2) * i}, tmp_path / f"e{i}.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "ame.merge", "aggregator=ame_adam", f"aggregator.optimizer._target_={target}",
+                           "experts.paths=[e0.safetensors,e1.safetensors]", "out=m.safetensors"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and "cannot take a dense pseudogradient" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "m.safetensors").exists()
 
 
 def _expert_files(tmp_path, metadata: list[dict]):

@@ -27,9 +27,10 @@ def test_task_arithmetic_with_one_over_n_is_the_soup():
 
 
 def test_ties_trims_elects_signs_and_averages_agreeing_entries():
-    # trimmed (top 2 of 4 by |τ|): [3,0,0,-2], [2,-4,0,0], [-2,0,0,0.5]; elected signs: [+,-,0,-];
+    # published TIES keeps |τ| ≥ the (d − int(d·density))-th smallest |τ|: at density 0.25 of d = 4, the top 2
+    # trimmed: [3,0,0,-2], [2,-4,0,0], [-2,0,0,0.5]; elected signs: [+,-,0,-];
     # agreeing entries: expert 1 → [3,0,0,-2], expert 2 → [2,-4,0,0], expert 3 → none
-    out = TaskVectors(scaling=1.0, density=0.5, sparsify="magnitude", sign_election=True, combine="mean")(
+    out = TaskVectors(scaling=1.0, density=0.25, sparsify="magnitude", sign_election=True, combine="mean")(
         EXPERTS, [1, 1, 1], {"w": BASE})["w"]
     assert torch.allclose(out, BASE + torch.tensor([2.5, -4.0, 0.0, -2.0]))
 
@@ -52,3 +53,55 @@ def test_task_vectors_need_a_base_and_sane_settings():
         TaskVectors(density=0.0)
     with pytest.raises(AMEError, match="sparsify"):
         TaskVectors(sparsify="topk")
+
+
+def _bn_net(seed: int) -> dict[str, torch.Tensor]:
+    """A conv → BatchNorm → linear network's state dict, its BatchNorm statistics far from its weights'
+    scale (as trained statistics are), so a shared top-k budget would be spent on them."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 4 * 4, 5))
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    sd["1.running_mean"] = torch.randn(8) * 5
+    sd["1.running_var"] = torch.rand(8) * 20 + 1
+    sd["1.num_batches_tracked"] = torch.tensor(100 + seed)
+    return sd
+
+
+def _published_ties(experts, base, density, scaling, keys):
+    """TIES as published (Yadav et al. 2023, and FusionBench's ``ties_merging``), written out here on the
+    flattened task vectors of ``keys``: trim to |τ| ≥ the (d − int(d·density))-th smallest |τ|, elect
+    the sign of the sum, average the entries that agree."""
+    flat = lambda sd: torch.cat([sd[k].reshape(-1).float() for k in keys])  # noqa: E731
+    taus = torch.stack([flat(e) - flat(base) for e in experts])
+    d = taus.shape[1]
+    kth = taus.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+    taus = taus * (taus.abs() >= kth)
+    sign = torch.sign(taus.sum(0))
+    keep = torch.where(sign > 0, taus > 0, taus < 0)
+    merged = (taus * keep).sum(0) / keep.sum(0).clamp_min(1)
+    vec, out, o = flat(base) + scaling * merged, {}, 0
+    for k in keys:
+        out[k] = vec[o:o + base[k].numel()].reshape(base[k].shape)
+        o += base[k].numel()
+    return out
+
+
+@pytest.mark.parametrize("density", [0.1, 0.2, 0.5])
+def test_ties_on_a_batchnorm_model_trims_the_parameters_exactly_as_published(density):
+    base, experts = _bn_net(0), [_bn_net(s) for s in (1, 2, 3)]
+    buffers = [k for k in base if "running" in k or "num_batches" in k]
+    params = [k for k in base if k not in buffers]
+    ties = TaskVectors(scaling=1.0, density=density, sparsify="magnitude", sign_election=True, combine="mean",
+                       name="ties")
+    out = ties(experts, None, base, buffers)
+    ref = _published_ties(experts, base, density, 1.0, params)
+    assert max(float((out[k] - ref[k]).abs().max()) for k in params) <= 1e-6
+    # the statistics get the same rule with their own budget, so they never change which weights are kept
+    stats = [k for k in buffers if base[k].is_floating_point()]
+    assert all(torch.allclose(out[k], _published_ties(experts, base, density, 1.0, stats)[k]) for k in stats)
+    for e in experts:
+        e["1.running_var"] = e["1.running_var"] * 1000
+    again = ties(experts, None, base, buffers)
+    assert all(torch.equal(out[k], again[k]) for k in params)
+    assert torch.equal(out["1.num_batches_tracked"], base["1.num_batches_tracked"])

@@ -34,9 +34,11 @@ LR_SCHEDULES = ("constant", "harmonic")
 def _step(opt: torch.optim.Optimizer) -> None:
     try:
         opt.step()
-    except TypeError as e:  # e.g. LBFGS: its step needs a closure that evaluates a loss on data
-        raise AMEError(f"aggregator.optimizer: {type(opt).__name__}.step() failed ({e}); AME needs an "
-                       f"optimizer that steps on a given gradient, such as SGD, Adam or Adagrad") from None
+    except Exception as e:  # noqa: BLE001 — LBFGS (needs a closure over data), SparseAdam (sparse grads only), ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AMEError(f"aggregator.optimizer: {type(opt).__name__}.step() cannot take a dense pseudogradient "
+                       f"({first}); AME needs an optimizer that steps on a given dense gradient, such as SGD, "
+                       "Adam or Adagrad") from None
 
 
 class AME(Aggregator):
@@ -119,9 +121,11 @@ class AME(Aggregator):
                 opt = self.optimizer([w], **kwargs)
                 self._kwargs = kwargs if w.device.type == "cpu" else None
                 return opt
-            except (TypeError, ValueError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 — whatever the optimizer raises on its settings: one line
                 if i == len(tries) - 1:
-                    raise AMEError(f"aggregator.optimizer: {e}") from None
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise AMEError(f"aggregator.optimizer: {first}; use a torch.optim optimizer such as SGD, "
+                                   "Adam or Adagrad with valid settings") from None
         raise AssertionError("unreachable")
 
     def _zeta(self, sizes: Sequence[float], n: int) -> list[float]:

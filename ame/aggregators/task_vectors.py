@@ -65,40 +65,65 @@ class TaskVectors(Aggregator):
         return out
 
     # -- TIES: the global top-k threshold of every task vector, streamed -------------------------
-    def thresholds(self, pool: ExpertPool, chunks: list[Chunk]) -> list[float]:
-        """Per expert, the k-th largest |τ_i| over all float entries (k = round(density · size)):
-        exactly what ``|τ_i|.kthvalue(size − k + 1)`` gives on the whole vector."""
-        size = pool.numel()
-        k = max(1, int(round(self.density * size)))
-        rank = size - k + 1  # 1-based rank from the smallest
-        hist = torch.zeros(pool.n, 1 << 16, dtype=torch.int64)
+    @staticmethod
+    def _buffer_mask(pool: ExpertPool, chunk: Chunk) -> Tensor | None:
+        """Which entries of ``chunk`` are float buffers (None: none are)."""
+        pieces = [p for p in chunk.pieces if p.key in pool.buffers]
+        if not pieces:
+            return None
+        mask = torch.zeros(chunk.numel, dtype=torch.bool)
+        for p in pieces:
+            mask[p.lo:p.hi] = True
+        return mask
+
+    def thresholds(self, pool: ExpertPool, chunks: list[Chunk]) -> list[tuple[float, float]]:
+        """Per expert, the trimming thresholds (parameters, float buffers), each over its own group
+        as published TIES does over the parameters: the entries kept are those with
+        |τ| ≥ ``kthvalue(size − int(density · size))`` of the group's |τ_i|, so the parameters'
+        budget never depends on the normalisation statistics. Exact: a streaming radix selection."""
+        groups = [pool.numel(pool.params), pool.numel([k for k in pool.floats if k in pool.buffers])]
+        ranks = [[max(1, size - int(size * self.density))] * pool.n for size in groups]
+        hist = torch.zeros(2, pool.n, 1 << 16, dtype=torch.int64)
+
+        def split(bits: Tensor, mask: Tensor | None):  # (group, its entries' bit patterns)
+            if mask is None:
+                return [(0, bits)]
+            return [(0, bits[~mask]), (1, bits[mask])]
+
         for chunk in chunks:  # pass 1: the high 16 bits
-            base = pool.read(INIT, chunk)
+            base, mask = pool.read(INIT, chunk), self._buffer_mask(pool, chunk)
             tau = torch.empty_like(base)
             for i in range(pool.n):
                 self._tau(pool, i, chunk, base, tau)
                 if not torch.isfinite(tau).all():
                     pool.scan(chunk)
                     raise AMEError("the task vectors have NaN/Inf values")
-                hist[i] += torch.bincount((_bits(tau) >> 16).long(), minlength=1 << 16)
-        high, ranks = [], []
-        for i in range(pool.n):
-            cum = hist[i].cumsum(0)
-            b = int(torch.searchsorted(cum, rank))
-            high.append(b)
-            ranks.append(rank - (int(cum[b - 1]) if b > 0 else 0))
+                for g, bits in split(_bits(tau), mask):
+                    hist[g, i] += torch.bincount((bits >> 16).long(), minlength=1 << 16)
+        high = [[0] * pool.n for _ in groups]
+        for g in range(2):
+            for i in range(pool.n):
+                if not groups[g]:
+                    continue
+                cum = hist[g, i].cumsum(0)
+                b = int(torch.searchsorted(cum, ranks[g][i]))
+                high[g][i] = b
+                ranks[g][i] -= int(cum[b - 1]) if b > 0 else 0
         hist.zero_()
         for chunk in chunks:  # pass 2: the low 16 bits, among the entries in the chosen high bin
-            base = pool.read(INIT, chunk)
+            base, mask = pool.read(INIT, chunk), self._buffer_mask(pool, chunk)
             tau = torch.empty_like(base)
             for i in range(pool.n):
-                bits = _bits(self._tau(pool, i, chunk, base, tau))
-                low = bits[(bits >> 16) == high[i]] & 0xFFFF
-                hist[i] += torch.bincount(low.long(), minlength=1 << 16)
+                for g, bits in split(_bits(self._tau(pool, i, chunk, base, tau)), mask):
+                    low = bits[(bits >> 16) == high[g][i]] & 0xFFFF
+                    hist[g, i] += torch.bincount(low.long(), minlength=1 << 16)
         out = []
         for i in range(pool.n):
-            lo = int(torch.searchsorted(hist[i].cumsum(0), ranks[i]))
-            out.append(float(torch.tensor([(high[i] << 16) | lo], dtype=torch.int32).view(torch.float32)))
+            pair = []
+            for g in range(2):
+                lo = int(torch.searchsorted(hist[g, i].cumsum(0), ranks[g][i])) if groups[g] else 0
+                pair.append(float(torch.tensor([(high[g][i] << 16) | lo], dtype=torch.int32).view(torch.float32)))
+            out.append((pair[0], pair[1]))
         return out
 
     def _dare_keep(self, pool: ExpertPool, i: int, chunk: Chunk) -> Tensor:
@@ -127,10 +152,13 @@ class TaskVectors(Aggregator):
 
             def taus(chunk: Chunk, base: Tensor):
                 tau = torch.empty_like(base)
+                mask = self._buffer_mask(pool, chunk) if threshold is not None else None
                 for i in range(pool.n):
                     self._tau(pool, i, chunk, base, tau)
                     if threshold is not None:
-                        tau = torch.where(tau.abs() >= threshold[i], tau, torch.zeros_like(tau))
+                        params, buffers = threshold[i]
+                        limit = params if mask is None else torch.where(mask, buffers, params)
+                        tau = torch.where(tau.abs() >= limit, tau, torch.zeros_like(tau))
                     elif self.sparsify == "random" and self.density < 1:
                         tau = torch.where(self._dare_keep(pool, i, chunk), tau / self.density, torch.zeros_like(tau))
                     yield tau
