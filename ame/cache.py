@@ -158,7 +158,7 @@ class Entry:
             return None
         try:
             tensors, metadata, digest = read_safetensors(self.root / name)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        except (AMEError, OSError) as e:
             self._damaged(self.root / name, f"is not a readable safetensors file ({str(e)[:80]})")
             self.forget(name)
             return None

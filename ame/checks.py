@@ -11,7 +11,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -141,40 +140,3 @@ def check_config(cfg: DictConfig) -> None:
     dataset = cfg.data.dataset
     if "split_seed" in dataset:
         seed(dataset.split_seed, "data.dataset.split_seed")
-
-
-# -- users' files ----------------------------------------------------------------------------------
-
-def shard_sizes(values: Sequence, paths: Sequence[str | Path], field: str = "shard_size") -> list[int]:
-    """Shard sizes read from files' metadata: positive integers, else one line naming file and field."""
-    out = []
-    for v, p in zip(values, paths):
-        try:
-            n = int(str(v).strip())
-        except ValueError:
-            n = None
-        require(n is not None and n >= 1 and str(v).strip().lstrip("+").isdigit(),
-                f"{p}: metadata field '{field}' must be a positive integer (the expert's number of training "
-                f"examples), got {v!r}; fix or remove that field")
-        out.append(n)
-    return out
-
-
-def class_counts(rows: Sequence, paths: Sequence[str | Path], num_classes: int | None = None,
-                 field: str = "class_counts") -> np.ndarray:
-    """(experts, classes) example counts from files' metadata: lists of non-negative integers of one
-    length, not all zero; else one line naming file and field."""
-    out = []
-    for row, p in zip(rows, paths):
-        ok = (isinstance(row, list) and len(row) > 0
-              and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row) and sum(row) > 0)
-        require(ok, f"{p}: metadata field '{field}' must be a list of non-negative integer counts, not all zero "
-                f"(examples per class in the expert's shard), got {str(row)[:80]}; fix or remove that field")
-        out.append(row)
-    lengths = {len(r) for r in out}
-    require(len(lengths) == 1, f"metadata field '{field}' has different lengths across the expert files "
-            f"({sorted(lengths)}); every expert must count the same classes")
-    if num_classes is not None:
-        require(lengths == {num_classes}, f"{paths[0]}: metadata field '{field}' counts {lengths.pop()} classes, "
-                f"but the data has {num_classes}; check data= or fix that field")
-    return np.array(out, dtype=np.int64)

@@ -9,10 +9,10 @@ it stopped, and the entry's lock makes concurrent jobs train a set once.
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +21,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ame.checkpoints import Checkpoint
-
+from ame.cache import Entry, sha256_file
 from ame.data import ImageData, Split
 from ame.errors import require
-from ame import checks
-from ame.cache import Entry, sha256_file
-from ame.io import StateDict
+from ame.io import Checkpoint, StateDict, expand
+from ame.io.metadata import expert_set
 from ame.pool import ExpertPool
 from ame.train import expert_seed, initial_state, train_experts
 
@@ -37,7 +35,7 @@ CACHE_VERSION = 1
 
 
 class Experts(Sequence):
-    """Expert checkpoints on disk (files or folders, see :mod:`ame.checkpoints`), read on access:
+    """Expert checkpoints on disk (files or folders, see :mod:`ame.io.checkpoint`), read on access:
     ``experts[i]`` is a full state dict, :meth:`checkpoint` a lazy view for streaming."""
 
     def __init__(self, paths: Sequence[str | Path], key_prefix: str | None = None):
@@ -185,24 +183,9 @@ def _meta(**fields: str) -> dict[str, str]:
     return {"ame": json.dumps(fields, sort_keys=True)}
 
 
-def _expand(paths) -> list[str]:
-    """``experts.paths``: a list of paths or globs (or one), each a checkpoint file or folder."""
-    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    out = []
-    for item in items:
-        pattern = str(item)
-        if glob.has_magic(pattern):
-            found = sorted(glob.glob(str(Path(pattern).expanduser())))
-            require(found, f"experts.paths={pattern!r} matches no files; check the glob (quote it on the command line)")
-            out += found
-        else:
-            out.append(pattern)
-    return out
-
-
 def file_experts(experts_cfg: DictConfig) -> ExpertSet:
     """Bring your own experts: ``experts.paths`` (checkpoint files or folders, or globs: see
-    :mod:`ame.checkpoints`), optionally ``experts.init`` (their shared initialisation),
+    :mod:`ame.io.checkpoint`), optionally ``experts.init`` (their shared initialisation),
     ``experts.key_prefix`` and ``experts.sizes``. Without ``sizes``, shard sizes and class mixes
     come from the files' safetensors metadata when present (as this project writes them), else
     the shards count as equal."""
@@ -212,30 +195,20 @@ def file_experts(experts_cfg: DictConfig) -> ExpertSet:
     require(given is not None and str(given) not in ("", "None", "???", "[]"), "experts=files needs experts.paths, "
             "a list of checkpoints or a glob such as experts.paths='ckpts/*.safetensors'")
     given = OmegaConf.to_container(given) if isinstance(given, DictConfig | ListConfig) else given
-    paths = _expand(given)
+    paths = expand(given)
     experts = Experts(paths, prefix)
     meta = [experts.checkpoint(i).metadata for i in range(len(paths))]  # opens each (headers only): bad files fail here
-    meta = [{**m, **json.loads(m.get("ame", "{}"))} for m in meta]
+    recorded, counts = expert_set(meta, paths)
     sizes = experts_cfg.get("sizes")
     if sizes is not None:
+        sizes = OmegaConf.to_container(sizes) if isinstance(sizes, ListConfig) else sizes
+        require(isinstance(sizes, (list, tuple)) and len(sizes) == len(paths)
+                and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
+                        for s in sizes),
+                f"experts.sizes must be a list of {len(paths)} positive numbers (one per expert), got {sizes}")
         sizes = list(sizes)
-        require(len(sizes) == len(paths) and all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
-                                                 for s in sizes),
-                f"experts.sizes must be {len(paths)} positive numbers (one per expert), got {sizes}")
-    elif all("shard_size" in m for m in meta):
-        sizes = checks.shard_sizes([m["shard_size"] for m in meta], paths)
     else:
-        if any("shard_size" in m for m in meta):
-            log.warning("only some expert files record their shard size; treating all shards as equal-sized")
-        sizes = [1] * len(paths)
-    counts = None
-    if all("class_counts" in m for m in meta):
-        counts = checks.class_counts([_json_or_text(m["class_counts"]) for m in meta], paths)
+        sizes = recorded or [1] * len(paths)
     return ExpertSet(experts, sizes, init, counts, cached=True)
 
 
-def _json_or_text(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text

@@ -23,7 +23,7 @@ from typing import Collection, Iterator, Union
 import torch
 from torch import Tensor
 
-from ame.checkpoints import Checkpoint
+from ame.io import Checkpoint
 from ame.errors import AMEError, require
 
 StateDict = dict[str, Tensor]
@@ -99,7 +99,7 @@ class ExpertPool:
     """Experts for an aggregator.
 
     Args:
-        experts: checkpoint paths, :class:`~ame.checkpoints.Checkpoint` s or state dicts; or any
+        experts: checkpoint paths, :class:`~ame.io.Checkpoint` s or state dicts; or any
             sequence that makes state dicts on access (read lazily, one at a time).
         sizes: shard sizes (equal when not given).
         init: the experts' shared initialisation (a path, checkpoint or state dict), if any.
@@ -257,7 +257,7 @@ class ExpertPool:
         raw = None
         for p in chunk.pieces:
             whole = p.start == 0 and p.stop == (self.infos[p.key][0][0] if self.infos[p.key][0] else 1)
-            if isinstance(src, Checkpoint) and src.format == "safetensors":  # read into a reused buffer
+            if getattr(src, "reads_into", False):  # a file: read into a reused buffer
                 if raw is None:
                     raw = self.buffer(f"raw{i == INIT}", chunk.numel * 8, torch.uint8)
                 dtype = src.infos[p.key][1]
@@ -276,7 +276,7 @@ class ExpertPool:
         a busy machine (each multi-threaded kernel waits for its threads) is several times faster."""
         out = torch.empty(chunk.numel, dtype=torch.float32) if out is None else out
         src = self._src(i)
-        if isinstance(src, Checkpoint) and src.format == "safetensors":
+        if getattr(src, "reads_into", False):
             dtypes = {src.infos[p.key][1] for p in chunk.pieces}
             if len(dtypes) == 1:
                 dtype = dtypes.pop()

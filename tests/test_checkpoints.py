@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import ame
 from ame.aggregators import average
-from ame.checkpoints import Checkpoint, save
+from ame.io import Checkpoint, save
 from ame.errors import AMEError
 from ame.pool import ExpertPool
 from tests.conftest import ROOT
@@ -89,7 +89,7 @@ def test_folder_in_folder_out_same_sharding_index_and_other_files(tmp_path):
     experts = [sharded_folder(tmp_path / f"e{i}", net(i)) for i in range(3)]
     out = ame.merge(experts, "soup", out=tmp_path / "merged")
     files = sorted(p.name for p in (tmp_path / "merged").iterdir())
-    assert files == sorted(p.name for p in experts[0].iterdir())
+    assert files == sorted([".ame-merge.json", *(p.name for p in experts[0].iterdir())])  # + what made it
     index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == json.loads((experts[0] / "model.safetensors.index.json").read_text())["weight_map"]
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in net(0).values())
@@ -118,7 +118,7 @@ def test_streamed_safetensors_output_is_read_by_safetensors(tmp_path):
     (lambda p: p / "missing.safetensors", "does not exist"),
     (lambda p: (p / "w.npz").write_bytes(b"x") and p / "w.npz", "unknown weight format '.npz'"),
     (lambda p: (p / "empty").mkdir() or p / "empty", "no weights found in the folder"),
-    (lambda p: (p / "t.safetensors").write_bytes(b"\x10\x00\x00") and p / "t.safetensors", "is the file complete"),
+    (lambda p: (p / "t.safetensors").write_bytes(b"\x10\x00\x00") and p / "t.safetensors", "is not a valid safetensors file"),
 ])
 def test_bad_checkpoints_are_one_clear_line(make, message, tmp_path):
     path = make(tmp_path)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ame.aggregators.base import Aggregator, average_chunk
-from ame.checkpoints import Output
+from ame.io import Output
 from ame.device import resolve_device
 from ame.errors import AMEError, require
 from ame.pool import INIT, ExpertPool
@@ -86,7 +86,8 @@ class AME(Aggregator):
         require(amplification == "shard_size" or (isinstance(amplification, (int, float))
                                                   and math.isfinite(amplification) and amplification > 0),
                 f"aggregator.amplification must be a positive number or 'shard_size', got {amplification!r}")
-        require(isinstance(chunk_mb, (int, float)) and chunk_mb > 0, f"aggregator.chunk_mb must be > 0, got {chunk_mb!r}")
+        require(isinstance(chunk_mb, (int, float)) and not isinstance(chunk_mb, bool) and math.isfinite(chunk_mb)
+                and chunk_mb > 0, f"aggregator.chunk_mb must be a finite number > 0 (MB), got {chunk_mb!r}")
         self.optimizer, self.epochs, self.pivot_kind = optimizer, epochs, pivot
         self.pseudogradient, self.amplification, self.order = pseudogradient, amplification, order
         self.lr_schedule, self.seed, self.name, self.device = lr_schedule, seed, name, device

@@ -28,7 +28,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from ame.checkpoints import Output
+from ame.io import Output
 from ame.errors import AMEError
 from ame.pool import Chunk, ExpertPool, Piece
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ame.aggregators.ame import Soup
 from ame.aggregators.base import Aggregator
-from ame.checkpoints import Output
+from ame.io import Output
 from ame.errors import require
 from ame.pool import ExpertPool
 

@@ -21,13 +21,14 @@ depend on the chunk size.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Mapping
 
 import torch
 from torch import Tensor
 
 from ame.aggregators.base import Aggregator
-from ame.checkpoints import Output
+from ame.io import Output
 from ame.errors import AMEError, require
 from ame.pool import INIT, Chunk, ExpertPool
 
@@ -52,7 +53,8 @@ class TaskVectors(Aggregator):
         require(combine in COMBINE, f"aggregator.combine must be one of {COMBINE}, got {combine!r}")
         require(isinstance(density, (int, float)) and 0 < density <= 1, f"aggregator.density must be in (0, 1], got {density}")
         require(isinstance(scaling, (int, float)), f"aggregator.scaling must be a number, got {scaling!r}")
-        require(isinstance(chunk_mb, (int, float)) and chunk_mb > 0, f"aggregator.chunk_mb must be > 0, got {chunk_mb!r}")
+        require(isinstance(chunk_mb, (int, float)) and not isinstance(chunk_mb, bool) and math.isfinite(chunk_mb)
+                and chunk_mb > 0, f"aggregator.chunk_mb must be a finite number > 0 (MB), got {chunk_mb!r}")
         self.scaling, self.density, self.sparsify = float(scaling), float(density), sparsify
         self.sign_election, self.combine, self.seed, self.name = sign_election, combine, seed, name
         self.chunk_bytes = int(chunk_mb * 2**20)

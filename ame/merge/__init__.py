@@ -12,7 +12,9 @@ Python::
 
 Defaults that do the right thing: shard sizes are optional (from the files' metadata, else
 equal); with no init, AME starts from the soup (``pivot=soup``) unless a pivot was asked for;
-buffers are found by name (normalisation statistics) and dtype (integers).
+buffers are found by name (normalisation statistics) and dtype (integers). Inputs are never
+written over, and an existing ``out`` is replaced only when this tool wrote it (or with
+``overwrite=True``): see :mod:`ame.io.writer`. Every bad input is one :class:`MergeError` line.
 """
 from __future__ import annotations
 
@@ -24,35 +26,35 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from ame.checkpoints import Checkpoint, FileOutput
 from ame.config import instantiate
 from ame.errors import AMEError, require
+from ame.io import Checkpoint, FileOutput, expand
+from ame.io.metadata import expert_set
 from ame.pool import ExpertPool
 
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
-def _sizes(pool: ExpertPool) -> list[float] | None:
-    """Shard sizes recorded in the experts' safetensors metadata (as this project writes them)."""
-    import json
+class MergeError(AMEError, ValueError):
+    """A bad input to :func:`merge` (the same one-line message ``python -m ame.merge`` prints)."""
 
-    sizes = []
-    for s in pool.sources:
-        meta = getattr(s, "metadata", None) or {}
-        meta = {**meta, **json.loads(meta.get("ame", "{}"))}
-        if "shard_size" not in meta:
-            return None
-        sizes.append(int(meta["shard_size"]))
-    return sizes
+
+def _inputs(pool: ExpertPool) -> list[Path]:
+    return [p for s in [*pool.sources, pool.init] if isinstance(s, Checkpoint) for p in s.inputs()]
 
 
 def merge_pool(aggregator_cfg: DictConfig, experts: Sequence, init=None, out: str | Path | None = None,
                sizes: Sequence[float] | None = None, key_prefix: str | None = None, dtype: str | None = None,
-               buffers=None, pivot_given: bool = False) -> Mapping[str, Tensor]:
+               buffers=None, pivot_given: bool = False, overwrite: bool = False) -> Mapping[str, Tensor]:
     """Build the aggregator from its config and run it on ``experts``; write to ``out`` if given."""
-    require(isinstance(experts, Sequence) and not isinstance(experts, (str, bytes)) and len(experts) > 0,
-            "experts.paths must be a non-empty list of checkpoints (files or folders) or state dicts")
+    experts = expand(experts)
+    require(sizes is None or (isinstance(sizes, Sequence) and not isinstance(sizes, str)),
+            f"experts.sizes must be a list of {len(experts)} positive numbers (one per expert), got {sizes!r}")
+    require(init is None or isinstance(init, (str, Path, Mapping, Checkpoint)),
+            f"experts.init must be a checkpoint path or a state dict, got {type(init).__name__}")
+    require(out is None or (isinstance(out, (str, Path)) and str(out).strip()), f"out must be a path, got {out!r}")
+    require(isinstance(overwrite, bool), f"overwrite must be true or false, got {overwrite!r}")
     if init is None and aggregator_cfg.get("pivot") == "init" and not pivot_given:
         log.info("no init given: aggregator.pivot=soup")
         aggregator_cfg.pivot = "soup"
@@ -63,8 +65,13 @@ def merge_pool(aggregator_cfg: DictConfig, experts: Sequence, init=None, out: st
             "merge; choose another aggregator")
     aggregator.check()
     pool = ExpertPool(list(experts), sizes, init, buffers, dtype=dtype, key_prefix=key_prefix)
+    require(pool.floats, f"the experts hold no floating-point tensors (only {', '.join(sorted(pool.keys)[:3])}...); "
+            "there is nothing to average")
     if sizes is None:
-        pool.sizes = _sizes(pool) or pool.sizes
+        files = [s for s in pool.sources if isinstance(s, Checkpoint)]
+        if len(files) == pool.n:
+            recorded, _ = expert_set([s.metadata for s in files], [s.name for s in files])
+            pool.sizes = recorded or pool.sizes
     if aggregator.needs_init and pool.init is None:
         raise AMEError(f"aggregator={aggregator.name} needs the experts' shared initialisation"
                        f"{aggregator.init_reason}; give experts.init (init= in Python), or "
@@ -72,8 +79,16 @@ def merge_pool(aggregator_cfg: DictConfig, experts: Sequence, init=None, out: st
     dest = None
     if out is not None:
         first = pool.sources[0]
-        dest = FileOutput(pool.out_infos(), out, first if isinstance(first, Checkpoint) else None)
-    result = aggregator.run(pool, dest)
+        record = {"tool": "ame.merge", "aggregator": aggregator.name, "experts": [str(x) for x in pool.names],
+                  "init": str(init) if isinstance(init, (str, Path)) else None}
+        dest = FileOutput(pool.out_infos(), out, first if isinstance(first, Checkpoint) else None,
+                          inputs=_inputs(pool), overwrite=overwrite, record=record)
+    try:
+        result = aggregator.run(pool, dest)
+    except BaseException:
+        if dest is not None:
+            dest.abort()
+        raise
     if out is not None:
         log.info("%s of %d experts written to %s", aggregator.name, pool.n, out)
     return result
@@ -97,21 +112,32 @@ def _compose(aggregator: str, overrides: Sequence[str] = ()) -> DictConfig:
             GlobalHydra.instance().initialize(saved)
 
 
-def merge(experts: Sequence, aggregator: str = "ame_adam", init=None, out: str | Path | None = None, *,
+def merge(experts, aggregator: str = "ame_adam", init=None, out: str | Path | None = None, *,
           sizes: Sequence[float] | None = None, key_prefix: str | None = None, dtype: str | torch.dtype | None = None,
-          seed: int = 0, buffers=None, **overrides) -> Mapping[str, Tensor]:
-    """Merge ``experts`` (checkpoint paths — files or timm/Hugging Face folders — or state dicts) with
-    ``aggregator`` (an option of ``conf/aggregator``), its settings changed by ``overrides``
-    (``pivot="soup"``, ``optimizer={"lr": 1e-4}``, ``scaling=0.5``, ...). Writes ``out`` (in the
-    first expert's layout) when given. Returns the aggregate: a state dict, or with ``out`` a
-    lazy view of the written checkpoint."""
-    cfg = _compose(aggregator, [f"seed={int(seed)}"])
-    agg_cfg = cfg.aggregator
+          seed: int = 0, buffers=None, overwrite: bool = False, **overrides) -> Mapping[str, Tensor]:
+    """Merge ``experts`` (a checkpoint path or glob, or a list of paths — files or timm/Hugging Face
+    folders — or state dicts) with ``aggregator`` (an option of ``conf/aggregator``), its settings
+    changed by ``overrides`` (``pivot="soup"``, ``optimizer={"lr": 1e-4}``, ``scaling=0.5``, ...).
+    Writes ``out`` (in the first expert's layout) when given; an existing ``out`` is replaced only
+    if this tool wrote it, or with ``overwrite=True``. Returns the aggregate: a state dict, or with
+    ``out`` a lazy view of the written checkpoint. Bad inputs raise :class:`MergeError`."""
     try:
-        agg_cfg = OmegaConf.merge(agg_cfg, OmegaConf.create(overrides))
-    except Exception as e:  # noqa: BLE001
-        raise AMEError(f"aggregator settings {overrides}: {str(e).splitlines()[0]}") from None
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    return merge_pool(agg_cfg, list(experts), init, out, sizes, key_prefix, dtype, buffers,
-                      pivot_given="pivot" in overrides)
+        require(isinstance(aggregator, str), f"aggregator must be the name of a conf/aggregator option such as "
+                f"'ame_adam', got {type(aggregator).__name__}")
+        require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+                f"seed must be an integer ≥ 0, got {seed!r}")
+        require(key_prefix is None or isinstance(key_prefix, str), f"key_prefix must be a string, got {key_prefix!r}")
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        require(dtype is None or isinstance(dtype, str), f"dtype must be a torch dtype or its name, got {dtype!r}")
+        cfg = _compose(aggregator, [f"seed={seed}"])
+        try:
+            agg_cfg = OmegaConf.merge(cfg.aggregator, OmegaConf.create(overrides))
+        except Exception as e:  # noqa: BLE001
+            raise AMEError(f"aggregator settings {overrides}: {str(e).splitlines()[0]}") from None
+        return merge_pool(agg_cfg, experts, init, out, sizes, key_prefix, dtype, buffers,
+                          pivot_given="pivot" in overrides, overwrite=overwrite)
+    except MergeError:
+        raise
+    except AMEError as e:
+        raise MergeError(str(e)) from None

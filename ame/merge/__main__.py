@@ -1,33 +1,60 @@
-"""``python -m ame.merge aggregator=<option> 'experts.paths=[a,b,c]' [experts.init=x] out=<path>``."""
+"""``python -m ame.merge aggregator=<option> 'experts.paths=[a,b,c]' [experts.init=x] out=<path>``.
+
+Every bad input is one ``error:`` line (exit 1). Ctrl-C or SIGTERM stop the merge with one line and
+nothing written (exit 130 / 143); a full disk or a file-size limit is a bad input like any other
+(SIGXFSZ is ignored, so the write fails with EFBIG instead of killing the process)."""
+import signal
 import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ame.errors import AMEError, require
-from ame.merge import merge_pool
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="merge")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from ame.experts import _expand
+    from ame.merge import merge_pool
 
+    signal.signal(signal.SIGTERM, _terminate)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        require(cfg.get("out"), "python -m ame.merge needs out=<path> (a folder for folder experts, else a file)")
+        require(cfg.get("out") is not None and str(cfg.out).strip(),
+                "python -m ame.merge needs out=<path> (a folder for folder experts, else a file)")
         given = cfg.experts.get("paths")
         require(given is not None and str(given) not in ("", "[]"), "python -m ame.merge needs "
                 "'experts.paths=[a,b,c]' (checkpoint files or folders, or a glob)")
-        paths = _expand(OmegaConf.to_container(given) if not isinstance(given, str) else given)
+        seed = cfg.get("seed")
+        require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+                f"seed must be an integer ≥ 0, got {seed!r}")
+        require(isinstance(cfg.get("overwrite"), bool), f"overwrite must be true or false, got {cfg.get('overwrite')!r}")
+        paths = OmegaConf.to_container(given) if not isinstance(given, str) else given
         sizes = cfg.experts.get("sizes")
+        sizes = OmegaConf.to_container(sizes) if OmegaConf.is_config(sizes) else sizes
         pivot_given = any(o.startswith("aggregator.pivot=") for o in HydraConfig.get().overrides.task)
-        merge_pool(cfg.aggregator, paths, cfg.experts.get("init"), cfg.out,
-                   list(sizes) if sizes is not None else None, cfg.experts.get("key_prefix"), cfg.get("dtype"),
-                   pivot_given=pivot_given)
+        merge_pool(cfg.aggregator, paths, cfg.experts.get("init"), str(cfg.out), sizes,
+                   cfg.experts.get("key_prefix"), cfg.get("dtype"), pivot_given=pivot_given,
+                   overwrite=cfg.overwrite)
     except AMEError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing written", file=sys.stderr)
+        sys.exit(130)
+    except _Terminated:
+        print("error: terminated; nothing written", file=sys.stderr)
+        sys.exit(143)
 
 
 if __name__ == "__main__":
