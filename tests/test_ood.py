@@ -76,6 +76,7 @@ def test_published_arrays_are_read_per_severity_with_their_labels(tmp_path):
     ("missing", "contrast.npy is missing"),
     ("shape", r"expected uint8 \(30, 8, 8, 1\)"),
     ("labels", "labels outside"),
+    ("float_labels", "holds float32 values; labels are integers"),
     ("garbage", "cannot read"),
 ])
 def test_bad_published_folders_are_one_clear_line(tmp_path, damage, match):
@@ -86,6 +87,8 @@ def test_bad_published_folders_are_one_clear_line(tmp_path, damage, match):
         np.save(tmp_path / "contrast.npy", np.zeros((30, 8, 8, 3), np.uint8))
     elif damage == "labels":
         np.save(tmp_path / "labels.npy", np.full(30, 12, np.uint8))
+    elif damage == "float_labels":
+        np.save(tmp_path / "labels.npy", np.full(30, 1.5, np.float32))
     else:
         (tmp_path / "contrast.npy").write_bytes(b"not an array")
     with pytest.raises(AMEError, match=match):

@@ -138,7 +138,9 @@ def published_sets(folder: str | Path, names: Sequence[str], severities: Sequenc
     require(labels.ndim == 1 and len(labels) % 5 == 0 and len(labels) > 0,
             f"eval.source: {folder / 'labels.npy'} has shape {labels.shape}; expected (5·N,): the labels of "
             f"the five severities stacked")
-    require(np.issubdtype(labels.dtype, np.integer) and labels.min() >= 0 and labels.max() < num_classes,
+    require(np.issubdtype(labels.dtype, np.integer), f"eval.source: {folder / 'labels.npy'} holds {labels.dtype} "
+            "values; labels are integers (class ids), as the published archives store them")
+    require(labels.min() >= 0 and labels.max() < num_classes,
             f"eval.source: {folder / 'labels.npy'} holds labels outside 0..{num_classes - 1}; "
             f"is it the archive of this dataset?")
     n = len(labels) // 5

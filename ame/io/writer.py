@@ -104,7 +104,8 @@ class FileOutput(Output):
                  record: Mapping | None = None):
         require(isinstance(out, (str, Path)) and str(out).strip(), f"out must be a path, got {out!r}")
         self.infos, self.out, self.template = infos, Path(str(out)).expanduser(), template
-        self.folder = template is not None and template.layout == "folder"
+        # folder experts give a folder, unless out names a weight file (e.g. a slice chosen by key_prefix)
+        self.folder = template is not None and template.layout == "folder" and self.out.suffix not in READERS
         if self.folder:
             self.writer = template.reader
             require(not template.partial, f"experts.key_prefix={template.prefix!r} keeps {len(template)} of the "
@@ -132,6 +133,8 @@ class FileOutput(Output):
             self.file_of = {k: self.out.name for k in infos}
         files = list(dict.fromkeys(self.file_of.values()))
         meta = dict(metadata if metadata is not None else (template.metadata if template is not None else {}))
+        if template is not None and template.reader is not self.writer:
+            meta = {}  # metadata of another format (or file) do not carry over
         meta.setdefault("format", "pt")  # transformers refuses safetensors files without it
         meta.pop(MARK_KEY, None)
         if not self.folder:
