@@ -132,10 +132,12 @@ def test_greedy_soup_uses_a_validation_split_and_says_it_is_not_data_free(tmp_pa
 def test_wandb_online_without_a_server_falls_back_to_offline_within_seconds(tmp_path):
     import time
 
-    t0 = time.time()
+    from ame.report import _reachable
+
+    t0 = time.time()  # the probe decides within seconds (not the whole run: its time depends on the machine's load)
+    assert not _reachable("http://127.0.0.1:9") and time.time() - t0 < 10
     proc = run_cli([a for a in FAST if a != "logger=none"] + ["train.epochs=1", "train.warm_epochs=1"], tmp_path,
                    env={"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"})
-    assert time.time() - t0 < 60
     assert "logging offline instead" in proc.stdout + proc.stderr
     assert (tmp_path / "out" / "results.json").exists() and list((tmp_path / "out" / "wandb").glob("offline-run-*"))
 

@@ -88,3 +88,19 @@ def test_results_table_in_percent_without_a_repeated_soup_and_every_scalar_flatt
     flat = flat_scalars(results)
     assert flat["aggregate/id/acc"] == 0.5 and flat["expert_0/ood/acc"] == 0.25 and flat["timings_s/data"] == 0.5
     assert flat["seed"] == 3 and "base" not in flat and flat["expert_0/shard_size"] == 5
+
+
+def test_meter_logs_rate_and_eta_off_a_terminal_and_is_silent_when_quiet(caplog):
+    import logging
+
+    from ame.progress import Meter, quiet
+
+    with caplog.at_level(logging.INFO, logger="ame"):
+        m = Meter("ties → out", 4e9, every=0.0)
+        m.update(1e9)
+        m.close()
+        with quiet():
+            q = Meter("quiet", 10, unit="chunks", every=0.0)
+            q.update(5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("ties → out: 25% (1.0 GB of 4.0 GB,") and "ETA" in lines[0]

@@ -1,22 +1,39 @@
 """Task-vector merging: task arithmetic, TIES-merging and DARE, one family.
 
 Each expert is read as a task vector τ_i = x_i − base from the shared base (the experts'
-initialisation, or a given ``experts.init``). A merge sparsifies each τ_i (``magnitude``: keep
-the top ``density`` fraction by |value|, as TIES trims; ``random``: keep each entry with
-probability ``density`` and rescale by 1/density, as DARE drops), optionally elects a sign per
-entry (TIES: the sign of Σ_i τ_i), combines (``sum``, or ``mean`` over the experts that are
-non-zero and agree with the elected sign), and returns base + ``scaling`` · combined.
+initialisation, or a given ``experts.init``), weighted by w_i (``weights``, default 1). A merge
+sparsifies each τ_i (``magnitude``: keep the top ``density`` fraction by |value|, as TIES trims;
+``random``: keep each entry with probability ``density`` and rescale, as DARE drops), optionally
+elects a sign per entry (TIES: the sign of Σ_i w_i τ_i), combines (``sum``, or ``mean``: Σ w_i τ_i
+over the experts that are non-zero and agree with the elected sign, divided by their Σ w_i; with
+``normalize``, a sum is divided by Σ w_i), and returns base + ``scaling`` · combined.
 
     task_arithmetic: sparsify=none,      sign_election=false, combine=sum
     ties:            sparsify=magnitude, sign_election=true,  combine=mean
     dare:            sparsify=random,    sign_election=false, combine=sum
 
-It streams chunk by chunk like every aggregator. TIES's top-k is global over each task vector, so
-its threshold is found first without holding the model: an exact radix selection over the float32
-bit patterns of |τ_i| (non-negative floats order like their bits), two streaming passes of
-65,536-bin histograms, giving exactly the k-th largest value. DARE's random mask is drawn per
-tensor in fixed blocks of 2^20 entries (seeded by seed, expert, key and block), so it does not
-depend on the chunk size.
+Two conventions, each exact:
+
+- **published** (the default; Yadav et al. 2023, FusionBench): ``trim=global``, one top-k budget
+  over each task vector's parameters (|τ| ≥ the (d − ⌊d·density⌋)-th smallest), the float buffers
+  with a budget of their own; an exact tie in the elected sign keeps 0 (``zero_sign=zero``); DARE
+  rescales kept entries by 1/density (``rescale=inverse``).
+- **mergekit** (what ``python -m ame.merge recipe=...`` uses; mergekit 0.1.5's
+  ``generalized_task_arithmetic``): ``trim=tensor``, each tensor trimmed to its own top
+  max(1, ⌊density·numel⌋); ``zero_sign=positive``; DARE matches the L1 norm of each tensor's task
+  vector (``rescale=l1``).
+
+``weights`` and ``density`` take a number, one value per expert, or mergekit-style rules
+``[{filter: self_attn, value: 0.5}, {value: 0.3}]`` (the first rule whose ``filter`` is a
+substring of the tensor's name, or has none, applies), also per expert. Per-tensor densities need
+``trim=tensor``.
+
+It streams chunk by chunk like every aggregator. A top-k threshold is found first without
+holding the model: an exact radix selection over the float32 bit patterns of |τ_i| (non-negative
+floats order like their bits), two streaming passes of 65,536-bin histograms, giving exactly the
+k-th largest value (for ``trim=tensor``, a tensor that fits in a chunk is selected in memory). DARE's
+random mask is drawn per tensor in fixed blocks of 2^20 entries (seeded by seed, expert, key and
+block), so it does not depend on the chunk size.
 """
 from __future__ import annotations
 
@@ -31,9 +48,13 @@ from ame.aggregators.base import Aggregator
 from ame.io import Output
 from ame.errors import AMEError, require
 from ame.pool import INIT, Chunk, ExpertPool
+from ame.progress import Meter
 
 SPARSIFY = ("none", "magnitude", "random")
 COMBINE = ("sum", "mean")
+TRIMS = ("global", "tensor")
+ZERO_SIGNS = ("zero", "positive")
+RESCALES = ("inverse", "l1", "none")
 BLOCK = 1 << 20  # DARE's mask is drawn in blocks of this many entries of a tensor
 
 
@@ -42,22 +63,96 @@ def _bits(x: Tensor) -> Tensor:
     return x.abs().view(torch.int32)
 
 
+def _is_rules(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(r, Mapping) for r in x)
+
+
+def _check_setting(value, key: str, ok, meaning: str) -> None:
+    """A number, rules [{filter, value}], or one of those per expert; each value ``ok``."""
+    def one(v) -> bool:
+        if _is_rules(v):
+            return all(set(r) <= {"filter", "value"} and "value" in r and (r.get("filter") is None
+                       or isinstance(r["filter"], str)) and one(r["value"]) for r in v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
+    good = one(value) or (isinstance(value, (list, tuple)) and len(value) > 0 and all(one(v) for v in value))
+    require(good, f"aggregator.{key} must be {meaning}: a number, one per expert, or rules like "
+            f"[{{filter: self_attn, value: 0.5}}, {{value: 0.3}}], got {value!r}")
+
+
+def resolve(value, key: str, i: int) -> float:
+    """The setting's value for tensor ``key`` of expert ``i`` (mergekit's rule: the first rule whose
+    filter is in the name, or that has none, or ``*``)."""
+    if isinstance(value, (list, tuple)) and not _is_rules(value):
+        value = value[i]
+    if _is_rules(value):
+        for rule in value:
+            f = rule.get("filter")
+            if f is None or f == "*" or f in key:
+                return resolve(rule["value"], key, i)
+        raise AMEError(f"no rule of {value!r} applies to tensor '{key}'; end the rules with one without a filter")
+    return float(value)
+
+
+def _uniform(value) -> bool:
+    """Whether a setting is the same for every tensor (no filter rules)."""
+    if _is_rules(value):
+        return False
+    return all(_uniform(v) for v in value) if isinstance(value, (list, tuple)) else True
+
+
 class TaskVectors(Aggregator):
     needs_init = True
 
-    def __init__(self, scaling: float = 1.0, density: float = 1.0, sparsify: str = "none",
+    def __init__(self, scaling: float = 1.0, density=1.0, sparsify: str = "none",
                  sign_election: bool = False, combine: str = "sum", seed: int = 0, name: str = "task_arithmetic",
-                 chunk_mb: float = 64):
+                 chunk_mb: float = 64, weights=None, trim: str = "global", zero_sign: str = "zero",
+                 rescale: str = "inverse", normalize: bool = False):
         super().__init__()
         require(sparsify in SPARSIFY, f"aggregator.sparsify must be one of {SPARSIFY}, got {sparsify!r}")
         require(combine in COMBINE, f"aggregator.combine must be one of {COMBINE}, got {combine!r}")
-        require(isinstance(density, (int, float)) and 0 < density <= 1, f"aggregator.density must be in (0, 1], got {density}")
-        require(isinstance(scaling, (int, float)), f"aggregator.scaling must be a number, got {scaling!r}")
+        require(trim in TRIMS, f"aggregator.trim must be one of {TRIMS}, got {trim!r}")
+        require(zero_sign in ZERO_SIGNS, f"aggregator.zero_sign must be one of {ZERO_SIGNS}, got {zero_sign!r}")
+        require(rescale in RESCALES, f"aggregator.rescale must be one of {RESCALES}, got {rescale!r}")
+        from omegaconf import OmegaConf
+
+        density = OmegaConf.to_container(density) if OmegaConf.is_config(density) else density
+        weights = OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights
+        _check_setting(density, "density", lambda d: 0 < d <= 1, "in (0, 1]")
+        if weights is not None:
+            _check_setting(weights, "weights", lambda w: True, "finite numbers")
+        require(trim == "tensor" or _uniform(density), "aggregator.density rules per tensor need aggregator.trim=tensor "
+                "(the published TIES trims one global budget per task vector)")
+        require(isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and math.isfinite(scaling),
+                f"aggregator.scaling must be a number, got {scaling!r}")
         require(isinstance(chunk_mb, (int, float)) and not isinstance(chunk_mb, bool) and math.isfinite(chunk_mb)
                 and chunk_mb > 0, f"aggregator.chunk_mb must be a finite number > 0 (MB), got {chunk_mb!r}")
-        self.scaling, self.density, self.sparsify = float(scaling), float(density), sparsify
+        self.scaling, self.density, self.sparsify, self.weights = float(scaling), density, sparsify, weights
         self.sign_election, self.combine, self.seed, self.name = sign_election, combine, seed, name
+        require(isinstance(normalize, bool), f"aggregator.normalize must be true or false, got {normalize!r}")
+        self.trim, self.zero_sign, self.rescale, self.normalize = trim, zero_sign, rescale, normalize
         self.chunk_bytes = int(chunk_mb * 2**20)
+
+    def _per_expert_check(self, n: int) -> None:
+        for key, value in (("density", self.density), ("weights", self.weights)):
+            if isinstance(value, (list, tuple)) and not _is_rules(value):
+                require(len(value) == n, f"aggregator.{key} has {len(value)} values, one per expert, but there are "
+                        f"{n} experts")
+
+    def _dens(self, key: str, i: int) -> float:
+        return resolve(self.density, key, i)
+
+    def _w(self, key: str, i: int) -> float:
+        return 1.0 if self.weights is None else resolve(self.weights, key, i)
+
+    def _column(self, pool: ExpertPool, chunk: Chunk, i: int, value_of) -> Tensor | float:
+        """A per-entry value over ``chunk`` (a number when it is the same for every piece)."""
+        values = [value_of(p.key, i) for p in chunk.pieces]
+        if len(set(values)) <= 1:
+            return values[0] if values else 1.0
+        col = torch.empty(chunk.numel)
+        for p, v in zip(chunk.pieces, values):
+            col[p.lo:p.hi] = v
+        return col
 
     def pivot(self, pool: ExpertPool) -> dict[str, Tensor]:
         return pool.whole(INIT)
@@ -66,7 +161,7 @@ class TaskVectors(Aggregator):
         torch.sub(pool.read(i, chunk, out=out), base, out=out)
         return out
 
-    # -- TIES: the global top-k threshold of every task vector, streamed -------------------------
+    # -- TIES: top-k thresholds, streamed ---------------------------------------------------------
     @staticmethod
     def _buffer_mask(pool: ExpertPool, chunk: Chunk) -> Tensor | None:
         """Which entries of ``chunk`` are float buffers (None: none are)."""
@@ -78,109 +173,210 @@ class TaskVectors(Aggregator):
             mask[p.lo:p.hi] = True
         return mask
 
-    def thresholds(self, pool: ExpertPool, chunks: list[Chunk]) -> list[tuple[float, float]]:
-        """Per expert, the trimming thresholds (parameters, float buffers), each over its own group
-        as published TIES does over the parameters: the entries kept are those with
-        |τ| ≥ ``kthvalue(size − int(density · size))`` of the group's |τ_i|, so the parameters'
-        budget never depends on the normalisation statistics. Exact: a streaming radix selection."""
-        groups = [pool.numel(pool.params), pool.numel([k for k in pool.floats if k in pool.buffers])]
-        ranks = [[max(1, size - int(size * self.density))] * pool.n for size in groups]
-        hist = torch.zeros(2, pool.n, 1 << 16, dtype=torch.int64)
-
-        def split(bits: Tensor, mask: Tensor | None):  # (group, its entries' bit patterns)
-            if mask is None:
-                return [(0, bits)]
-            return [(0, bits[~mask]), (1, bits[mask])]
-
+    def _radix(self, pool: ExpertPool, chunks: list[Chunk], pick, ranks: list[list[int]]) -> list[list[float]]:
+        """Exact k-th values by radix selection over streamed |τ_i|: ``pick(chunk, bits)`` gives each
+        group's entries of a chunk as [(group, bits)]; ``ranks[g][i]`` the 1-based rank from the
+        smallest sought in group g of expert i. Two passes of 65,536-bin histograms."""
+        groups = len(ranks)
+        hist = torch.zeros(groups, pool.n, 1 << 16, dtype=torch.int64)
+        meter = Meter(f"{self.name}: top-k selection", 2 * len(chunks), unit="chunks")
         for chunk in chunks:  # pass 1: the high 16 bits
-            base, mask = pool.read(INIT, chunk), self._buffer_mask(pool, chunk)
+            meter.update(1)
+            base = pool.read(INIT, chunk)
             tau = torch.empty_like(base)
             for i in range(pool.n):
                 self._tau(pool, i, chunk, base, tau)
                 if not torch.isfinite(tau).all():
                     pool.scan(chunk)
                     raise AMEError("the task vectors have NaN/Inf values")
-                for g, bits in split(_bits(tau), mask):
+                for g, bits in pick(chunk, _bits(tau)):
                     hist[g, i] += torch.bincount((bits >> 16).long(), minlength=1 << 16)
-        high = [[0] * pool.n for _ in groups]
-        for g in range(2):
+        high = [[0] * pool.n for _ in range(groups)]
+        rest = [list(r) for r in ranks]
+        for g in range(groups):
             for i in range(pool.n):
-                if not groups[g]:
+                if rest[g][i] <= 0:
                     continue
                 cum = hist[g, i].cumsum(0)
-                b = int(torch.searchsorted(cum, ranks[g][i]))
+                b = int(torch.searchsorted(cum, rest[g][i]))
                 high[g][i] = b
-                ranks[g][i] -= int(cum[b - 1]) if b > 0 else 0
+                rest[g][i] -= int(cum[b - 1]) if b > 0 else 0
         hist.zero_()
         for chunk in chunks:  # pass 2: the low 16 bits, among the entries in the chosen high bin
-            base, mask = pool.read(INIT, chunk), self._buffer_mask(pool, chunk)
+            meter.update(1)
+            base = pool.read(INIT, chunk)
             tau = torch.empty_like(base)
             for i in range(pool.n):
-                for g, bits in split(_bits(self._tau(pool, i, chunk, base, tau)), mask):
+                for g, bits in pick(chunk, _bits(self._tau(pool, i, chunk, base, tau))):
                     low = bits[(bits >> 16) == high[g][i]] & 0xFFFF
                     hist[g, i] += torch.bincount(low.long(), minlength=1 << 16)
-        out = []
-        for i in range(pool.n):
-            pair = []
-            for g in range(2):
-                lo = int(torch.searchsorted(hist[g, i].cumsum(0), ranks[g][i])) if groups[g] else 0
-                pair.append(float(torch.tensor([(high[g][i] << 16) | lo], dtype=torch.int32).view(torch.float32)))
-            out.append((pair[0], pair[1]))
+        out = [[0.0] * pool.n for _ in range(groups)]
+        for g in range(groups):
+            for i in range(pool.n):
+                if rest[g][i] > 0:
+                    lo = int(torch.searchsorted(hist[g, i].cumsum(0), rest[g][i]))
+                    out[g][i] = float(torch.tensor([(high[g][i] << 16) | lo], dtype=torch.int32).view(torch.float32))
+        meter.close()
         return out
 
+    def thresholds(self, pool: ExpertPool, chunks: list[Chunk]) -> list[tuple[float, float]]:
+        """``trim=global``: per expert, the trimming thresholds (parameters, float buffers), each over
+        its own group as published TIES does over the parameters: the entries kept are those with
+        |τ| ≥ ``kthvalue(size − int(density · size))`` of the group's |τ_i|, so the parameters'
+        budget never depends on the normalisation statistics."""
+        buffers = [k for k in pool.floats if k in pool.buffers]
+        sizes = [pool.numel(pool.params), pool.numel(buffers)]
+        dens = [self._dens(pool.params[0] if pool.params else "", i) for i in range(pool.n)]
+        ranks = [[max(1, size - int(size * d)) if size else 0 for d in dens] for size in sizes]
+
+        def pick(chunk: Chunk, bits: Tensor):
+            mask = self._buffer_mask(pool, chunk)
+            return [(0, bits)] if mask is None else [(0, bits[~mask]), (1, bits[mask])]
+
+        params, bufs = self._radix(pool, chunks, pick, ranks)
+        return list(zip(params, bufs))
+
+    def tensor_thresholds(self, pool: ExpertPool, chunks: list[Chunk]) -> dict[tuple[int, str], float]:
+        """``trim=tensor`` (mergekit): per expert and tensor, the k-th largest |τ| with
+        k = max(1, ⌊density · numel⌋): a tensor within one chunk is selected in memory, a larger one
+        by radix selection over its chunks."""
+        out: dict[tuple[int, str], float] = {}
+        split: dict[str, list[Chunk]] = {}
+        meter = Meter(f"{self.name}: per-tensor top-k", len(chunks), unit="chunks")
+        for chunk in chunks:
+            meter.update(1)
+            whole = [p for p in chunk.pieces if p.hi - p.lo == _numel(pool.infos[p.key][0])]
+            for p in chunk.pieces:
+                if p not in whole:
+                    split.setdefault(p.key, []).append(chunk)
+            if not whole:
+                continue
+            base = pool.read(INIT, chunk)
+            tau = torch.empty_like(base)
+            for i in range(pool.n):
+                self._tau(pool, i, chunk, base, tau)
+                for p in whole:
+                    d = self._dens(p.key, i)
+                    if d < 1 and p.hi > p.lo:
+                        k = max(1, int(d * (p.hi - p.lo)))
+                        out[i, p.key] = float(tau[p.lo:p.hi].abs().kthvalue(p.hi - p.lo - k + 1).values)
+        meter.close()
+        for key, its in split.items():
+            numel = _numel(pool.infos[key][0])
+            ranks = [[numel - max(1, int(self._dens(key, i) * numel)) + 1 for i in range(pool.n)]]
+
+            def pick(chunk: Chunk, bits: Tensor, key=key):
+                return [(0, torch.cat([bits[p.lo:p.hi] for p in chunk.pieces if p.key == key]))]
+
+            for i, t in enumerate(self._radix(pool, its, pick, ranks)[0]):
+                if self._dens(key, i) < 1:
+                    out[i, key] = t
+        return out
+
+    # -- DARE ----------------------------------------------------------------------------------------
     def _dare_keep(self, pool: ExpertPool, i: int, chunk: Chunk) -> Tensor:
         keep = torch.empty(chunk.numel, dtype=torch.bool)
         for p in chunk.pieces:
             shape = pool.infos[p.key][0]
-            row = 1
-            for s in shape[1:]:
-                row *= s
+            d = self._dens(p.key, i)
+            row = _numel(shape[1:]) if shape else 1
             first, last = p.start * row, p.stop * row  # the piece's entries within its tensor
+            if d >= 1:
+                keep[p.lo:p.hi] = True
+                continue
             for block in range(first // BLOCK, (last - 1) // BLOCK + 1 if last > first else first // BLOCK):
                 h = hashlib.sha256(f"{self.seed}/{i}/{p.key}/{block}".encode()).digest()
                 g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
                 a, b = block * BLOCK, min((block + 1) * BLOCK, _numel(shape))
-                draw = torch.rand(b - a, generator=g) < self.density
+                draw = torch.rand(b - a, generator=g) < d
                 lo, hi = max(a, first), min(b, last)
                 keep[p.lo + lo - first: p.lo + hi - first] = draw[lo - a: hi - a]
         return keep
 
+    def l1_factors(self, pool: ExpertPool, chunks: list[Chunk]) -> dict[tuple[int, str], float]:
+        """``rescale=l1`` (mergekit's DARE): per expert and tensor, ‖τ‖₁ / ‖kept τ‖₁ (1 when either is
+        below 1e-7), so the dropped task vector keeps its L1 norm."""
+        before: dict[tuple[int, str], float] = {}
+        after: dict[tuple[int, str], float] = {}
+        meter = Meter(f"{self.name}: L1 norms", len(chunks), unit="chunks")
+        for chunk in chunks:
+            meter.update(1)
+            base = pool.read(INIT, chunk)
+            tau = torch.empty_like(base)
+            for i in range(pool.n):
+                self._tau(pool, i, chunk, base, tau)
+                kept = torch.where(self._dare_keep(pool, i, chunk), tau, torch.zeros_like(tau))
+                for p in chunk.pieces:
+                    before[i, p.key] = before.get((i, p.key), 0.0) + float(tau[p.lo:p.hi].abs().double().sum())
+                    after[i, p.key] = after.get((i, p.key), 0.0) + float(kept[p.lo:p.hi].abs().double().sum())
+        meter.close()
+        return {k: (before[k] / after[k] if before[k] >= 1e-7 and after[k] >= 1e-7 else 1.0) for k in before}
+
+    # -- the merge -----------------------------------------------------------------------------------
     def run(self, pool: ExpertPool, out: Output | None = None) -> Mapping[str, Tensor]:
+        self._per_expert_check(pool.n)
         out = self._begin(pool, out, integers_from=INIT)
         chunks = pool.chunks(self.chunk_bytes)
         try:
-            threshold = (self.thresholds(pool, chunks) if self.sparsify == "magnitude" and self.density < 1
-                         else None)
+            global_cut = tensor_cut = factors = None
+            if self.sparsify == "magnitude" and self.trim == "global":
+                if any(self._dens(pool.floats[0], i) < 1 for i in range(pool.n)):
+                    global_cut = self.thresholds(pool, chunks)
+            elif self.sparsify == "magnitude":
+                tensor_cut = self.tensor_thresholds(pool, chunks)
+            elif self.sparsify == "random" and self.rescale == "l1":
+                factors = self.l1_factors(pool, chunks)
 
             def taus(chunk: Chunk, base: Tensor):
                 tau = torch.empty_like(base)
-                mask = self._buffer_mask(pool, chunk) if threshold is not None else None
+                mask = self._buffer_mask(pool, chunk) if global_cut is not None else None
                 for i in range(pool.n):
                     self._tau(pool, i, chunk, base, tau)
-                    if threshold is not None:
-                        params, buffers = threshold[i]
+                    if global_cut is not None:
+                        params, buffers = global_cut[i]
                         limit = params if mask is None else torch.where(mask, buffers, params)
-                        tau = torch.where(tau.abs() >= limit, tau, torch.zeros_like(tau))
-                    elif self.sparsify == "random" and self.density < 1:
-                        tau = torch.where(self._dare_keep(pool, i, chunk), tau / self.density, torch.zeros_like(tau))
-                    yield tau
+                        t = torch.where(tau.abs() >= limit, tau, torch.zeros_like(tau))
+                    elif tensor_cut is not None:
+                        limit = self._column(pool, chunk, i, lambda k, j: tensor_cut.get((j, k), 0.0))
+                        t = torch.where(tau.abs() >= limit, tau, torch.zeros_like(tau))
+                    elif self.sparsify == "random":
+                        if self.rescale == "inverse":
+                            scale = self._column(pool, chunk, i, lambda k, j: 1.0 / self._dens(k, j))
+                        elif self.rescale == "l1":
+                            scale = self._column(pool, chunk, i, lambda k, j: factors[j, k])
+                        else:
+                            scale = 1.0
+                        t = torch.where(self._dare_keep(pool, i, chunk), tau * scale, torch.zeros_like(tau))
+                    else:
+                        t = tau
+                    w = self._column(pool, chunk, i, self._w)
+                    yield (t * w if not (isinstance(w, float) and w == 1.0) else t), w
 
             for chunk in chunks:
                 base = pool.read(INIT, chunk)
                 elected = None
                 if self.sign_election:
                     total = torch.zeros_like(base)
-                    for tau in taus(chunk, base):
+                    for tau, _ in taus(chunk, base):
                         total += tau
                     elected = torch.sign(total)
+                    if self.zero_sign == "positive":
+                        elected[elected == 0] = 1
                 total, count = torch.zeros_like(base), torch.zeros_like(base)
-                for tau in taus(chunk, base):
+                for tau, w in taus(chunk, base):
                     if elected is not None:
                         tau = torch.where(torch.sign(tau) == elected, tau, torch.zeros_like(tau))
                     total += tau
                     if self.combine == "mean":
-                        count += (tau != 0).float()
-                merged = total / count.clamp_min(1) if self.combine == "mean" else total
+                        count += (tau != 0).float() * w
+                if self.combine == "mean":
+                    merged = total / torch.where(count == 0, 1.0, count)
+                elif self.normalize:  # Σ w_i τ_i / Σ w_i (mergekit's normalize without sign consensus)
+                    wsum = sum(self._column(pool, chunk, i, self._w) for i in range(pool.n))
+                    merged = total / (torch.where(wsum.abs() < 1e-8, 1.0, wsum) if isinstance(wsum, Tensor)
+                                      else (wsum if abs(wsum) >= 1e-8 else 1.0))
+                else:
+                    merged = total
                 self._finish_chunk(pool, chunk, base + self.scaling * merged, out,
                                    "the aggregate has NaN/Inf values; lower aggregator.scaling")
         except BaseException:

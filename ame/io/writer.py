@@ -27,9 +27,12 @@ from ame.errors import AMEError, require
 from ame.io.checkpoint import Checkpoint
 from ame.io.readers import READERS, SafetensorsReader
 from ame.io.safetensors import StreamedSafetensors
+from ame.progress import Meter
 
 MARK = ".ame-merge.json"  # in a folder this tool wrote
 MARK_KEY = "ame_merge"  # in the metadata of a safetensors file this tool wrote
+TOKENIZER_FILES = {"special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "added_tokens.json"}  # besides tokenizer*.*
 
 
 class Output:
@@ -101,7 +104,8 @@ class FileOutput(Output):
 
     def __init__(self, infos: dict, out: str | Path, template: Checkpoint | None = None,
                  metadata: dict[str, str] | None = None, inputs: Sequence[Path] = (), overwrite: bool = False,
-                 record: Mapping | None = None):
+                 record: Mapping | None = None, card: str | None = None, extra_files: Path | None = None,
+                 desc: str = "writing"):
         require(isinstance(out, (str, Path)) and str(out).strip(), f"out must be a path, got {out!r}")
         self.infos, self.out, self.template = infos, Path(str(out)).expanduser(), template
         # folder experts give a folder, unless out names a weight file (e.g. a slice chosen by key_prefix)
@@ -120,6 +124,8 @@ class FileOutput(Output):
         prefix = template.prefix if template is not None else ""
         self.full = {k: prefix + k for k in infos}
         self.record = json.dumps(dict(record or {"tool": "ame.merge"}), sort_keys=True)
+        self.card, self.extra_files = card, extra_files
+        self.meter = Meter(f"{desc} → {self.out.name}", sum(d.itemsize * _numel(s) for s, d in infos.values()))
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
@@ -160,6 +166,7 @@ class FileOutput(Output):
                         "(nothing was written)")
 
     def write(self, key: str, start_row: int, values: Tensor) -> None:
+        self.meter.update(values.numel() * self.infos[key][1].itemsize)
         try:
             if self.memory is not None:
                 self.memory.write(key, start_row, values)
@@ -204,11 +211,19 @@ class FileOutput(Output):
             index = {"metadata": {"total_size": total},
                      "weight_map": {self.full[k]: self.file_of[k] for k in self.infos}}
             (self.tmp / t.index_name).write_text(json.dumps(index, indent=2) + "\n")
+        if self.extra_files is not None:  # e.g. the tokenizer of a recipe's tokenizer_source
+            for item in sorted(self.extra_files.iterdir()):
+                if item.is_file() and (item.name.startswith("tokenizer") or item.name in TOKENIZER_FILES):
+                    shutil.copy2(item, self.tmp / item.name)
+        if self.card is not None:
+            (self.tmp / "README.md").write_text(self.card)
         (self.tmp / MARK).write_text(self.record + "\n")
         os.chmod(self.tmp, 0o755)
 
     def abort(self) -> None:
         """Close what is open and remove the temporary folder (idempotent)."""
+        if getattr(self, "meter", None) is not None:
+            self.meter.close()
         for s in self.streams.values():
             s.abort()
         if getattr(self, "tmp", None) is not None and self.tmp.exists():
