@@ -46,7 +46,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_experts(root: Path, params: int, n: int, tensors: int = 100) -> list[Path]:

@@ -15,13 +15,11 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def images(root: Path, n: int) -> tuple[torch.Tensor, str]:

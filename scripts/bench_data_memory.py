@@ -32,7 +32,6 @@ def _rss_mb() -> float:
 
 
 def child(phase: str, images: int, size: int, test: int, cache: str) -> None:
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from ame.data.datasets import ImageData, cached

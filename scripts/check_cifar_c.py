@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.simplefilter("ignore")
 
 
