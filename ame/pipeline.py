@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ame.aggregators import AME, Aggregator, average
+from ame.aggregators import Aggregator, average
+from ame.aggregators.base import Callback
 from ame.align import align_experts, permutation_spec
 from ame.cache import Entry
 from ame.checks import check_config
@@ -51,9 +52,8 @@ def _check(cfg: DictConfig):
                 f"aggregator={name} is not data-free: it needs a validation split; set "
                 "data.val_size (e.g. data.val_size=1000), with experts=train")
     if aggregator.needs_init and no_init:
-        raise AMEError(f"aggregator={name} needs the experts' shared initialisation{aggregator.init_reason}, but "
-                       + ("train.init=independent" if cfg.experts.source == "train" else "experts.init is not set")
-                       + f"; {aggregator.without_init}")
+        raise aggregator.missing_init("train.init=independent" if cfg.experts.source == "train"
+                                      else "experts.init is not set")
     if aligner is not None:
         require(not aggregator.needs_init,
                 f"align=weight_matching permutes the experts but not their shared initialisation, which "
@@ -98,10 +98,15 @@ def distance(a, b, keys) -> float:
     return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys))
 
 
-def _report_distances(step: int, m: dict) -> None:
-    """An AME ``on_step`` hook: the iterate's distances to the pivot and to the soup at ``step``
-    (see :class:`ame.aggregators.AME`), reported as stage ``ame``."""
-    report("ame", "step", step, m, quiet=True)
+class _ReportDistances(Callback):
+    """The iterate's distances to the pivot and to the soup at each traced step, reported as stage
+    ``ame`` (to the logger's curves; not to the log)."""
+
+    def __init__(self, every: int | None):
+        self.every = every
+
+    def on_step(self, aggregator, step: int, metrics: dict) -> None:
+        report("ame", "step", step, metrics, quiet=True)
 
 
 def brief(m: dict) -> str:
@@ -195,14 +200,11 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
         pool = ex.experts.pool(ex.sizes, ex.init, buffers)  # the aligned copies
     single = aggregator.single_network  # the output ensemble is N networks: no weights
     val_x, val_y = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
-    if ame_every != 0 and isinstance(aggregator, AME):  # only when a logger wants the curves
-        aggregator.on_step = _report_distances
-        # None: about 32 points over the run, so the two distances (one pass each) stay a small cost
-        aggregator.on_step_every = ame_every or max(1, math.ceil(aggregator.epochs * len(ex.experts) / 32))
+    callbacks = [_ReportDistances(ame_every or None)] if ame_every != 0 else []  # only when a logger wants curves
     with timer("aggregate", lambda: aggregator.name):
-        if not aggregator.data_free:  # the declared exception (greedy soup): scored on the held-out validation split
-            pool.score = lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device)
-        aggregate = dict(aggregator.run(pool)) if single else None
+        extra = {} if aggregator.data_free else {  # the declared exception (greedy soup): scored on validation
+            "score": lambda sd: accuracy(model, data, sd, val_x, val_y, eval_device)}
+        aggregate = dict(aggregator.run(pool, callbacks=callbacks, **extra)) if single else None
     if cfg.get("bn_reset"):  # the data-using reference: statistics recomputed on the validation split
         with timer("bn_reset"):
             aggregate = reset_batchnorm(model, aggregate, data, val_x, eval_device)

@@ -153,7 +153,6 @@ class ExpertPool:
                     f"dtype={dtype!r} is not a floating torch dtype; use float32, bfloat16 or float16")
             dtype = getattr(torch, dtype)
         self.dtype = dtype
-        self.score = None  # a held-out scorer, attached only for aggregators that are not data-free
         self._chunks: dict[int, list[Chunk]] = {}
         self._work: dict = {}
 

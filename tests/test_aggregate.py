@@ -150,7 +150,7 @@ def test_bad_aggregator_settings_are_rejected(kwargs):
 
 
 def test_pivot_init_without_init_says_what_to_do():
-    with pytest.raises(AMEError, match="pivot=init needs"):
+    with pytest.raises(AMEError, match="needs the experts. shared initialisation \\(pivot=init\\)"):
         AME(sgd())(tiny_experts(2), [1, 1], None, BUFFERS)
 
 

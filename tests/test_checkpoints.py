@@ -89,7 +89,7 @@ def test_folder_in_folder_out_same_sharding_index_and_other_files(tmp_path):
     experts = [sharded_folder(tmp_path / f"e{i}", net(i)) for i in range(3)]
     out = ame.merge(experts, "soup", out=tmp_path / "merged")
     files = sorted(p.name for p in (tmp_path / "merged").iterdir())
-    assert files == sorted([".ame-merge.json", *(p.name for p in experts[0].iterdir())])  # + what made it
+    assert files == sorted([".ame-merge.json", "README.md", *(p.name for p in experts[0].iterdir())])  # + its card
     index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == json.loads((experts[0] / "model.safetensors.index.json").read_text())["weight_map"]
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in net(0).values())

@@ -194,7 +194,7 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
      "does not exist; check experts.init"),
     (["data=cifar10_shards", "data.root=/nonexistent", "data.download=false"], "data.root=/nonexistent"),
     (["train.init=independent"], "needs the experts' shared initialisation (pivot=init), but train.init=independent"),
-    (["aggregator=ties", "train.init=independent"], "use train.init=shared|warm, or give experts.init"),
+    (["aggregator=ties", "train.init=independent"], "give one (train.init=shared|warm for trained experts, experts.init=<file> for files, init= in Python) or use a soup"),
     (["aggregator.device=cuda"] if not torch.cuda.is_available() else ["aggregator.epochs=0"], "aggregator."),
     (["train.epochs=abc"], "train.epochs must be an integer"),
     (["aggregator=greedy_soup"], "is not data-free: it needs a validation split"),

@@ -7,7 +7,8 @@ import logging
 import torch
 
 from ame.aggregators import AME, average
-from ame.pipeline import _report_distances
+from ame.aggregators.base import Callback
+from ame.pipeline import _ReportDistances
 from ame.progress import Timer, listening, report, wanted
 from ame.report import flat_scalars, format_table, table_rows
 from tests.conftest import tiny_experts
@@ -51,9 +52,15 @@ def test_ame_step_hook_sees_the_pivot_then_the_iterates_and_changes_nothing():
     make = functools.partial(AME, functools.partial(torch.optim.Adam, lr=0.1), epochs=2, pivot="init")
     plain = make()(experts, [1] * 4, init)
     seen = []
+
+    class Every3(Callback):
+        every = 3
+
+        def on_step(self, aggregator, step, metrics):
+            seen.append((step, metrics))
+
     agg = make(chunk_mb=40 / 2**20)  # streamed in chunks of 10 floats: the distances are sums over chunks
-    agg.on_step, agg.on_step_every = (lambda step, m: seen.append((step, m))), 3
-    hooked = agg(experts, [1] * 4, init)
+    hooked = agg(experts, [1] * 4, init, callbacks=[Every3()])
     assert all(torch.allclose(plain[k], hooked[k], atol=1e-6) for k in plain)
     assert [s for s, _ in seen] == [0, 3, 6, 8]  # every 3 steps, and the last of 2 epochs × 4 experts
     soup = _flat(average(experts))
@@ -68,8 +75,7 @@ def test_distance_trace_matches_a_direct_computation():
     out = []
     with listening(lambda stage, x_name, x, m: out.append((stage, x_name, x, m))):
         agg = AME(functools.partial(torch.optim.SGD, lr=1.0), pivot="init", lr_schedule="harmonic")
-        agg.on_step = _report_distances
-        result = agg(experts, [1] * 3, init)
+        result = agg(experts, [1] * 3, init, callbacks=[_ReportDistances(1)])
     scale = float((_flat(init) - soup).norm())
     assert [x for _, _, x, _ in out] == [0, 1, 2, 3] and {s for s, *_ in out} == {"ame"}
     assert out[0][3]["dist_pivot"] == 0 and abs(out[0][3]["dist_soup"] - 1) < 1e-6

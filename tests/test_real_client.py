@@ -41,7 +41,7 @@ def test_python_api_merge_loads_in_transformers(gpt2_experts, tmp_path):
     root, paths = gpt2_experts
     out = tmp_path / "merged"
     ame.merge(paths, "soup", out=out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([".ame-merge.json", *(p.name for p in paths[0].iterdir())])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".ame-merge.json", "README.md", *(p.name for p in paths[0].iterdir())])
     model = _forward(out)
     experts = [dict(Checkpoint(p)) for p in paths]
     merged = model.state_dict()

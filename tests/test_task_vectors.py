@@ -47,7 +47,7 @@ def test_dare_keeps_rescaled_entries_or_drops_them_reproducibly():
 
 
 def test_task_vectors_need_a_base_and_sane_settings():
-    with pytest.raises(AMEError, match="needs the experts' shared base"):
+    with pytest.raises(AMEError, match="needs the experts' shared initialisation, but none was given"):
         TaskVectors()(EXPERTS, [1, 1, 1], None)
     with pytest.raises(AMEError, match="density"):
         TaskVectors(density=0.0)

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from ame.aggregators.base import Aggregator, average_chunk
+from ame.aggregators.base import Aggregator, Callback, average_chunk
 from ame.io import Output
 from ame.device import resolve_device
 from ame.errors import AMEError, require
@@ -59,18 +59,17 @@ class AME(Aggregator):
         device: where the chunk's iterate and optimizer state live (``cpu``, ``cuda``, ``auto``).
         chunk_mb: the chunk size in MB of float32 (memory is about 5× this plus one slice per expert).
 
-    Optional distance trace (for watching a run, e.g. curves in W&B): set ``on_step`` to a function
-    ``on_step(step, metrics)``; after the run it is called for step 0 (the pivot) and every
-    ``on_step_every`` steps (and the last), with the iterate's distances over the parameters
+    Optional distance trace (for watching a run, e.g. curves in W&B): pass ``callbacks`` to
+    :meth:`run` (:class:`~ame.aggregators.base.Callback`); after the run each one's ``on_step`` is
+    called for step 0 (the pivot) and every ``every`` steps (and the last), with the iterate's
+    distances over the parameters
     (``dist_soup_l2``, ``dist_pivot_l2``, and relative to ‖pivot − soup‖ ``dist_soup``,
     ``dist_pivot``, as in ``results.json``). Streaming makes them sums over chunks, so they arrive
     when the run ends. Unset (the default), it costs nothing.
     """
 
-    on_step: Callable[[int, dict], None] | None = None
-    on_step_every: int = 1
-    without_init = "use aggregator.pivot=soup|first|zero"
     init_reason = " (pivot=init)"
+    other_ways = "use aggregator.pivot=soup|first|zero"
 
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], epochs: int = 1, pivot: str = "init",
                  pseudogradient: str = "iterate", amplification: float | str = 1.0, order: str = "fixed",
@@ -93,10 +92,6 @@ class AME(Aggregator):
         self.lr_schedule, self.seed, self.name, self.device = lr_schedule, seed, name, device
         self.chunk_bytes = int(chunk_mb * 2**20)
         self._kwargs: dict | None = None
-
-    def no_init_message(self) -> str:
-        return ("aggregator.pivot=init needs the experts' shared initialisation (train.init=shared|warm, or "
-                "experts.init=<file>); else use aggregator.pivot=soup|first|zero")
 
     @property
     def needs_init(self) -> bool:
@@ -159,7 +154,8 @@ class AME(Aggregator):
             return {k: torch.zeros(shape, dtype=d) for k, (shape, d) in pool.infos.items()}
         return pool.whole(INIT if self.pivot_kind == "init" else 0)
 
-    def run(self, pool: ExpertPool, out: Output | None = None) -> Mapping[str, Tensor]:
+    def run(self, pool: ExpertPool, out: Output | None = None, callbacks: Sequence[Callback] = (),
+            score=None) -> Mapping[str, Tensor]:
         n = pool.n
         out = self._begin(pool, out, integers_from=INIT if self.pivot_kind == "init" else 0)
         device = resolve_device(self.device, "aggregator.device")
@@ -175,9 +171,10 @@ class AME(Aggregator):
         if on_gpu:
             work |= {"staging": torch.empty(size, pin_memory=True), "x": torch.empty(size, device=device)}
         total = self.epochs * n
-        every = max(1, int(self.on_step_every))
-        trace = ({s: [0.0, 0.0] for s in range(total + 1) if s % every == 0 or s == total}
-                 if self.on_step is not None else None)
+        # each callback's steps (None: about 32 points, so the two distances, one pass each, stay a small cost)
+        everies = {id(cb): max(1, int(cb.every) if cb.every else math.ceil(total / 32)) for cb in callbacks}
+        wanted = {s for cb in callbacks for s in range(total + 1) if s % everies[id(cb)] == 0 or s == total}
+        trace = {s: [0.0, 0.0] for s in sorted(wanted)} if callbacks else None
         try:
             for chunk in progress(chunks, f"{self.name} chunks") if len(chunks) > 1 else chunks:
                 w = self._chunk(pool, chunk, zeta, orders, device, on_gpu, work, trace)
@@ -192,7 +189,9 @@ class AME(Aggregator):
                 m = {"dist_soup_l2": math.sqrt(soup2), "dist_pivot_l2": math.sqrt(pivot2)}
                 if scale > 0:
                     m |= {"dist_soup": m["dist_soup_l2"] / scale, "dist_pivot": m["dist_pivot_l2"] / scale}
-                self.on_step(step, m)
+                for cb in callbacks:
+                    if step % everies[id(cb)] == 0 or step == total:
+                        cb.on_step(self, step, m)
         return self._end(out)
 
     @staticmethod
@@ -267,7 +266,8 @@ class Soup(Aggregator):
         super().__init__()
         self.weights = weights
 
-    def run(self, pool: ExpertPool, out: Output | None = None) -> Mapping[str, Tensor]:
+    def run(self, pool: ExpertPool, out: Output | None = None, callbacks: Sequence[Callback] = (),
+            score=None) -> Mapping[str, Tensor]:
         weights = [1.0] * pool.n if self.weights is None else [float(w) for w in self.weights]
         require(len(weights) == pool.n and all(w >= 0 for w in weights) and sum(weights) > 0,
                 f"need {pool.n} non-negative weights with a positive sum, got {weights}")

@@ -3,11 +3,19 @@ finiteness check, and the one rule for normalisation statistics.
 
     class Aggregator:
         name: str
-        data_free: bool = True        # greedy soup: False (the pipeline attaches ``pool.score``)
+        data_free: bool = True        # greedy soup: False, and ``run`` is handed ``score``
         needs_init: bool = False      # AME with pivot=init, task vectors
-        single_network: bool = True   # the output ensemble: False
+        single_network: bool = True   # the output ensemble: False (N networks: ``run`` is never called)
+        info: dict                    # what it chose, for results (after ``run``)
         def check(self) -> None       # settings, before anything is trained
-        def run(self, pool, out=None) -> StateDict
+        def missing_init(self, why) -> AMEError   # the one message when needs_init fails
+        def pivot(self, pool) -> StateDict | None  # the network it starts from (None: the soup)
+        def run(self, pool, out=None, callbacks=(), score=None) -> StateDict
+
+The pipeline and ``ame.merge`` use nothing else: no isinstance, no attributes set from outside.
+``callbacks`` are :class:`Callback` objects (as Lightning's): an aggregator that takes steps (AME)
+calls their ``on_step``; ``score`` (a function of a state dict → validation accuracy) is handed only
+to an aggregator that declares ``data_free = False``.
 
 **Statistics rule** (the same for every aggregator): float buffers (BatchNorm's ``running_mean``
 and ``running_var``) are treated exactly like parameters: each aggregator applies to them what it
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -37,14 +45,27 @@ StateDict = dict[str, Tensor]
 CHUNK_BYTES = 64 << 20  # float32 bytes per chunk: big enough for fused kernels at full speed
 
 
+class Callback:
+    """Hooks an aggregator calls while it runs (all optional; override what you need).
+
+    ``every``: call :meth:`on_step` every this many steps (None: about 32 points over the run)."""
+
+    every: int | None = None
+
+    def on_step(self, aggregator: "Aggregator", step: int, metrics: dict) -> None:
+        """After the run, for step 0 (the pivot) and every ``every`` steps and the last: the iterate's
+        distances to the soup and to the pivot (``dist_soup``, ``dist_pivot`` and their ``_l2``)."""
+
+
 class Aggregator:
     name: str = "aggregator"
     data_free: bool = True
     needs_init: bool = False
     single_network: bool = True
-    without_init: str = "use train.init=shared|warm, or give experts.init"  # the fix when needs_init fails
-    init_reason: str = ""  # why it needs the init, for that message
     chunk_bytes: int = CHUNK_BYTES
+    #: why the init is needed and the other ways out, for :meth:`missing_init`
+    init_reason: str = ""
+    other_ways: str = "choose an aggregator that needs no base"
 
     def __init__(self):
         self.info: dict = {}
@@ -52,28 +73,31 @@ class Aggregator:
     def check(self) -> None:
         """Fail now, before any expert is trained, on settings that cannot work."""
 
-    def run(self, pool: ExpertPool, out: Output | None = None) -> Mapping[str, Tensor]:
+    def run(self, pool: ExpertPool, out: Output | None = None, callbacks: Sequence[Callback] = (),
+            score: Callable[[StateDict], float] | None = None) -> Mapping[str, Tensor]:
         raise NotImplementedError
 
-    def no_init_message(self) -> str:
-        return (f"aggregator={self.name} needs the experts' shared base (train.init=shared|warm, or "
-                "experts.init=<file>)")
+    def missing_init(self, why: str = "none was given") -> AMEError:
+        """The one message for a missing shared initialisation; ``why``: how it came to be missing
+        (e.g. ``train.init=independent``), which also says how to give one."""
+        return AMEError(f"aggregator={self.name} needs the experts' shared initialisation{self.init_reason}, but "
+                        f"{why}; give one (train.init=shared|warm for trained experts, experts.init=<file> for "
+                        f"files, init= in Python) or {self.other_ways}")
 
     def pivot(self, pool: ExpertPool) -> StateDict | None:
         """The network this aggregator starts from, for reporting distances (None: the soup)."""
         return None
 
     def __call__(self, experts, sizes: Sequence[float] | None = None, init=None, buffers=None, score=None,
-                 **kwargs) -> Mapping[str, Tensor]:
+                 callbacks: Sequence[Callback] = (), **kwargs) -> Mapping[str, Tensor]:
         """Convenience: ``run`` on ``ExpertPool(experts, sizes, init, buffers)``."""
         pool = ExpertPool(experts, sizes, init, buffers, **kwargs)
-        pool.score = score
-        return self.run(pool)
+        return self.run(pool, callbacks=callbacks, **({"score": score} if score is not None else {}))
 
     # -- shared steps ----------------------------------------------------------------------------
     def _begin(self, pool: ExpertPool, out: Output | None, integers_from: int = 0) -> Output:
         if self.needs_init and pool.init is None:
-            raise AMEError(self.no_init_message())
+            raise self.missing_init()
         self.info = {}
         out = Output(pool.out_infos()) if out is None else out
         ints = [k for k in pool.keys if k not in pool.floats]

@@ -1,7 +1,7 @@
 """Greedy soup (Wortsman et al. 2022): the one aggregator that is not data-free."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 from torch import Tensor
 
@@ -16,9 +16,9 @@ class GreedySoup(Aggregator):
     """Rank the experts by validation accuracy, start from the best, and add each next one only if
     the soup's validation accuracy does not drop.
 
-    **Not data-free**: the pipeline attaches ``pool.score``, a function of a state dict that returns
-    its accuracy on a held-out validation split (``data.val_size``), and its results say
-    ``data_free: false``."""
+    **Not data-free** (``data_free = False``): :meth:`run` is handed ``score``, a function of a state
+    dict that returns its accuracy on a held-out validation split (``data.val_size``), and its
+    results say ``data_free: false``."""
 
     data_free = False
 
@@ -26,8 +26,8 @@ class GreedySoup(Aggregator):
         super().__init__()
         self.name = name
 
-    def run(self, pool: ExpertPool, out: Output | None = None) -> Mapping[str, Tensor]:
-        score = pool.score
+    def run(self, pool: ExpertPool, out: Output | None = None, callbacks=(),
+            score: Callable[[dict], float] | None = None) -> Mapping[str, Tensor]:
         require(score is not None, "greedy_soup needs held-out data: set data.val_size (e.g. data.val_size=1000)")
         alone = [score(pool.whole(i)) for i in range(pool.n)]
         ranked = sorted(range(pool.n), key=lambda i: -alone[i])

@@ -102,6 +102,7 @@ def _uniform(value) -> bool:
 
 class TaskVectors(Aggregator):
     needs_init = True
+    other_ways = "use a soup or AME with aggregator.pivot=soup"
 
     def __init__(self, scaling: float = 1.0, density=1.0, sparsify: str = "none",
                  sign_election: bool = False, combine: str = "sum", seed: int = 0, name: str = "task_arithmetic",
@@ -313,7 +314,7 @@ class TaskVectors(Aggregator):
         return {k: (before[k] / after[k] if before[k] >= 1e-7 and after[k] >= 1e-7 else 1.0) for k in before}
 
     # -- the merge -----------------------------------------------------------------------------------
-    def run(self, pool: ExpertPool, out: Output | None = None) -> Mapping[str, Tensor]:
+    def run(self, pool: ExpertPool, out: Output | None = None, callbacks=(), score=None) -> Mapping[str, Tensor]:
         self._per_expert_check(pool.n)
         out = self._begin(pool, out, integers_from=INIT)
         chunks = pool.chunks(self.chunk_bytes)

@@ -121,9 +121,7 @@ def merge_pool(aggregator_cfg: DictConfig, experts: Sequence, init=None, out: st
             recorded, _ = expert_set([s.metadata for s in files], [s.name for s in files])
             pool.sizes = recorded or pool.sizes
     if aggregator.needs_init and pool.init is None:
-        raise AMEError(f"aggregator={aggregator.name} needs the experts' shared initialisation"
-                       f"{aggregator.init_reason}; give experts.init (init= in Python), or "
-                       + ("use aggregator.pivot=soup|first|zero" if aggregator.init_reason else "another aggregator"))
+        raise aggregator.missing_init("experts.init is not set")
     dest = None
     if out is not None:
         first = pool.sources[0]
