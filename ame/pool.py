@@ -85,7 +85,7 @@ class _Lazy:
 def _source(x, key_prefix: str | None, what: str):
     if isinstance(x, (str, Path)):
         return Checkpoint(x, key_prefix, what)
-    if isinstance(x, Checkpoint):
+    if isinstance(x, (Checkpoint, _Dict, _Lazy)):
         return x
     if isinstance(x, Mapping):
         return _Dict(x)
@@ -118,7 +118,7 @@ class ExpertPool:
         n = len(experts)
         require(n > 0, "no experts to aggregate; check experts.paths or data.shards.num_shards")
         lazy = not isinstance(experts, (list, tuple)) or not all(
-            isinstance(e, (str, Path, Mapping, Checkpoint)) for e in experts)
+            isinstance(e, (str, Path, Mapping, Checkpoint, _Dict, _Lazy)) for e in experts)
         if lazy:
             first = experts[0]
             infos = {k: (tuple(v.shape), v.dtype) for k, v in first.items()}
@@ -126,9 +126,8 @@ class ExpertPool:
             del first
         else:
             self.sources = [_source(e, key_prefix, "experts.paths") for e in experts]
-        given = names if names is not None else getattr(experts, "names", None)
-        self.names = [str(x) for x in given] if given is not None else [
-            getattr(s, "name", None) for s in self.sources]
+        self.names = [str(x) for x in names] if names is not None else [getattr(s, "name", None) for s in self.sources]
+        require(len(self.names) == n, f"need one name per expert ({n}), got {len(self.names)}")
         self.n = n
         sizes = [1] * n if sizes is None else list(sizes)
         require(len(sizes) == n and all(isinstance(s, (int, float)) and s > 0 for s in sizes),
@@ -317,13 +316,8 @@ class ExpertPool:
 
     def subset(self, idx: Sequence[int]) -> "ExpertPool":
         """The experts ``idx`` (same init, buffers, dtype), still lazy."""
-        sub = object.__new__(ExpertPool)
-        sub.__dict__.update(self.__dict__)
-        sub.sources = [self.sources[i] for i in idx]
-        sub.names = [self.names[i] for i in idx]
-        sub.sizes = [self.sizes[i] for i in idx]
-        sub.n, sub._chunks, sub._work = len(idx), {}, {}
-        return sub
+        return ExpertPool([self.sources[i] for i in idx], [self.sizes[i] for i in idx], self.init, self.buffers,
+                          [self.names[i] for i in idx], self.dtype)
 
 
 def _numel(shape) -> int:
