@@ -14,12 +14,17 @@ mounts (the jobs write under it and read the cache there), from a virtual enviro
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import pickle
 from pathlib import Path
 
 import pytest
 
+from ame.cache import Entry
+from ame.errors import AMEError
 from conftest import FAST, read_results, run_cli
 
 # Two data-free aggregators over the same experts, and greedy_soup, which stops at its config check
@@ -84,3 +89,30 @@ def test_submitit_slurm_sweep_runs_on_a_slurm_cluster(tmp_path):
     assert len(list(tmp_path.glob("sweep/.submitit/*/*_submission.sh"))) == 1
     assert sorted(p.name.split("_")[1] for p in tmp_path.glob("sweep/.submitit/*_*") if p.is_dir()) == ["0", "1", "2"]
 
+
+# -- the cache's lock on filesystems that do not give flock locks (README: the cache on a shared filesystem) -----
+@pytest.mark.parametrize("err", [errno.ENOLCK, errno.EOPNOTSUPP], ids=["ENOLCK", "EOPNOTSUPP"])
+def test_a_cache_on_a_filesystem_without_locks_stops_with_one_line(tmp_path, monkeypatch, err):
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(err, os.strerror(err))))
+    with pytest.raises(AMEError, match=r"^cannot lock .*k\.lock \(.+\): the filesystem of the cache gives no file "
+                                       r"locks; put paths.cache_dir .* on one that does") as e:
+        with Entry(tmp_path / "cache", "experts", "k").lock():
+            pass
+    assert "\n" not in str(e.value)
+
+
+def test_where_flock_is_not_implemented_the_lock_is_a_lock_file(tmp_path, monkeypatch):
+    """filelock falls back to a lock file (created exclusively; it names its holder): it excludes another
+    job on any filesystem with atomic exclusive creation, and goes with its release."""
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no flock")))
+    monkeypatch.setenv("AME_CACHE_LOCK_TIMEOUT", "0.2")
+    lock_file = tmp_path / "cache" / "experts" / "k.lock"
+    with pytest.warns(UserWarning, match="falling back to SoftFileLock"):
+        with Entry(tmp_path / "cache", "experts", "k").lock():
+            assert str(os.getpid()) in lock_file.read_text()
+            with pytest.raises(AMEError, match="gave up after .* delete that lock file and rerun"):
+                with Entry(tmp_path / "cache", "experts", "k").lock():
+                    pass
+        assert not lock_file.exists()
+        with Entry(tmp_path / "cache", "experts", "k").lock():  # free again
+            pass
