@@ -24,6 +24,7 @@ or, for one file of tensors, :func:`cached_tensors` does exactly that.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -39,6 +40,10 @@ from ame.errors import AMEError
 from ame.io import atomic_path, read_safetensors, sha256_file, write_json, write_safetensors
 
 log = logging.getLogger(__name__)
+
+# flock's errors on a filesystem that grants no locks (an NFS mount without a lock daemon, a FUSE mount);
+# where flock is not implemented at all (ENOSYS), filelock (>= 3.24) falls back to a lock file by itself
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP)
 
 LOCK_TIMEOUT_S = 24 * 3600  # a job waits this long for another job building the same entry
 
@@ -79,9 +84,13 @@ class Entry:
                     self._lock.acquire(timeout=lock_timeout())
                 except Timeout:
                     raise AMEError(f"gave up after {lock_timeout():.0f} s waiting for {self.what} (lock "
-                                   f"{self._lock.lock_file}); if no other job is running, rerun "
-                                   f"(or raise $AME_CACHE_LOCK_TIMEOUT)") from None
+                                   f"{self._lock.lock_file}); if no other job is running, delete that lock file and "
+                                   f"rerun (or raise $AME_CACHE_LOCK_TIMEOUT)") from None
         except OSError as e:
+            if e.errno in NO_LOCKS:
+                raise AMEError(f"cannot lock {self._lock.lock_file} ({e.strerror}): the filesystem of the cache gives "
+                               f"no file locks; put paths.cache_dir (or $AME_CACHE_DIR) on one that does (README: "
+                               f"the cache on a shared filesystem)") from None
             raise AMEError(f"cannot write the cache at {self.root.parent} ({e.strerror}); set paths.cache_dir "
                            f"(or $AME_CACHE_DIR) to a writable directory") from None
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +30,24 @@ def _gpu_missing() -> str | None:
     return None if torch.cuda.is_available() else "needs a CUDA GPU (torch.cuda.is_available() is False)"
 
 
-MISSING = {"needs_imagemagick": _imagemagick_missing, "gpu": _gpu_missing}
+def _slurm_missing() -> str | None:
+    """Why no job can be submitted to SLURM from here (None: ``sbatch`` is on PATH and a controller answers)."""
+    if shutil.which("sbatch") is None:
+        return "needs a SLURM cluster (sbatch is not on PATH)"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"needs a SLURM cluster (sinfo did not answer: {e})"
+    if proc.returncode != 0 or " up" not in proc.stdout:
+        why = (proc.stderr.strip().splitlines() or ["no partition is up"])[0]
+        return f"needs a SLURM cluster with a partition up (sinfo: {why})"
+    return None
 
 
+MISSING = {"needs_imagemagick": _imagemagick_missing, "gpu": _gpu_missing, "needs_slurm": _slurm_missing}
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: only the tests that will run are checked for
 def pytest_collection_modifyitems(config, items):
     reasons: dict[str, str | None] = {}
     for item in items:
