@@ -46,6 +46,53 @@ def test_default_run_writes_the_results_contract(default_run):
     assert r["metrics"]["id/acc"] > 0.5  # digits experts are far above chance (0.1) even when tiny
 
 
+def test_results_say_where_they_came_from(default_run):
+    tmp, _ = default_run
+    r = read_results(tmp / "out")
+    p = r["provenance"]
+    assert {"run_id", "started", "version", "commit", "dirty", "diff_sha256", "python", "torch", "torchvision",
+            "numpy", "timm", "device", "threads", "deterministic", "host"} <= p.keys()
+    assert p["version"] == "0.1.0" and p["torch"] == torch.__version__ and p["python"].count(".") == 2
+    assert all(isinstance(p[k], str) for k in ("run_id", "started", "torchvision", "numpy", "timm", "host"))
+    assert isinstance(p["threads"], int) and p["threads"] >= 1 and isinstance(p["deterministic"], bool)
+    assert p["started"].endswith("+00:00")  # ISO, UTC
+    if p["commit"] is not None:  # a git checkout (the repository's own tests run from one)
+        assert len(p["commit"]) == 40 and isinstance(p["dirty"], bool) and (p["diff_sha256"] is None) != p["dirty"]
+    d = p["device"]
+    assert isinstance(d["cpu"], str) and isinstance(d["cores"], int) and d["gpu"] is None  # debug=fast: CPU
+    # this run trained its experts and base and computed the reference metrics: it made them
+    own = {k: v for k, v in p.items() if not k.endswith("_made_by")}
+    assert p["experts_made_by"] == [own] * 3 and p["base_made_by"] == own and p["reference_metrics_made_by"] == own
+    assert set(r["timings_s"]) <= {"data", "shards", "experts", "align", "aggregate", "bn_reset", "evaluate"}
+    assert len(r["data"]["fingerprint"]) == 16
+
+
+def test_a_run_reusing_the_cache_says_which_run_made_its_experts_and_base(default_run, tmp_path):
+    tmp, _ = default_run
+    first = read_results(tmp / "out")
+    run_cli(FAST, tmp_path, env={"AME_CACHE_DIR": str(tmp / "cache")})  # default_run's cache
+    r = read_results(tmp_path / "out")
+    p, made = r["provenance"], {k: v for k, v in first["provenance"].items() if not k.endswith("_made_by")}
+    assert r["experts_cached"] is True and p["run_id"] != made["run_id"]
+    assert p["experts_made_by"] == [made] * 3 and p["base_made_by"] == made and p["reference_metrics_made_by"] == made
+    assert r["metrics"] == first["metrics"]
+
+
+def test_the_same_config_on_the_same_machine_gives_the_same_results(default_run, tmp_path):
+    """README, Reproducibility: bit-exact on one machine and set of versions. Here from an empty
+    cache: the base and the experts are trained again, everything is evaluated again."""
+    tmp, _ = default_run
+    first = read_results(tmp / "out")
+    run_cli(FAST, tmp_path)
+    r = read_results(tmp_path / "out")
+    assert r["experts_cached"] is False and r["provenance"]["run_id"] != first["provenance"]["run_id"]
+    for key in ("metrics", "soup", "base", "ensemble", "data"):
+        assert r[key] == first[key], key
+    assert [{k: v for k, v in e.items() if k != "path"} for e in r["experts"]] == \
+        [{k: v for k, v in e.items() if k != "path"} for e in first["experts"]]
+    assert (tmp_path / "out" / "aggregate.safetensors").read_bytes() == (tmp / "out" / "aggregate.safetensors").read_bytes()
+
+
 def test_run_log_holds_the_stages_the_epochs_and_the_table(default_run):
     tmp, proc = default_run
     text = (tmp / "out" / "run.log").read_text()
@@ -79,12 +126,14 @@ def test_wandb_offline_run_reads_back_with_config_summary_history_and_artifacts(
     assert config["aggregator"]["optimizer"]["lr"] == 0.001 and config["task_name"] == "debug"
     assert config["overrides"] == ["debug=fast"]
     assert "_target_" not in str(config) and "_partial_" not in str(config) and "output_dir" not in str(config)
+    r = read_results(tmp / "out")
+    assert config["provenance"]["run_id"] == r["provenance"]["run_id"]
+    assert config["provenance"]["torch"] == r["provenance"]["torch"] == torch.__version__
     assert run["job_type"] == "ame_adam" and run["run_group"] == "debug" and run["display_name"] == "debug=fast"
     summary = {}
     for rec in records:
         if rec["type"] == "summary":
             summary.update(rec["summary"].get("update", {}))
-    r = read_results(tmp / "out")
     assert summary["aggregate/id/acc"] == r["metrics"]["id/acc"] and summary["soup/ood/acc"] == r["soup"]["ood/acc"]
     assert summary["base/id/acc"] == r["base"]["id/acc"] and summary["ensemble/id/nll"] == r["ensemble"]["id/nll"]
     assert summary["expert_2/shard/own_acc"] == r["experts"][2]["shard/own_acc"]
