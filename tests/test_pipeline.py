@@ -127,7 +127,7 @@ def test_wandb_offline_run_reads_back_with_config_summary_history_and_artifacts(
     assert config["overrides"] == ["debug=fast"]
     assert "_target_" not in str(config) and "_partial_" not in str(config) and "output_dir" not in str(config)
     r = read_results(tmp / "out")
-    assert config["provenance"]["run_id"] == r["provenance"]["run_id"]
+    assert config["provenance"]["run_id"] == r["provenance"]["run_id"] and "dirname_exclude" not in config
     assert config["provenance"]["torch"] == r["provenance"]["torch"] == torch.__version__
     assert run["job_type"] == "ame_adam" and run["run_group"] == "debug" and run["display_name"] == "debug=fast"
     summary = {}
@@ -378,6 +378,39 @@ def test_results_report_the_output_ensemble(default_run):
     r = read_results(tmp / "out")
     assert r["ensemble"]["single_network"] is False and METRIC_KEYS <= r["ensemble"].keys()
     assert "output ensemble (N networks)" in proc.stdout
+
+
+PATH_KEYS = {"data.root", "data.dataset.root", "paths.cache_dir", "paths.output_dir", "experts.paths", "experts.init",
+             "eval.source", "model.pretrained"}
+
+
+@pytest.mark.parametrize("name", [None, "fig1", "table", "ablations", "align", "bn_stats"])
+def test_path_valued_keys_never_name_a_job_folder(name):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"] if name else [], return_hydra_config=True)
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert PATH_KEYS | {"experiment", "logger"} <= excluded
+    assert ("regime" in excluded) == (name == "table")  # the table's sweep folder is named by its regime
+
+
+def test_a_sweep_with_a_data_root_keeps_its_job_folders_one_level_deep(tmp_path):
+    """Issue 25: data.root=/a/path on an experiment's command line made nested job folders."""
+    from tests.test_data import make_image_folder
+
+    root = tmp_path / "data" / "deep"
+    make_image_folder(root / "cifar10-jpeg", per_class=(20, 4))
+    run_cli(["-m", "experiment=table", "regime=small_cnn", *FAST, f"data.root={root}", "data.download=false",
+             "data.public_size=12", "data.val_size=6", "data.shards.min_size=2", "~hydra.sweeper.params.seed",
+             "~hydra.sweeper.params.aggregator", "seed=0", "aggregator=soup"], tmp_path, out="sweep")
+    jobs = [p.parent for p in (tmp_path / "sweep").rglob("results.json")]
+    assert [j.parent for j in jobs] == [tmp_path / "sweep"], jobs
+    assert jobs[0].name == "aggregator=soup,data.download=False,data.public_size=12,data.shards.min_size=2," \
+                           "data.val_size=6,debug=fast,seed=0"
+    assert read_results(jobs[0])["data"]["name"] == "cifar10"
 
 
 @pytest.mark.parametrize("name", ["fig1", "table", "ablations", "align", "bn_stats"])
