@@ -60,7 +60,8 @@ def compare(a: Side, b: Side) -> tuple[list[str], dict]:
     """The report's lines and its counts."""
     seeded = a.per_seed is not None and b.per_seed is not None
     if seeded:
-        keys = [k for k in a.per_seed if k in b.per_seed]
+        order = {k: i for i, k in enumerate(a.by_row)}  # A's rows in table order, each row's seeds together
+        keys = sorted((k for k in a.per_seed if k in b.per_seed), key=lambda k: order[k[:2]])
         values = lambda side, k: side.per_seed[k]  # noqa: E731
     else:
         keys = [k for k in a.by_row if k in b.by_row]
@@ -97,8 +98,7 @@ def compare(a: Side, b: Side) -> tuple[list[str], dict]:
             std = "—" if yard is None else f"{scale * yard:.2f}"
             lines.append(f"  {key[1]}, {where}, {col.short}: {scale * x:.2f} → {scale * y:.2f} "
                          f"(Δ {scale * (y - x):+.3f}; seed std {std}): {verdict}")
-    only = [(name, side, other) for name, side, other in (("A", a, b), ("B", b, a))]
-    for name, side, other in only:
+    for name, side, other in (("A", a, b), ("B", b, a)):
         missing = [k for k in side.by_row if k not in other.by_row]
         if missing:
             lines.append(f"\nonly in {name}: " + "; ".join(f"{pretty_setting(s)}: {label}" for s, label in missing))

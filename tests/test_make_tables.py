@@ -2,6 +2,9 @@
 grouping by overrides, mean ± std over seeds, one soup row, summaries read back."""
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
@@ -199,6 +202,24 @@ def test_best_trial_takes_the_top_score_and_breaks_ties_towards_the_smaller_valu
     assert "no finished trial" in script("best_trial.py", tmp_path / "0" / ".hydra", check=False).stderr
 
 
+def run_main(name: str, *args) -> subprocess.CompletedProcess:
+    """``scripts/<name>.py ARGS`` run in this process, as :func:`script` runs it (exit code, stdout,
+    stderr), without an interpreter's start-up each time."""
+    module = importlib.import_module(f"scripts.{name}")
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv, code = [name, *map(str, args)], 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def test_tables_say_where_their_numbers_came_from_and_warn_when_commits_differ(tmp_path):
     old = provenance(commit="b" * 40, torch_version="2.13.0", cpu="EPYC", threads=2)
     for alpha, mixed in (("0.1", False), ("0.5", True)):
@@ -208,7 +229,7 @@ def test_tables_say_where_their_numbers_came_from_and_warn_when_commits_differ(t
                 p = provenance(made_by=provenance()) if not (mixed and seed == 1 and agg == "ame_adam") else old
                 write_run(tmp_path / "runs" / f"{alpha}{seed}{agg}", agg, seed, 0.5, [f"data.shards.alpha={alpha}",
                           f"seed={seed}", f"aggregator={agg}"], provenance=p)
-    proc = script("make_tables.py", tmp_path / "runs", "--out", tmp_path / "t.md")
+    proc = run_main("make_tables", tmp_path / "runs", "--out", tmp_path / "t.md")
     md = (tmp_path / "t.md").read_text()
     same, other = md.split("### α = 0.5")
     line = ("- commit aaaaaaaaaaaa; ame 0.1.0, Python 3.11.7, torch 2.14.1, torchvision 0.29.1, numpy 2.4.6, "
@@ -223,27 +244,27 @@ def test_tables_say_where_their_numbers_came_from_and_warn_when_commits_differ(t
     assert "2 different commits" in warnings[0] and "different torch versions (2.14.1, 2.13.0)" in warnings[1]
     assert "% environment: commit bbbbbbbbbbbb;" in (tmp_path / "t.tex").read_text()
     # the CSV carries them: a table redrawn from it says the same, and warns the same
-    again = script("make_tables.py", tmp_path / "t.csv", "--out", tmp_path / "again.md")
+    again = run_main("make_tables", tmp_path / "t.csv", "--out", tmp_path / "again.md")
     assert (tmp_path / "again.md").read_text() == md and again.stderr == proc.stderr
 
 
 def test_numbers_without_provenance_say_so(tmp_path):
     write_run(tmp_path / "old", "soup", 0, 0.5, ["seed=0", "aggregator=soup"])  # results from before provenance
-    out = script("make_tables.py", tmp_path)
+    out = run_main("make_tables", tmp_path)
     assert "- not recorded (made before results recorded their provenance): runs" in out.stdout
     assert "warning" not in out.stderr  # all alike: nothing to tell apart
     # experts from an older cache, a run that records its own environment: cannot tell, says so
     p = provenance()
     p["experts_made_by"], p["base_made_by"] = [None, None], None
     write_run(tmp_path / "new", "ame_adam", 0, 0.6, ["seed=0", "aggregator=ame_adam"], provenance=p)
-    out = script("make_tables.py", tmp_path / "new")
+    out = run_main("make_tables", tmp_path / "new")
     assert out.stdout.count("\n- ") == 2 and "- not recorded (made before results recorded their provenance): " \
         "experts" in out.stdout
     assert "warning: default settings: some numbers record no provenance (experts: older results or cache " \
            "entries); cannot tell whether they match" in out.stderr
     plain = tmp_path / "plain.csv"  # a CSV from before environments were recorded: no lines, no warning
     plain.write_text("setting,network,runs,id/acc_mean,id/acc_std\n,soup,1,0.5,\n")
-    out = script("make_tables.py", plain)
+    out = run_main("make_tables", plain)
     assert "came from" not in out.stdout and not out.stderr
 
 
@@ -258,19 +279,19 @@ def seeds_tree(root, accs, agg="ame_adam", p=None):
 def test_compare_results_flags_differences_larger_than_the_seed_spread(tmp_path):
     seeds_tree(tmp_path / "a", [0.60, 0.62, 0.64])  # AME's seed std: 2 points
     seeds_tree(tmp_path / "same", [0.60, 0.62, 0.64])
-    same = script("compare_results.py", tmp_path / "a", tmp_path / "same")
+    same = run_main("compare_results", tmp_path / "a", tmp_path / "same")
     assert same.returncode == 0 and "48 values compared over 4 rows × 3 seeds: 48 identical, 0 differ" in same.stdout
     assert same.stdout.startswith("A: results tree") and "seeds 0, 1, 2" in same.stdout
     # seed 0 moved by 0.5 points; the yardstick pools both sides' stds: √((2² + 1.756²)/2) = 1.88 points
     seeds_tree(tmp_path / "near", [0.605, 0.62, 0.64], p=provenance(cpu="EPYC"))
-    near = script("compare_results.py", tmp_path / "a", tmp_path / "near", check=False)
+    near = run_main("compare_results", tmp_path / "a", tmp_path / "near")
     assert near.returncode == 0 and "EPYC (AVX512)" in near.stdout
     diffs = [x.strip() for x in near.stdout.splitlines() if "Δ" in x]
     assert diffs == ["AME-Adam, seed 0, ID acc: 60.00 → 60.50 (Δ +0.500; seed std 1.88): within the seed spread",
                      "AME-Adam, seed 0, OOD acc: 30.00 → 30.25 (Δ +0.250; seed std 0.94): within the seed spread",
                      "AME-Adam, seed 0, worst shard: 15.00 → 15.12 (Δ +0.125; seed std 0.47): within the seed spread"]
     seeds_tree(tmp_path / "far", [0.60, 0.62, 0.70])  # seed 2 moved by 6 points; the spread: √((2² + 5.29²)/2) = 4
-    far = script("compare_results.py", tmp_path / "a", tmp_path / "far", check=False)
+    far = run_main("compare_results", tmp_path / "a", tmp_path / "far")
     assert far.returncode == 1
     line = next(x for x in far.stdout.splitlines() if "seed 2, ID acc" in x)
     assert line.strip() == "AME-Adam, seed 2, ID acc: 64.00 → 70.00 (Δ +6.000; seed std 4.00): LARGER than the seed spread"
@@ -279,15 +300,15 @@ def test_compare_results_flags_differences_larger_than_the_seed_spread(tmp_path)
 
 def test_compare_results_takes_a_summary_csv_and_names_rows_on_one_side_only(tmp_path):
     seeds_tree(tmp_path / "a", [0.60, 0.62, 0.64])
-    script("make_tables.py", tmp_path / "a", "--out", tmp_path / "t.md")
+    run_main("make_tables", tmp_path / "a", "--out", tmp_path / "t.md")
     seeds_tree(tmp_path / "b", [0.61], agg="ame_adagrad")  # one seed, and another aggregator
     write_run(tmp_path / "b" / "adam0", "ame_adam", 0, 0.55, ["seed=0", "aggregator=ame_adam"], provenance=provenance())
-    out = script("compare_results.py", tmp_path / "t.csv", tmp_path / "b", check=False)
+    out = run_main("compare_results", tmp_path / "t.csv", tmp_path / "b")
     assert out.returncode == 1 and out.stdout.startswith("A: summary CSV")
     assert "AME-Adam, mean of 3/1 runs, ID acc: 62.00 → 55.00 (Δ -7.000; seed std 2.00): LARGER than the seed " \
            "spread" in out.stdout
     assert "soup, mean of 3/1 runs, ID acc: 51.00 → 50.00 (Δ -1.000; seed std 1.00): within" in out.stdout
     assert "only in B: default settings: AME-Adagrad" in out.stdout
-    bad = script("compare_results.py", tmp_path / "t.csv", tmp_path / "nowhere", check=False)
+    bad = script("compare_results.py", tmp_path / "t.csv", tmp_path / "nowhere", check=False)  # the command line
     errors = [x for x in bad.stderr.splitlines() if x.startswith("error: ")]
     assert bad.returncode == 2 and len(errors) == 1 and "no results.json under" in errors[0], bad.stderr
