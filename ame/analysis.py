@@ -12,6 +12,11 @@ that from here, so a table and a figure of the same runs always show the same nu
 - Rows, in order: the warm-start base, the experts (mean and best), the output ensemble, the soup,
   then each aggregator (soups first, as in the paper). With ``aggregator=soup`` the aggregate *is*
   the soup, so it is not repeated.
+- :func:`environments`: where a table's numbers came from (each run's ``provenance``, written by
+  :mod:`ame.provenance`, and that of the runs that made the cached experts, base and reference
+  metrics it reused), one entry per distinct environment; :func:`environment_line` says it in one
+  line, :func:`mismatches` what makes rows of one table hard to compare (other commits or versions).
+  The CSV carries them (``environments``, JSON), so a table redrawn from it says the same.
 - :data:`COLUMNS`: in-distribution accuracy and NLL, corruption accuracy (``ood/acc``: the 15
   standard CIFAR-10-C corruptions; older results: the corruptions they evaluated), the extra
   corruptions, the four corruption families, the worst shard, and the distance moved. Only the
@@ -20,6 +25,7 @@ that from here, so a table and a figure of the same runs always show the same nu
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
@@ -68,7 +74,8 @@ NAMES = {"soup": "soup", "weighted_soup": "weighted soup", "ame_sgd": "AME-SGD",
          "ame_rmsprop": "AME-RMSprop", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE",
          "greedy_soup": "greedy soup (uses validation data)", "ensemble": "output ensemble (N networks)"}
 IGNORED = ("seed=", "hydra.", "hydra/", "logger", "paths.", "experiment=", "tags=", "task_name=", "debug=",
-           "optimized_metric=")  # a tuned run is marked by its results (tuned_on_validation)
+           "optimized_metric=",  # a tuned run is marked by its results (tuned_on_validation)
+           "data.root=", "data.dataset.root=", "data.dataset.cache_dir=")  # where the data lie (its content: data.fingerprint)
 
 # how an override reads in a title or legend: key → (format of the value)
 _SETTING_WORDS = {"data/shards": "{} shards", "data.shards.alpha": "α = {}", "train.init": "{} init",
@@ -119,6 +126,7 @@ class Row:
     aggregator: str | None = None  # None for the reference rows (base, experts, ensemble, soup)
     variant: str = ""  # the aggregator.* overrides
     stats: dict[str, Stat] = field(default_factory=dict)
+    environments: list[dict] = field(default_factory=list)  # where its setting's numbers came from (environments())
 
     @property
     def runs(self) -> int:
@@ -171,6 +179,14 @@ def _stats(ms: list[dict]) -> dict[str, Stat]:
 
 
 def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
+    rows = _rows(setting, results)
+    envs = environments(results)
+    for row in rows:
+        row.environments = envs
+    return rows
+
+
+def _rows(setting: str, results: list[dict]) -> list[Row]:
     by_set = list({expert_set(r): r for r in results}.values())
     refs: list[tuple[str, list[tuple[dict, dict]]]] = []  # (metrics, the same expert set's soup)
     if any(r.get("base") for r in by_set):
@@ -201,6 +217,101 @@ def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
             label = "soup, as run (e.g. bn_reset)"  # not the reference soup's network: a row of its own
         rows.append(Row(setting, label, name, variant, _stats(ms) | _vs_soup([(r["metrics"], r["soup"]) for r in runs])))
     return rows
+
+
+# -- where the numbers came from --------------------------------------------------------------
+# the fields of a provenance block (ame/provenance.py) that describe an environment: the code, the
+# libraries, the machine (not run_id, started and host, which name one run)
+ENVIRONMENT = ("version", "commit", "dirty", "diff_sha256", "python", "torch", "torchvision", "numpy", "timm",
+               "device", "threads", "deterministic")
+VERSIONS = {"version": "ame", "python": "Python", "torch": "torch", "torchvision": "torchvision", "numpy": "numpy",
+            "timm": "timm"}
+ROLES = ("runs", "experts", "base", "reference metrics")  # what an environment made
+
+
+def environments(results: list[dict]) -> list[dict]:
+    """The distinct environments that made the numbers of ``results``, in the order first seen:
+    ``{"environment": its fields (None: not recorded), "roles": [...]}``, the roles being ``runs``
+    (the runs themselves), and ``experts``, ``base``, ``reference metrics`` (what they reused from
+    the cache, made by another run). Experts handed in as files have no role: they are inputs."""
+    found: dict[str, dict] = {}
+
+    def add(p, role: str) -> None:
+        env = {k: p.get(k) for k in ENVIRONMENT} if isinstance(p, dict) else None
+        item = found.setdefault(json.dumps(env, sort_keys=True), {"environment": env, "roles": []})
+        if role not in item["roles"]:
+            item["roles"].append(role)
+
+    for r in results:
+        p = r.get("provenance")
+        add(p, "runs")
+        if not isinstance(p, dict):
+            continue
+        for made in p.get("experts_made_by") or []:  # null: experts from files
+            add(made, "experts")
+        if r.get("base"):  # a base row in the table
+            add(p.get("base_made_by"), "base")
+        add(p.get("reference_metrics_made_by"), "reference metrics")
+    return list(found.values())
+
+
+def merge_environments(rows: list[Row]) -> list[dict]:
+    """The environments of ``rows`` (e.g. one table's), each once, roles united."""
+    found: dict[str, dict] = {}
+    for row in rows:
+        for item in row.environments:
+            mine = found.setdefault(json.dumps(item["environment"], sort_keys=True),
+                                    {"environment": item["environment"], "roles": []})
+            mine["roles"] += [r for r in item["roles"] if r not in mine["roles"]]
+    return list(found.values())
+
+
+def _code(env: dict) -> str:
+    commit = env.get("commit")
+    text = f"commit {commit[:12]}" if commit else "commit unknown (not run from a git checkout)"
+    if env.get("dirty"):
+        text += f" + uncommitted changes (diff sha256 {str(env.get('diff_sha256'))[:12]})"
+    return text
+
+
+def environment_line(item: dict) -> str:
+    """One environment in one line: commit; versions; device; threads: what it made."""
+    roles = ", ".join(sorted(item["roles"], key=lambda r: ROLES.index(r) if r in ROLES else len(ROLES)))
+    env = item["environment"]
+    if env is None:
+        return f"not recorded (made before results recorded their provenance): {roles}"
+    versions = ", ".join(f"{name} {env[k]}" for k, name in VERSIONS.items() if env.get(k))
+    d = env.get("device") if isinstance(env.get("device"), dict) else {}
+    cores = f"{d.get('cores')} cores" + (f" ({d['cores_usable']} usable)" if d.get("cores_usable") not in
+                                         (None, d.get("cores")) else "")
+    device = (d.get("cpu") or "CPU unknown") + (f" ({d['cpu_capability']})" if d.get("cpu_capability") else "") \
+        + f", {cores}"
+    gpu = d.get("gpu")
+    if isinstance(gpu, dict):
+        device = f"{gpu.get('name')} (CUDA {gpu.get('cuda')}, driver {gpu.get('driver')}) on {device}"
+    threads = env.get("threads")
+    threads = f"{threads} thread{'' if threads == 1 else 's'}" + (", deterministic algorithms" if env.get("deterministic")
+                                                                else "")
+    return f"{_code(env)}; {versions}; {device}; {threads}: {roles}"
+
+
+def mismatches(envs: list[dict]) -> list[str]:
+    """What makes numbers from ``envs`` hard to compare: other commits, other versions, or some
+    recorded and some not. Other machines are not listed (their lines show them)."""
+    known = [e["environment"] for e in envs if e["environment"] is not None]
+    out = []
+    codes = list(dict.fromkeys(_code(e) for e in known))
+    if len(codes) > 1:
+        out.append(f"numbers from {len(codes)} different commits ({'; '.join(codes)})")
+    for key, name in VERSIONS.items():
+        values = list(dict.fromkeys(str(e.get(key)) for e in known))
+        if len(values) > 1:
+            out.append(f"numbers from different {name} versions ({', '.join(values)})")
+    unknown = [r for e in envs if e["environment"] is None for r in e["roles"]]
+    if known and unknown:
+        out.append(f"some numbers record no provenance ({', '.join(dict.fromkeys(unknown))}: older results or "
+                   "cache entries); cannot tell whether they match")
+    return out
 
 
 def _vs_soup(pairs: list[tuple[dict, dict]]) -> dict[str, Stat]:
@@ -242,6 +353,24 @@ def _old_label(label: str) -> tuple[str, str | None, str]:
     return aggregator_label(name, variant), name, variant
 
 
+def summary_csv(rows: list[Row]) -> str:
+    """The CSV that :func:`read_summary` reads back (``make_tables.py --out``): one line per
+    (setting, row), mean, std and run count of every column, unrounded, and the setting's
+    environments (JSON)."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    cols = columns(rows) + [c for c in columns(rows, PAIRED_COLUMNS) if c.key.startswith("vs_soup/")]
+    out.writerow(["setting", "network", "aggregator", "variant", "runs"]
+                 + [f"{c.key}_{s}" for c in cols for s in ("mean", "std")] + ["environments"])
+    for r in rows:
+        line = [r.setting, r.label, r.aggregator or "", r.variant, r.runs]
+        for c in cols:
+            s = r.stats.get(c.key)
+            line += [repr(s.mean) if s else "", repr(s.std) if s and s.std is not None else ""]
+        out.writerow(line + [json.dumps(r.environments, sort_keys=True) if r.environments else ""])
+    return buf.getvalue()
+
+
 def read_summary(path: Path) -> list[Row]:
     """The rows of a CSV written by ``make_tables.py --out`` (this version's or an older one)."""
     rows: list[Row] = []
@@ -258,7 +387,7 @@ def read_summary(path: Path) -> list[Row]:
                 mean, std = line.get(f"{c.key}_mean"), line.get(f"{c.key}_std")
                 if mean:
                     stats[c.key] = Stat(float(mean), float(std) if std else None, n)
-            row = Row(line["setting"], label, name, variant, stats)
+            row = Row(line["setting"], label, name, variant, stats, json.loads(line.get("environments") or "[]"))
             if legacy and name == "soup" and not variant:  # older tables repeated the soup as an aggregate row
                 soup = next((r for r in rows if r.setting == row.setting and r.label == "soup"), None)
                 if soup is not None:

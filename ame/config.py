@@ -32,7 +32,8 @@ _PLUMBING = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 def clean_config(cfg: DictConfig) -> dict:
     """The resolved config as a person reads it: no ``_target_``/``_partial_`` plumbing, no
-    run-specific output path, no logger settings. What a tracker should show and compare."""
+    run-specific output path, no logger settings, no job-naming rules (``dirname_exclude``). What
+    a tracker should show and compare."""
 
     def strip(node):
         if isinstance(node, dict):
@@ -42,6 +43,7 @@ def clean_config(cfg: DictConfig) -> dict:
     out = strip(OmegaConf.to_container(cfg, resolve=True))
     out.get("paths", {}).pop("output_dir", None)
     out.pop("logger", None)
+    out.pop("dirname_exclude", None)
     return out
 
 

@@ -4,7 +4,10 @@ Trained experts live in the cache entry ``<cache_dir>/experts/<key>/`` (:mod:`am
 hashing everything that determines them (data content and config, shards, model, training, seed,
 the base's hash). Every expert is verified by its content hash each run before it is used; a file
 missing from the manifest or whose bytes differ is (re)trained, so an interrupted run resumes where
-it stopped, and the entry's lock makes concurrent jobs train a set once.
+it stopped, and the entry's lock makes concurrent jobs train a set once. Each entry's
+``provenance.json`` (recorded in its manifest; see :mod:`ame.provenance`) keeps the provenance of
+the run that made it: for experts, per file (a resumed set was made by two runs); entries from
+before it was recorded have none (``None``).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from ame.train import expert_seed, initial_state, train_experts
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+PROVENANCE = "provenance.json"  # in a base's or an expert set's cache entry: who made it
 
 
 class Experts(Sequence):
@@ -66,6 +70,8 @@ class ExpertSet:
     cached: bool  # every expert came from the cache
     root: Path | None = None  # the cache entry (trained experts), where derived results may be cached
     fingerprint: str | None = None  # hash of the exact expert and base files (trained experts)
+    made_by: list[dict | None] | None = None  # per expert, the provenance of the run that trained it (cached experts)
+    base_made_by: dict | None = None  # the provenance of the run that made the shared base (cached bases)
 
 
 _NOT_IN_KEY = {"root", "download", "cache_dir", "device", "parallel_experts"}  # how or where, not what
@@ -139,12 +145,29 @@ def base_key(cfg: DictConfig, data: ImageData) -> tuple[str, dict]:
     return config_hash(spec), _strip(spec)
 
 
-def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torch.device) -> ExpertSet:
+def _made_by(entry: Entry) -> dict:
+    """An entry's ``provenance.json``; {} when it has none (made before it was recorded) or a damaged one."""
+    made = entry.load_json(PROVENANCE)
+    return made if isinstance(made, dict) else {}
+
+
+def _record(entry: Entry, made: dict) -> None:
+    """Write ``made`` as the entry's ``provenance.json`` (or drop the file when it is empty)."""
+    if made:
+        entry.put_json(PROVENANCE, made)
+    else:
+        entry.forget(PROVENANCE)
+
+
+def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torch.device,
+                    made_by: dict | None = None) -> ExpertSet:
     """Train one expert per shard (or reuse the cached ones, each verified by its content hash:
-    a damaged file is reported and retrained, never used)."""
+    a damaged file is reported and retrained, never used). ``made_by``: this run's provenance,
+    kept in the cache entries beside what this call trains (None: nothing recorded)."""
     counts = split.class_counts(data.train_y.numpy(), data.num_classes)
     cache_dir = Path(cfg.paths.cache_dir)
     init, base_sha, cached = None, None, True  # cached: no expert had to be trained (the base may have)
+    base_made_by = None
     if cfg.train.init != "independent":
         bkey, bspec = base_key(cfg, data)
         base = Entry(cache_dir, "bases", bkey, bspec, what="the experts' shared base")
@@ -154,8 +177,11 @@ def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torc
                 init = initial_state(cfg.model, cfg.train, data, split.public, base_seed(cfg), device)
                 base_sha = base.put_tensors("init.safetensors", init, _meta(init=str(cfg.train.init),
                                                                              public_size=str(len(split.public))))
+                _record(base, made_by or {})  # never an earlier base's record
+                base_made_by = made_by
             else:
                 init, base_sha = hit[0], base.recorded()["init.safetensors"]
+                base_made_by = _made_by(base) or None
     key, spec = cache_key(cfg, data, base_sha)
     entry = Entry(cache_dir, "experts", key, spec, what="these trained experts")
     with entry.lock():
@@ -168,14 +194,21 @@ def trained_experts(cfg: DictConfig, data: ImageData, split: Split, device: torc
                  len(split.shards), entry.root, len(todo))
         trained = train_experts(cfg.model, cfg.train, data, [split.shards[i] for i in todo], init,
                                 [expert_seed(int(cfg.seed), i) for i in todo], device, [f"expert_{i}" for i in todo])
+        names = [f"expert_{i:03d}.safetensors" for i in range(len(split.shards))]
+        made = _made_by(entry)  # file name → the provenance of the run that trained it
         for i, sd in zip(todo, trained):
             cached = False
-            entry.put_tensors(f"expert_{i:03d}.safetensors", sd, _meta(shard_size=str(len(split.shards[i])),
-                                                                       class_counts=json.dumps(counts[i].tolist())))
+            entry.put_tensors(names[i], sd, _meta(shard_size=str(len(split.shards[i])),
+                                                  class_counts=json.dumps(counts[i].tolist())))
+            made.pop(names[i], None)
+            if made_by is not None:
+                made[names[i]] = made_by
+            _record(entry, made)  # after each expert: a run stopped later still says who made this one
         files = {k: v for k, v in entry.recorded().items() if k == "shards.safetensors" or k.startswith("expert_")}
         fingerprint = config_hash({"files": files, "base": base_sha})  # the exact files (as before: keys unchanged)
-    paths = [entry.root / f"expert_{i:03d}.safetensors" for i in range(len(split.shards))]
-    return ExpertSet(Experts(paths), split.sizes, init, counts, cached, entry.root, fingerprint)
+    return ExpertSet(Experts([entry.root / n for n in names]), split.sizes, init, counts, cached, entry.root,
+                     fingerprint, [made.get(n) if isinstance(made.get(n), dict) else None for n in names],
+                     base_made_by)
 
 
 def _meta(**fields: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ from ame.experts import config_hash, file_experts, trained_experts
 from ame.io import finite_json, save_state_dict
 from ame.models import buffer_names, build_model
 from ame.progress import Timer, listening, report
+from ame.provenance import collect as collect_provenance
 from ame.repair import has_batchnorm, reset_batchnorm
 from ame.report import format_table, write_results
 from ame.train import check_train_cfg
@@ -82,10 +83,13 @@ def run(cfg: DictConfig) -> dict:
 
     out_dir = Path(cfg.paths.output_dir)
     aggregator, aligner = _check(cfg)
-    logger = instantiate(cfg.logger, "logger")(dir=out_dir, config=clean_config(cfg), identity=run_identity(cfg))
+    devices = [cfg.train.device, cfg.eval.device, cfg.aggregator.get("device") or "cpu"]
+    provenance = collect_provenance([resolve_device(d) for d in devices])  # the start time: before the logger
+    logger = instantiate(cfg.logger, "logger")(dir=out_dir, config={**clean_config(cfg), "provenance": provenance},
+                                               identity=run_identity(cfg))
     try:
         with logging_redirect_tqdm(), listening(logger.log_metrics):  # log lines above the bars
-            results = _run(cfg, aggregator, aligner, out_dir, ame_every=logger.ame_every)
+            results = _run(cfg, aggregator, aligner, out_dir, provenance, ame_every=logger.ame_every)
         logger.log_results(results, out_dir)
     except BaseException:
         logger.finish(exit_code=1)  # a failed run must not look finished in W&B
@@ -115,11 +119,12 @@ def brief(m: dict) -> str:
     return ", ".join(f"{label} {100 * m[k]:.2f}%" for k, label in names.items() if isinstance(m.get(k), float))
 
 
-def _reference_metrics(evaluator: Evaluator, ex, soup: Callable[[], dict], cfg: DictConfig) -> dict:
+def _reference_metrics(evaluator: Evaluator, ex, soup: Callable[[], dict], cfg: DictConfig, provenance: dict) -> dict:
     """Metrics of the experts, the soup and the warm-start base. They are the same for every
     aggregator in a sweep, so they are computed once per expert set and evaluation setting and
-    cached beside the experts (trained experts only). ``soup()`` gives the soup's weights (computed
-    only when the cache misses)."""
+    cached beside the experts (trained experts only), with the ``provenance`` of the run that
+    computed them (``made_by``; None in entries from before it was recorded). ``soup()`` gives the
+    soup's weights (computed only when the cache misses)."""
     eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
                 if k not in ("batch_size", "device", "_target_", "_partial_", "workers")}
     spec = {"eval": eval_cfg, "experts": ex.fingerprint, "format": 3,  # tied to the exact expert files
@@ -130,7 +135,7 @@ def _reference_metrics(evaluator: Evaluator, ex, soup: Callable[[], dict], cfg: 
         ref = entry.load_json("reference.json")  # verified; a damaged or foreign file is recomputed
         if isinstance(ref, dict) and {"soup", "experts", "ensemble", "base"} <= ref.keys():
             log.info("experts, ensemble, soup and base: metrics from the cache (%s)", entry.root)
-            return ref
+            return {"made_by": None, **ref}
     own = ex.class_counts is not None
     base = None
     if cfg.experts.source == "train" and cfg.train.init == "warm":
@@ -150,7 +155,7 @@ def _reference_metrics(evaluator: Evaluator, ex, soup: Callable[[], dict], cfg: 
     ensemble = evaluator.metrics(mean)
     ref = {"soup": evaluator(soup(), name="soup"), "experts": experts,
            "ensemble": {**ensemble, "single_network": False},  # the output ensemble: N networks, not one
-           "base": base}
+           "base": base, "made_by": provenance}
     for name in ("ensemble", "soup", "base"):
         if ref[name] is not None:
             log.info("evaluated %s: %s", name, brief(ref[name]))
@@ -161,7 +166,7 @@ def _reference_metrics(evaluator: Evaluator, ex, soup: Callable[[], dict], cfg: 
     return ref
 
 
-def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | None = 0) -> dict:
+def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, provenance: dict, ame_every: int | None = 0) -> dict:
     timer = Timer()
     seed = int(cfg.seed)
     train_device, eval_device = resolve_device(cfg.train.device), resolve_device(cfg.eval.device)
@@ -184,7 +189,7 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
     with timer("experts", lambda: f"{len(ex.experts)} experts " + (
             "read from files" if cfg.experts.source != "train" else "from the cache" if ex.cached else "trained")):
         if cfg.experts.source == "train":
-            ex = trained_experts(cfg, data, shards, train_device)
+            ex = trained_experts(cfg, data, shards, train_device, made_by=provenance)
         else:
             ex = file_experts(cfg.experts)
     require(ex.class_counts is None or ex.class_counts.shape[1] == data.num_classes,
@@ -214,7 +219,7 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
         evaluator = instantiate(cfg.eval, "eval")(model=model, data=data, class_counts=ex.class_counts,
                                                   device=eval_device,
                                                   cache_dir=cfg.paths.cache_dir)
-        ref = _reference_metrics(evaluator, ex, soup, cfg)
+        ref = _reference_metrics(evaluator, ex, soup, cfg, provenance)
         tuned = str(cfg.get("optimized_metric")).startswith("val/")
         if single:
             metrics = evaluator(aggregate, name=f"{aggregator.name} (aggregate)")
@@ -250,7 +255,11 @@ def _run(cfg: DictConfig, aggregator, aligner, out_dir: Path, ame_every: int | N
             "experts_cached": ex.cached,
             "seed": seed,
             "data": {"name": data.name, "shard_sizes": ex.sizes, "public_size": int(cfg.data.public_size),
-                     "val_size": len(shards.val)},
+                     "val_size": len(shards.val), "fingerprint": data.fingerprint()},  # the pixels and labels
+            # this run's environment (its wall time per stage: timings_s), and that of the runs that
+            # made what it reused from the cache (null: not made by a run here, or not recorded then)
+            "provenance": {**provenance, "experts_made_by": ex.made_by, "base_made_by": ex.base_made_by,
+                           "reference_metrics_made_by": ref["made_by"]},
         }
     results["timings_s"] = timer.seconds
     metric = cfg.get("optimized_metric", "id/acc")  # the sweepers' objective: must exist before anything is written

@@ -8,17 +8,25 @@ One table per setting (the runs' overrides other than ``seed``, the aggregator's
 paths and Hydra's), one row per network: the warm-start base, the experts (mean and best), the
 output ensemble, the soup and each aggregator setting; mean ± std over the runs that differ only
 in ``seed``. Under it, from results trees, the same networks paired with the soup of the same
-experts: each one's ID / OOD / worst-shard accuracy minus the soup's, seed by seed, mean ± std. Rows, columns and their order come from :mod:`ame.analysis`. Deterministic given the
-inputs.
+experts: each one's ID / OOD / worst-shard accuracy minus the soup's, seed by seed, mean ± std.
+Last, where the numbers came from: one line per distinct environment (commit, versions, device,
+threads) among the runs and the cached experts, base and reference metrics they used; a table whose
+numbers come from different commits or versions gets a ``warning:`` line on stderr. Rows, columns,
+their order and the environments come from :mod:`ame.analysis`. Deterministic given the inputs.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import sys
 from pathlib import Path
 
-from ame.analysis import PAIRED_COLUMNS, Row, cell, columns, pretty_setting, read, settings, spread_label
+from ame.analysis import (PAIRED_COLUMNS, Row, cell, columns, environment_line, merge_environments, mismatches,
+                          pretty_setting, read, settings, spread_label, summary_csv)
+
+
+def environment_lines(rows: list[Row]) -> list[str]:
+    """Where one table's numbers came from: one line per distinct environment (none from an older CSV)."""
+    return [environment_line(e) for e in merge_environments(rows)]
 
 
 def markdown(rows: list[Row]) -> str:
@@ -39,6 +47,10 @@ def markdown(rows: list[Row]) -> str:
                       "| network | " + " | ".join(c.short for c in cols) + " |", "|---|" + "---:|" * len(cols)]
             lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c) for c in cols) + " |" for r in paired]
             lines.append("")
+        envs = environment_lines(mine)
+        if envs:
+            lines += ["Where the numbers came from (commit; versions; device; threads: what each environment made):\n",
+                      *[f"- {e}" for e in envs], ""]
         parts.append("\n".join(lines))
     return "\n".join(parts)
 
@@ -58,24 +70,9 @@ def latex(rows: list[Row]) -> str:
             lines.append(r.label.replace("_", "\\_").replace("%", "\\%") + " & " + " & ".join(cells) + " \\\\")
         lines += ["\\bottomrule", f"\\multicolumn{{{len(cols) + 1}}}{{l}}{{\\footnotesize {note}}} \\\\",
                   "\\end{tabular}"]
+        lines += [f"% environment: {e}" for e in environment_lines(mine)]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
-
-
-def csv_rows(rows: list[Row]) -> str:
-    """One CSV line per (setting, row): mean, std and run count of every column, unrounded."""
-    buf = io.StringIO()
-    out = csv.writer(buf, lineterminator="\n")
-    cols = columns(rows) + [c for c in columns(rows, PAIRED_COLUMNS) if c.key.startswith("vs_soup/")]
-    out.writerow(["setting", "network", "aggregator", "variant", "runs"]
-                 + [f"{c.key}_{s}" for c in cols for s in ("mean", "std")])
-    for r in rows:
-        line = [r.setting, r.label, r.aggregator or "", r.variant, r.runs]
-        for c in cols:
-            s = r.stats.get(c.key)
-            line += [repr(s.mean) if s else "", repr(s.std) if s and s.std is not None else ""]
-        out.writerow(line)
-    return buf.getvalue()
 
 
 def main() -> None:
@@ -86,10 +83,14 @@ def main() -> None:
                     "instead of printing it")
     args = ap.parse_args()
     rows = read(args.dirs)
+    for setting in settings(rows):  # the rows of one table are compared with each other
+        for problem in mismatches(merge_environments([r for r in rows if r.setting == setting])):
+            print(f"warning: {pretty_setting(setting)}: {problem}; see the environment lines under its table",
+                  file=sys.stderr)
     table = markdown(rows)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tex, csv_text = latex(rows), csv_rows(rows)  # all computed before anything is written
+        tex, csv_text = latex(rows), summary_csv(rows)  # all computed before anything is written
         args.out.write_text(table)
         args.out.with_suffix(".tex").write_text(tex)
         args.out.with_suffix(".csv").write_text(csv_text)  # may be the input: it was read in full above

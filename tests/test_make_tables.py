@@ -2,6 +2,9 @@
 grouping by overrides, mean ± std over seeds, one soup row, summaries read back."""
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
@@ -20,14 +23,27 @@ def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
                           text=True, check=check, env=ENV)
 
 
-def write_run(d, aggregator, seed, acc, overrides, experts=("a", "b"), soup_acc=None):
+def write_run(d, aggregator, seed, acc, overrides, experts=("a", "b"), soup_acc=None, provenance=None):
     (d / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(overrides), d / ".hydra" / "overrides.yaml")
     m = {"id/acc": acc, "id/nll": 1.0, "ood/acc": acc / 2, "shard/min_acc": acc / 4, "dist/pivot": 0.5, "dist/soup": 0.25}
     ex = [{"path": f"{seed}/{p}", "shard_size": 10, "id/acc": 0.1 * (i + 1), "id/nll": 2.0} for i, p in enumerate(experts)]
     soup = m if soup_acc is None else {**m, "id/acc": soup_acc}
-    (d / "results.json").write_text(json.dumps({"aggregator": aggregator, "metrics": m, "soup": soup, "base": None,
-                                                "experts": ex}))
+    r = {"aggregator": aggregator, "metrics": m, "soup": soup, "base": None, "experts": ex, "seed": seed}
+    if provenance is not None:
+        r["provenance"] = provenance
+    (d / "results.json").write_text(json.dumps(r))
+
+
+def provenance(commit="a" * 40, torch_version="2.14.1", cpu="Xeon", threads=1, made_by=None, **extra):
+    """A provenance block as ame/provenance.py writes it; ``made_by``: of the cached experts and base."""
+    env = {"run_id": "r", "started": "2026-11-30T00:00:00+00:00", "version": "0.1.0", "commit": commit, "dirty": False,
+           "diff_sha256": None, "python": "3.11.7", "torch": torch_version, "torchvision": "0.29.1",
+           "numpy": "2.4.6", "timm": "1.0.31", "threads": threads, "deterministic": False, "host": "h",
+           "device": {"cpu": cpu, "arch": "x86_64", "cpu_capability": "AVX512", "cores": 2, "cores_usable": 2,
+                      "platform": "Linux", "gpu": None}, **extra}
+    made = env if made_by is None else made_by
+    return {**env, "experts_made_by": [made, made], "base_made_by": made, "reference_metrics_made_by": made}
 
 
 def test_tables_group_by_setting_and_average_over_seeds(tmp_path):
@@ -184,3 +200,115 @@ def test_best_trial_takes_the_top_score_and_breaks_ties_towards_the_smaller_valu
     proc = script("best_trial.py", tmp_path)
     assert proc.stdout.strip() == "0.001" and "edge of the values tried" in proc.stderr
     assert "no finished trial" in script("best_trial.py", tmp_path / "0" / ".hydra", check=False).stderr
+
+
+def run_main(name: str, *args) -> subprocess.CompletedProcess:
+    """``scripts/<name>.py ARGS`` run in this process, as :func:`script` runs it (exit code, stdout,
+    stderr), without an interpreter's start-up each time."""
+    module = importlib.import_module(f"scripts.{name}")
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv, code = [name, *map(str, args)], 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_tables_say_where_their_numbers_came_from_and_warn_when_commits_differ(tmp_path):
+    old = provenance(commit="b" * 40, torch_version="2.13.0", cpu="EPYC", threads=2)
+    for alpha, mixed in (("0.1", False), ("0.5", True)):
+        for seed in (0, 1):
+            for agg in ("soup", "ame_adam"):
+                # α = 0.5: seed 1's AME run comes from another commit, torch and machine
+                p = provenance(made_by=provenance()) if not (mixed and seed == 1 and agg == "ame_adam") else old
+                write_run(tmp_path / "runs" / f"{alpha}{seed}{agg}", agg, seed, 0.5, [f"data.shards.alpha={alpha}",
+                          f"seed={seed}", f"aggregator={agg}"], provenance=p)
+    proc = run_main("make_tables", tmp_path / "runs", "--out", tmp_path / "t.md")
+    md = (tmp_path / "t.md").read_text()
+    same, other = md.split("### α = 0.5")
+    line = ("- commit aaaaaaaaaaaa; ame 0.1.0, Python 3.11.7, torch 2.14.1, torchvision 0.29.1, numpy 2.4.6, "
+            "timm 1.0.31; Xeon (AVX512), 2 cores; 1 thread: runs, experts, reference metrics")  # no base row: no base
+    envs = lambda text: [x for x in text.splitlines() if x.startswith("- ")]  # noqa: E731
+    assert envs(same) == [line] and "Where the numbers came from" in same
+    assert envs(other) == [line, "- commit bbbbbbbbbbbb; ame 0.1.0, Python 3.11.7, torch 2.13.0, torchvision 0.29.1, "
+                           "numpy 2.4.6, timm 1.0.31; EPYC (AVX512), 2 cores; 2 threads: runs, experts, "
+                           "reference metrics"]
+    warnings = [x for x in proc.stderr.splitlines() if x.startswith("warning: ")]
+    assert len(warnings) == 2 and all(w.startswith("warning: α = 0.5: numbers from ") for w in warnings), proc.stderr
+    assert "2 different commits" in warnings[0] and "different torch versions (2.14.1, 2.13.0)" in warnings[1]
+    assert "% environment: commit bbbbbbbbbbbb;" in (tmp_path / "t.tex").read_text()
+    # the CSV carries them: a table redrawn from it says the same, and warns the same
+    again = run_main("make_tables", tmp_path / "t.csv", "--out", tmp_path / "again.md")
+    assert (tmp_path / "again.md").read_text() == md and again.stderr == proc.stderr
+
+
+def test_numbers_without_provenance_say_so(tmp_path):
+    write_run(tmp_path / "old", "soup", 0, 0.5, ["seed=0", "aggregator=soup"])  # results from before provenance
+    out = run_main("make_tables", tmp_path)
+    assert "- not recorded (made before results recorded their provenance): runs" in out.stdout
+    assert "warning" not in out.stderr  # all alike: nothing to tell apart
+    # experts from an older cache, a run that records its own environment: cannot tell, says so
+    p = provenance()
+    p["experts_made_by"], p["base_made_by"] = [None, None], None
+    write_run(tmp_path / "new", "ame_adam", 0, 0.6, ["seed=0", "aggregator=ame_adam"], provenance=p)
+    out = run_main("make_tables", tmp_path / "new")
+    assert out.stdout.count("\n- ") == 2 and "- not recorded (made before results recorded their provenance): " \
+        "experts" in out.stdout
+    assert "warning: default settings: some numbers record no provenance (experts: older results or cache " \
+           "entries); cannot tell whether they match" in out.stderr
+    plain = tmp_path / "plain.csv"  # a CSV from before environments were recorded: no lines, no warning
+    plain.write_text("setting,network,runs,id/acc_mean,id/acc_std\n,soup,1,0.5,\n")
+    out = run_main("make_tables", plain)
+    assert "came from" not in out.stdout and not out.stderr
+
+
+def seeds_tree(root, accs, agg="ame_adam", p=None):
+    """Runs of the soup and one aggregator per seed: ``accs`` the aggregator's accuracy per seed."""
+    for seed, acc in enumerate(accs):
+        for name, a in (("soup", 0.5 + 0.01 * seed), (agg, acc)):
+            write_run(root / f"{name}{seed}", name, seed, a, [f"seed={seed}", f"aggregator={name}"],
+                      provenance=p or provenance())
+
+
+def test_compare_results_flags_differences_larger_than_the_seed_spread(tmp_path):
+    seeds_tree(tmp_path / "a", [0.60, 0.62, 0.64])  # AME's seed std: 2 points
+    seeds_tree(tmp_path / "same", [0.60, 0.62, 0.64])
+    same = run_main("compare_results", tmp_path / "a", tmp_path / "same")
+    assert same.returncode == 0 and "48 values compared over 4 rows × 3 seeds: 48 identical, 0 differ" in same.stdout
+    assert same.stdout.startswith("A: results tree") and "seeds 0, 1, 2" in same.stdout
+    # seed 0 moved by 0.5 points; the yardstick pools both sides' stds: √((2² + 1.756²)/2) = 1.88 points
+    seeds_tree(tmp_path / "near", [0.605, 0.62, 0.64], p=provenance(cpu="EPYC"))
+    near = run_main("compare_results", tmp_path / "a", tmp_path / "near")
+    assert near.returncode == 0 and "EPYC (AVX512)" in near.stdout
+    diffs = [x.strip() for x in near.stdout.splitlines() if "Δ" in x]
+    assert diffs == ["AME-Adam, seed 0, ID acc: 60.00 → 60.50 (Δ +0.500; seed std 1.88): within the seed spread",
+                     "AME-Adam, seed 0, OOD acc: 30.00 → 30.25 (Δ +0.250; seed std 0.94): within the seed spread",
+                     "AME-Adam, seed 0, worst shard: 15.00 → 15.12 (Δ +0.125; seed std 0.47): within the seed spread"]
+    seeds_tree(tmp_path / "far", [0.60, 0.62, 0.70])  # seed 2 moved by 6 points; the spread: √((2² + 5.29²)/2) = 4
+    far = run_main("compare_results", tmp_path / "a", tmp_path / "far")
+    assert far.returncode == 1
+    line = next(x for x in far.stdout.splitlines() if "seed 2, ID acc" in x)
+    assert line.strip() == "AME-Adam, seed 2, ID acc: 64.00 → 70.00 (Δ +6.000; seed std 4.00): LARGER than the seed spread"
+    assert "differ (3 by more than the seed spread, 0 with no spread to judge by)" in far.stdout
+
+
+def test_compare_results_takes_a_summary_csv_and_names_rows_on_one_side_only(tmp_path):
+    seeds_tree(tmp_path / "a", [0.60, 0.62, 0.64])
+    run_main("make_tables", tmp_path / "a", "--out", tmp_path / "t.md")
+    seeds_tree(tmp_path / "b", [0.61], agg="ame_adagrad")  # one seed, and another aggregator
+    write_run(tmp_path / "b" / "adam0", "ame_adam", 0, 0.55, ["seed=0", "aggregator=ame_adam"], provenance=provenance())
+    out = run_main("compare_results", tmp_path / "t.csv", tmp_path / "b")
+    assert out.returncode == 1 and out.stdout.startswith("A: summary CSV")
+    assert "AME-Adam, mean of 3/1 runs, ID acc: 62.00 → 55.00 (Δ -7.000; seed std 2.00): LARGER than the seed " \
+           "spread" in out.stdout
+    assert "soup, mean of 3/1 runs, ID acc: 51.00 → 50.00 (Δ -1.000; seed std 1.00): within" in out.stdout
+    assert "only in B: default settings: AME-Adagrad" in out.stdout
+    bad = script("compare_results.py", tmp_path / "t.csv", tmp_path / "nowhere", check=False)  # the command line
+    errors = [x for x in bad.stderr.splitlines() if x.startswith("error: ")]
+    assert bad.returncode == 2 and len(errors) == 1 and "no results.json under" in errors[0], bad.stderr

@@ -66,6 +66,36 @@ def test_expert_training_is_deterministic_and_cached(tmp_path):
                                   "train.device=cpu"], tmp_path), data)[0] == cache_key(cfg, data)[0]
 
 
+def test_cached_experts_and_base_keep_the_provenance_of_the_run_that_made_them(tmp_path):
+    import json
+
+    cfg = compose_cfg(["train.epochs=1", "train.warm_epochs=1", "data.shards.num_shards=2"], tmp_path)
+    data = load_digits()
+    shards = split(data.train_y.numpy(), instantiate(cfg.data.shards), seed=0, public_size=250)
+    cpu = torch.device("cpu")
+    first, second, third = ({"run_id": name} for name in ("first", "second", "third"))
+    a = trained_experts(cfg, data, shards, cpu, made_by=first)
+    assert a.made_by == [first, first] and a.base_made_by == first
+    b = trained_experts(cfg, data, shards, cpu, made_by=second)
+    assert b.cached and b.made_by == [first, first] and b.base_made_by == first
+    # entries written before provenance was recorded: no provenance.json, read as unknown, not a crash
+    for entry in [p for kind in ("bases", "experts") for p in (tmp_path / "cache" / kind).iterdir() if p.is_dir()]:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        assert "provenance.json" in manifest["files"]
+        del manifest["files"]["provenance.json"]
+        (entry / "manifest.json").write_text(json.dumps(manifest))
+        (entry / "provenance.json").unlink()
+    c = trained_experts(cfg, data, shards, cpu, made_by=second)
+    assert c.cached and c.made_by == [None, None] and c.base_made_by is None
+    assert c.fingerprint == a.fingerprint  # the provenance is not part of what the experts are
+    # an expert retrained (its file damaged) is made by the run that retrained it; the others keep theirs
+    path = c.experts.paths[1]
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    d = trained_experts(cfg, data, shards, cpu, made_by=third)
+    assert not d.cached and d.made_by == [None, third] and d.base_made_by is None
+    assert trained_experts(cfg, data, shards, cpu).made_by == [None, third]
+
+
 def test_one_warm_base_serves_sweeps_over_shards_and_expert_epochs(tmp_path):
     from ame.experts import base_key
 

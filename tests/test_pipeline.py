@@ -46,6 +46,53 @@ def test_default_run_writes_the_results_contract(default_run):
     assert r["metrics"]["id/acc"] > 0.5  # digits experts are far above chance (0.1) even when tiny
 
 
+def test_results_say_where_they_came_from(default_run):
+    tmp, _ = default_run
+    r = read_results(tmp / "out")
+    p = r["provenance"]
+    assert {"run_id", "started", "version", "commit", "dirty", "diff_sha256", "python", "torch", "torchvision",
+            "numpy", "timm", "device", "threads", "deterministic", "host"} <= p.keys()
+    assert p["version"] == "0.1.0" and p["torch"] == torch.__version__ and p["python"].count(".") == 2
+    assert all(isinstance(p[k], str) for k in ("run_id", "started", "torchvision", "numpy", "timm", "host"))
+    assert isinstance(p["threads"], int) and p["threads"] >= 1 and isinstance(p["deterministic"], bool)
+    assert p["started"].endswith("+00:00")  # ISO, UTC
+    if p["commit"] is not None:  # a git checkout (the repository's own tests run from one)
+        assert len(p["commit"]) == 40 and isinstance(p["dirty"], bool) and (p["diff_sha256"] is None) != p["dirty"]
+    d = p["device"]
+    assert isinstance(d["cpu"], str) and isinstance(d["cores"], int) and d["gpu"] is None  # debug=fast: CPU
+    # this run trained its experts and base and computed the reference metrics: it made them
+    own = {k: v for k, v in p.items() if not k.endswith("_made_by")}
+    assert p["experts_made_by"] == [own] * 3 and p["base_made_by"] == own and p["reference_metrics_made_by"] == own
+    assert set(r["timings_s"]) <= {"data", "shards", "experts", "align", "aggregate", "bn_reset", "evaluate"}
+    assert len(r["data"]["fingerprint"]) == 16
+
+
+def test_a_run_reusing_the_cache_says_which_run_made_its_experts_and_base(default_run, tmp_path):
+    tmp, _ = default_run
+    first = read_results(tmp / "out")
+    run_cli(FAST, tmp_path, env={"AME_CACHE_DIR": str(tmp / "cache")})  # default_run's cache
+    r = read_results(tmp_path / "out")
+    p, made = r["provenance"], {k: v for k, v in first["provenance"].items() if not k.endswith("_made_by")}
+    assert r["experts_cached"] is True and p["run_id"] != made["run_id"]
+    assert p["experts_made_by"] == [made] * 3 and p["base_made_by"] == made and p["reference_metrics_made_by"] == made
+    assert r["metrics"] == first["metrics"]
+
+
+def test_the_same_config_on_the_same_machine_gives_the_same_results(default_run, tmp_path):
+    """README, Reproducibility: bit-exact on one machine and set of versions. Here from an empty
+    cache: the base and the experts are trained again, everything is evaluated again."""
+    tmp, _ = default_run
+    first = read_results(tmp / "out")
+    run_cli(FAST, tmp_path)
+    r = read_results(tmp_path / "out")
+    assert r["experts_cached"] is False and r["provenance"]["run_id"] != first["provenance"]["run_id"]
+    for key in ("metrics", "soup", "base", "ensemble", "data"):
+        assert r[key] == first[key], key
+    assert [{k: v for k, v in e.items() if k != "path"} for e in r["experts"]] == \
+        [{k: v for k, v in e.items() if k != "path"} for e in first["experts"]]
+    assert (tmp_path / "out" / "aggregate.safetensors").read_bytes() == (tmp / "out" / "aggregate.safetensors").read_bytes()
+
+
 def test_run_log_holds_the_stages_the_epochs_and_the_table(default_run):
     tmp, proc = default_run
     text = (tmp / "out" / "run.log").read_text()
@@ -79,12 +126,14 @@ def test_wandb_offline_run_reads_back_with_config_summary_history_and_artifacts(
     assert config["aggregator"]["optimizer"]["lr"] == 0.001 and config["task_name"] == "debug"
     assert config["overrides"] == ["debug=fast"]
     assert "_target_" not in str(config) and "_partial_" not in str(config) and "output_dir" not in str(config)
+    r = read_results(tmp / "out")
+    assert config["provenance"]["run_id"] == r["provenance"]["run_id"] and "dirname_exclude" not in config
+    assert config["provenance"]["torch"] == r["provenance"]["torch"] == torch.__version__
     assert run["job_type"] == "ame_adam" and run["run_group"] == "debug" and run["display_name"] == "debug=fast"
     summary = {}
     for rec in records:
         if rec["type"] == "summary":
             summary.update(rec["summary"].get("update", {}))
-    r = read_results(tmp / "out")
     assert summary["aggregate/id/acc"] == r["metrics"]["id/acc"] and summary["soup/ood/acc"] == r["soup"]["ood/acc"]
     assert summary["base/id/acc"] == r["base"]["id/acc"] and summary["ensemble/id/nll"] == r["ensemble"]["id/nll"]
     assert summary["expert_2/shard/own_acc"] == r["experts"][2]["shard/own_acc"]
@@ -331,6 +380,39 @@ def test_results_report_the_output_ensemble(default_run):
     r = read_results(tmp / "out")
     assert r["ensemble"]["single_network"] is False and METRIC_KEYS <= r["ensemble"].keys()
     assert "output ensemble (N networks)" in proc.stdout
+
+
+PATH_KEYS = {"data.root", "data.dataset.root", "paths.cache_dir", "paths.output_dir", "experts.paths", "experts.init",
+             "eval.source", "model.pretrained"}
+
+
+@pytest.mark.parametrize("name", [None, "fig1", "table", "ablations", "align", "bn_stats"])
+def test_path_valued_keys_never_name_a_job_folder(name):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"] if name else [], return_hydra_config=True)
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert PATH_KEYS | {"experiment", "logger"} <= excluded
+    assert ("regime" in excluded) == (name == "table")  # the table's sweep folder is named by its regime
+
+
+def test_a_sweep_with_a_data_root_keeps_its_job_folders_one_level_deep(tmp_path):
+    """Issue 25: data.root=/a/path on an experiment's command line made nested job folders."""
+    from tests.test_data import make_image_folder
+
+    root = tmp_path / "data" / "deep"
+    make_image_folder(root / "cifar10-jpeg", per_class=(20, 4))
+    run_cli(["-m", "experiment=table", "regime=small_cnn", *FAST, f"data.root={root}", "data.download=false",
+             "data.public_size=12", "data.val_size=6", "data.shards.min_size=2", "~hydra.sweeper.params.seed",
+             "~hydra.sweeper.params.aggregator", "seed=0", "aggregator=soup"], tmp_path, out="sweep")
+    jobs = [p.parent for p in (tmp_path / "sweep").rglob("results.json")]
+    assert [j.parent for j in jobs] == [tmp_path / "sweep"], jobs
+    assert jobs[0].name == "aggregator=soup,data.download=False,data.public_size=12,data.shards.min_size=2," \
+                           "data.val_size=6,debug=fast,seed=0"
+    assert read_results(jobs[0])["data"]["name"] == "cifar10"
 
 
 @pytest.mark.parametrize("name", ["fig1", "table", "ablations", "align", "bn_stats"])

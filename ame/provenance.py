@@ -1,0 +1,132 @@
+"""Where a result came from: the code (version, git commit, uncommitted changes), the libraries,
+the machine and torch's numerics settings, collected once per run as a plain dict.
+
+It goes into ``results.json`` (``provenance``) and the W&B config, and into the cache entries the
+run makes: experts and bases keep the provenance of the run that trained them, and a later run
+that reuses them reports it as ``provenance.experts_made_by`` / ``base_made_by``. Nothing here
+may fail or stall a run: every probe falls back to ``None`` (outside a git checkout, ``commit`` is
+``None``), and git is asked with a timeout.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent  # the package's source folder: git is asked from here
+GIT_TIMEOUT_S = 5.0
+
+
+def collect(devices: Iterable[torch.device | str] = ()) -> dict:
+    """This process's provenance; ``devices``: where the run computes (a CUDA one adds the GPU)."""
+    commit, dirty, diff = git_state()
+    return {
+        "run_id": uuid.uuid4().hex[:12],  # names this run among the ones that made cached experts and bases
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "version": _version("ame"),
+        "commit": commit,
+        "dirty": dirty,  # uncommitted changes to tracked files (`git diff HEAD`); untracked files do not count
+        "diff_sha256": diff,  # sha256 of `git diff HEAD` when dirty
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "numpy": _version("numpy"),
+        "timm": _version("timm"),
+        "device": device_info(devices),
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "host": hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12],  # tells machines apart, names none
+    }
+
+
+def _version(package: str) -> str | None:
+    """An installed distribution's version, without importing it (timm's import is slow)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> bytes | None:
+    """``git ARGS`` run in the package's folder: its output, or None when git is missing, fails or
+    takes longer than :data:`GIT_TIMEOUT_S`."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}  # never take the index lock of a checkout in use
+    try:
+        proc = subprocess.run(["git", *args], cwd=SOURCE, capture_output=True, timeout=GIT_TIMEOUT_S, env=env,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def git_state() -> tuple[str | None, bool | None, str | None]:
+    """(commit, dirty, sha256 of ``git diff HEAD`` when dirty) of the checkout this package runs
+    from, or (None, None, None) when it does not run from one: an installed copy, even one inside
+    someone's repository (a virtual environment in a checkout), is not that repository's code."""
+    if _git("ls-files", "--error-unmatch", "--", "__init__.py") is None:  # is this file tracked here?
+        return None, None, None
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None, None
+    diff = _git("diff", "HEAD", "--binary", "--no-color", "--no-ext-diff", "--no-textconv")
+    dirty = None if diff is None else bool(diff)
+    return commit.decode().strip(), dirty, hashlib.sha256(diff).hexdigest() if diff else None
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or None
+
+
+def _usable_cores() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=GIT_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def device_info(devices: Iterable[torch.device | str] = ()) -> dict:
+    """The CPU (model, cores, the vector instructions torch's kernels use: what float results
+    depend on across machines) and, when a device in ``devices`` is CUDA, the GPU."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    info = {"cpu": _cpu_model(), "arch": platform.machine() or None, "cpu_capability": capability,
+            "cores": os.cpu_count(), "cores_usable": _usable_cores(), "platform": platform.platform(), "gpu": None}
+    cuda = [torch.device(d) for d in devices if torch.device(d).type == "cuda"]
+    if cuda:
+        try:
+            index = cuda[0].index if cuda[0].index is not None else torch.cuda.current_device()
+            info["gpu"] = {"name": torch.cuda.get_device_name(index), "cuda": torch.version.cuda,
+                           "driver": _nvidia_driver()}
+        except (RuntimeError, AssertionError, AttributeError):  # CUDA gone since the devices were checked
+            info["gpu"] = {"name": None, "cuda": torch.version.cuda, "driver": _nvidia_driver()}
+    return info
+

@@ -1,0 +1,100 @@
+"""ame/provenance.py: what a run records about where it ran; git asked safely (never a failure,
+never a hang), and only about the checkout the package runs from."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+
+from ame import provenance
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+def git(cwd, *args) -> bytes:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True).stdout
+
+
+def checkout(root):
+    """A git repository holding a package folder ``pkg/`` with a tracked ``__init__.py``."""
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("x = 1\n")
+    git(root, "init", "-q")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "first")
+    return root / "pkg"
+
+
+@needs_git
+def test_git_state_names_the_commit_and_hashes_uncommitted_changes(tmp_path, monkeypatch):
+    pkg = checkout(tmp_path)
+    monkeypatch.setattr(provenance, "SOURCE", pkg)
+    head = git(tmp_path, "rev-parse", "HEAD").decode().strip()
+    assert provenance.git_state() == (head, False, None)
+    (pkg / "__init__.py").write_text("x = 2\n")
+    commit, dirty, digest = provenance.git_state()
+    diff = git(tmp_path, "diff", "HEAD", "--binary", "--no-color", "--no-ext-diff", "--no-textconv")
+    assert (commit, dirty) == (head, True) and digest == hashlib.sha256(diff).hexdigest()
+    (pkg / "__init__.py").write_text("x = 3\n")
+    assert provenance.git_state()[2] != digest  # another change, another hash
+    (pkg / "notes.txt").write_text("untracked")  # untracked files do not count
+    (pkg / "__init__.py").write_text("x = 1\n")
+    assert provenance.git_state() == (head, False, None)
+
+
+@needs_git
+def test_an_installed_copy_is_not_the_repository_around_it(tmp_path, monkeypatch):
+    """A package installed into a virtual environment inside someone's checkout is not that checkout's code."""
+    checkout(tmp_path)
+    site = tmp_path / ".venv" / "site-packages" / "ame"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("")
+    monkeypatch.setattr(provenance, "SOURCE", site)
+    assert provenance.git_state() == (None, None, None)
+    monkeypatch.setattr(provenance, "SOURCE", tmp_path.parent / "elsewhere")  # not even a folder
+    assert provenance.git_state() == (None, None, None)
+
+
+def test_git_missing_or_hanging_gives_no_commit_quickly(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
+    assert provenance.git_state() == (None, None, None)
+    fake = tmp_path / "git"
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")  # exec: the timeout kills the sleep itself
+    fake.chmod(0o755)
+    monkeypatch.setattr(provenance, "GIT_TIMEOUT_S", 0.3)
+    t0 = time.monotonic()
+    assert provenance.git_state() == (None, None, None)
+    assert time.monotonic() - t0 < 5
+
+
+def test_collect_gives_the_environment_as_plain_typed_values(monkeypatch):
+    p = provenance.collect(["cpu"])
+    assert set(p) == {"run_id", "started", "version", "commit", "dirty", "diff_sha256", "python", "torch",
+                      "torchvision", "numpy", "timm", "device", "threads", "deterministic", "host"}
+    started = datetime.datetime.fromisoformat(p["started"])
+    assert started.utcoffset() == datetime.timedelta(0)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()) < 60
+    assert p["torch"] == torch.__version__ and p["threads"] == torch.get_num_threads() >= 1
+    assert p["deterministic"] is torch.are_deterministic_algorithms_enabled()
+    assert all(isinstance(p[k], str) for k in ("run_id", "python", "numpy", "torchvision", "host"))
+    assert len(p["host"]) == 12 and int(p["host"], 16) >= 0  # hashed, never the name
+    assert p["commit"] is None or (len(p["commit"]) == 40 and isinstance(p["dirty"], bool))
+    assert (p["diff_sha256"] is not None) == bool(p["dirty"])
+    d = p["device"]
+    assert d["gpu"] is None and isinstance(d["cores"], int) and d["cores"] >= 1 and d["cpu"]
+    assert provenance.collect()["run_id"] != p["run_id"]
+
+
+def test_a_cuda_run_records_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(provenance, "_nvidia_driver", lambda: "570.86")
+    info = provenance.device_info(["cpu", torch.device("cuda:1")])
+    assert info["gpu"] == {"name": "Fake GPU 1", "cuda": "12.8", "driver": "570.86"} and info["cpu"]
+    assert provenance.device_info(["cpu"])["gpu"] is None
