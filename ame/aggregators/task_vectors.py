@@ -56,6 +56,7 @@ TRIMS = ("global", "tensor")
 ZERO_SIGNS = ("zero", "positive")
 RESCALES = ("inverse", "l1", "none")
 BLOCK = 1 << 20  # DARE's mask is drawn in blocks of this many entries of a tensor
+MERGE_BYTES = 320 << 20  # float32 bytes of the N task vectors of one chunk, held together in the merge pass
 
 
 def _bits(x: Tensor) -> Tensor:
@@ -177,21 +178,30 @@ class TaskVectors(Aggregator):
     def _radix(self, pool: ExpertPool, chunks: list[Chunk], pick, ranks: list[list[int]]) -> list[list[float]]:
         """Exact k-th values by radix selection over streamed |τ_i|: ``pick(chunk, bits)`` gives each
         group's entries of a chunk as [(group, bits)]; ``ranks[g][i]`` the 1-based rank from the
-        smallest sought in group g of expert i. Two passes of 65,536-bin histograms."""
+        smallest sought in group g of expert i. Two passes of 65,536-bin histograms, in workspaces
+        reused from chunk to chunk (fresh pages cost a fault each: kernel time, not arithmetic)."""
         groups = len(ranks)
         hist = torch.zeros(groups, pool.n, 1 << 16, dtype=torch.int64)
         meter = Meter(f"{self.name}: top-k selection", 2 * len(chunks), unit="chunks")
+
+        def bits_of(chunk: Chunk, base: Tensor, i: int) -> Tensor:
+            """|τ_i| of the chunk as int32 bit patterns (in a reused buffer)."""
+            tau = self._tau(pool, i, chunk, base, pool.buffer("tv_tau", chunk.numel))
+            if not torch.isfinite(tau.sum()) and not torch.isfinite(tau).all():
+                pool.scan(chunk)
+                raise AMEError("the task vectors have NaN/Inf values")
+            bits = pool.buffer("tv_bits", chunk.numel, torch.int32)
+            torch.abs(tau, out=bits.view(torch.float32))
+            return bits
+
         for chunk in chunks:  # pass 1: the high 16 bits
             meter.update(1)
-            base = pool.read(INIT, chunk)
-            tau = torch.empty_like(base)
+            base = pool.read(INIT, chunk, out=pool.buffer("tv_base", chunk.numel))
+            high_bits = pool.buffer("tv_high", chunk.numel, torch.int32)
             for i in range(pool.n):
-                self._tau(pool, i, chunk, base, tau)
-                if not torch.isfinite(tau).all():
-                    pool.scan(chunk)
-                    raise AMEError("the task vectors have NaN/Inf values")
-                for g, bits in pick(chunk, _bits(tau)):
-                    hist[g, i] += torch.bincount((bits >> 16).long(), minlength=1 << 16)
+                for g, bits in pick(chunk, bits_of(chunk, base, i)):
+                    hb = torch.bitwise_right_shift(bits, 16, out=high_bits[:bits.numel()])
+                    hist[g, i] += torch.bincount(hb, minlength=1 << 16)
         high = [[0] * pool.n for _ in range(groups)]
         rest = [list(r) for r in ranks]
         for g in range(groups):
@@ -205,12 +215,13 @@ class TaskVectors(Aggregator):
         hist.zero_()
         for chunk in chunks:  # pass 2: the low 16 bits, among the entries in the chosen high bin
             meter.update(1)
-            base = pool.read(INIT, chunk)
-            tau = torch.empty_like(base)
+            base = pool.read(INIT, chunk, out=pool.buffer("tv_base", chunk.numel))
+            high_bits = pool.buffer("tv_high", chunk.numel, torch.int32)
             for i in range(pool.n):
-                for g, bits in pick(chunk, _bits(self._tau(pool, i, chunk, base, tau))):
-                    low = bits[(bits >> 16) == high[g][i]] & 0xFFFF
-                    hist[g, i] += torch.bincount(low.long(), minlength=1 << 16)
+                for g, bits in pick(chunk, bits_of(chunk, base, i)):
+                    hb = torch.bitwise_right_shift(bits, 16, out=high_bits[:bits.numel()])
+                    low = bits[hb == high[g][i]] & 0xFFFF  # few entries: the chosen bin's
+                    hist[g, i] += torch.bincount(low, minlength=1 << 16)
         out = [[0.0] * pool.n for _ in range(groups)]
         for g in range(groups):
             for i in range(pool.n):
@@ -317,7 +328,8 @@ class TaskVectors(Aggregator):
     def run(self, pool: ExpertPool, out: Output | None = None, callbacks=(), score=None) -> Mapping[str, Tensor]:
         self._per_expert_check(pool.n)
         out = self._begin(pool, out, integers_from=INIT)
-        chunks = pool.chunks(self.chunk_bytes)
+        # the merge pass holds the N task vectors of a chunk: keep that under MERGE_BYTES whatever N
+        chunks = pool.chunks(min(self.chunk_bytes, max(1 << 20, MERGE_BYTES // (pool.n + 1))))
         try:
             global_cut = tensor_cut = factors = None
             if self.sparsify == "magnitude" and self.trim == "global":
@@ -328,18 +340,24 @@ class TaskVectors(Aggregator):
             elif self.sparsify == "random" and self.rescale == "l1":
                 factors = self.l1_factors(pool, chunks)
 
-            def taus(chunk: Chunk, base: Tensor):
-                tau = torch.empty_like(base)
+            for chunk in chunks:
+                m = chunk.numel
+                base = pool.read(INIT, chunk, out=pool.buffer("tv_base", m))
                 mask = self._buffer_mask(pool, chunk) if global_cut is not None else None
+                # the N sparsified, weighted task vectors of this chunk, each read once (workspaces reused)
+                taus = pool.buffer("tv_taus", pool.n * m).view(pool.n, m)
+                absb = pool.buffer("tv_abs", m)
+                weights = []
                 for i in range(pool.n):
-                    self._tau(pool, i, chunk, base, tau)
-                    if global_cut is not None:
-                        params, buffers = global_cut[i]
-                        limit = params if mask is None else torch.where(mask, buffers, params)
-                        t = torch.where(tau.abs() >= limit, tau, torch.zeros_like(tau))
-                    elif tensor_cut is not None:
-                        limit = self._column(pool, chunk, i, lambda k, j: tensor_cut.get((j, k), 0.0))
-                        t = torch.where(tau.abs() >= limit, tau, torch.zeros_like(tau))
+                    tau = self._tau(pool, i, chunk, base, taus[i])
+                    if global_cut is not None or tensor_cut is not None:
+                        if global_cut is not None:
+                            params, buffers = global_cut[i]
+                            limit = params if mask is None else torch.where(mask, buffers, params)
+                        else:
+                            limit = self._column(pool, chunk, i, lambda k, j: tensor_cut.get((j, k), 0.0))
+                        torch.abs(tau, out=absb)
+                        tau.masked_fill_(absb < limit, 0.0)
                     elif self.sparsify == "random":
                         if self.rescale == "inverse":
                             scale = self._column(pool, chunk, i, lambda k, j: 1.0 / self._dens(k, j))
@@ -347,38 +365,41 @@ class TaskVectors(Aggregator):
                             scale = self._column(pool, chunk, i, lambda k, j: factors[j, k])
                         else:
                             scale = 1.0
-                        t = torch.where(self._dare_keep(pool, i, chunk), tau * scale, torch.zeros_like(tau))
-                    else:
-                        t = tau
+                        tau.mul_(scale).masked_fill_(~self._dare_keep(pool, i, chunk), 0.0)
                     w = self._column(pool, chunk, i, self._w)
-                    yield (t * w if not (isinstance(w, float) and w == 1.0) else t), w
-
-            for chunk in chunks:
-                base = pool.read(INIT, chunk)
-                elected = None
+                    if not (isinstance(w, float) and w == 1.0):
+                        tau.mul_(w)
+                    weights.append(w)
+                total = torch.sum(taus, 0, out=pool.buffer("tv_total", m))
                 if self.sign_election:
-                    total = torch.zeros_like(base)
-                    for tau, _ in taus(chunk, base):
-                        total += tau
                     elected = torch.sign(total)
                     if self.zero_sign == "positive":
-                        elected[elected == 0] = 1
-                total, count = torch.zeros_like(base), torch.zeros_like(base)
-                for tau, w in taus(chunk, base):
-                    if elected is not None:
-                        tau = torch.where(torch.sign(tau) == elected, tau, torch.zeros_like(tau))
-                    total += tau
-                    if self.combine == "mean":
-                        count += (tau != 0).float() * w
+                        elected.masked_fill_(elected == 0, 1.0)
+                    total.zero_()
+                    count = pool.buffer("tv_count", m).zero_() if self.combine == "mean" else None
+                    agree = pool.buffer("tv_agree", m, torch.bool)
+                    for i in range(pool.n):
+                        torch.eq(torch.sign(taus[i], out=absb), elected, out=agree)
+                        agree.logical_and_(taus[i] != 0)
+                        taus[i].masked_fill_(~agree, 0.0)
+                        total += taus[i]
+                        if count is not None:
+                            count.add_(agree.float() * weights[i] if isinstance(weights[i], Tensor)
+                                       else agree.float().mul_(weights[i]))
+                elif self.combine == "mean":
+                    count = pool.buffer("tv_count", m).zero_()
+                    for i in range(pool.n):
+                        w = weights[i]
+                        count.add_((taus[i] != 0).float() * (w if isinstance(w, Tensor) else float(w)))
                 if self.combine == "mean":
                     merged = total / torch.where(count == 0, 1.0, count)
                 elif self.normalize:  # Σ w_i τ_i / Σ w_i (mergekit's normalize without sign consensus)
-                    wsum = sum(self._column(pool, chunk, i, self._w) for i in range(pool.n))
+                    wsum = sum(weights)
                     merged = total / (torch.where(wsum.abs() < 1e-8, 1.0, wsum) if isinstance(wsum, Tensor)
                                       else (wsum if abs(wsum) >= 1e-8 else 1.0))
                 else:
                     merged = total
-                self._finish_chunk(pool, chunk, base + self.scaling * merged, out,
+                self._finish_chunk(pool, chunk, torch.add(base, merged, alpha=self.scaling), out,
                                    "the aggregate has NaN/Inf values; lower aggregator.scaling")
         except BaseException:
             out.abort()
