@@ -8,7 +8,9 @@ One table per setting (the runs' overrides other than ``seed``, the aggregator's
 paths and Hydra's), one row per network: the warm-start base, the experts (mean and best), the
 output ensemble, the soup and each aggregator setting; mean ± std over the runs that differ only
 in ``seed``. Under it, from results trees, the same networks paired with the soup of the same
-experts: each one's ID / OOD / worst-shard accuracy minus the soup's, seed by seed, mean ± std. Rows, columns and their order come from :mod:`ame.analysis`. Deterministic given the
+experts and with their base: each one's ID / OOD / worst-shard accuracy minus the soup's and the
+base's, expert set by expert set, mean ± the half-width of the 95 % confidence interval (with
+several bases, ``base_seed=``, bases are a fixed factor: see :mod:`ame.analysis`). Rows, columns and their order come from :mod:`ame.analysis`. Deterministic given the
 inputs.
 """
 from __future__ import annotations
@@ -31,13 +33,16 @@ def markdown(rows: list[Row]) -> str:
         lines += ["| network | " + " | ".join(c.short for c in cols) + " |", "|---|" + "---:|" * len(cols)]
         lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c) for c in cols) + " |" for r in mine]
         lines.append(f"\nAccuracies in %, NLL in nats; {spread_label(mine)}.\n")
-        paired = [r for r in mine if r.label != "soup" and any(k.startswith("vs_soup/") for k in r.stats)]
+        paired = [r for r in mine if any(k.startswith(("vs_soup/", "vs_base/")) for k in r.stats)]
         if paired:
             cols = columns(paired, PAIRED_COLUMNS)
-            lines += ["Paired with the soup of the same experts (seed by seed): Δ = each network's accuracy minus "
-                      f"the soup's, in points (the distances as above); {spread_label(paired)}.\n",
+            lines += ["Paired with the soup of the same experts and with their base (expert set by expert set): "
+                      "Δ = each network's accuracy minus the soup's / the base's, in points (the distances as above); "
+                      f"{spread_label(paired, 'ci')}. With several bases (base_seed): the mean over bases of each "
+                      "base's mean, the interval from the within-base spread (bases a fixed factor).\n",
                       "| network | " + " | ".join(c.short for c in cols) + " |", "|---|" + "---:|" * len(cols)]
-            lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c) for c in cols) + " |" for r in paired]
+            lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c, spread="ci" if c.key.startswith("vs_")
+                                                          else "std") for c in cols) + " |" for r in paired]
             lines.append("")
         parts.append("\n".join(lines))
     return "\n".join(parts)
@@ -66,14 +71,17 @@ def csv_rows(rows: list[Row]) -> str:
     """One CSV line per (setting, row): mean, std and run count of every column, unrounded."""
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
-    cols = columns(rows) + [c for c in columns(rows, PAIRED_COLUMNS) if c.key.startswith("vs_soup/")]
+    paired = [c for c in columns(rows, PAIRED_COLUMNS) if c.key.startswith("vs_")]
+    cols = columns(rows) + paired
     out.writerow(["setting", "network", "aggregator", "variant", "runs"]
-                 + [f"{c.key}_{s}" for c in cols for s in ("mean", "std")])
+                 + [f"{c.key}_{s}" for c in cols for s in ("mean", "std") + (("ci95",) if c in paired else ())])
     for r in rows:
         line = [r.setting, r.label, r.aggregator or "", r.variant, r.runs]
         for c in cols:
             s = r.stats.get(c.key)
             line += [repr(s.mean) if s else "", repr(s.std) if s and s.std is not None else ""]
+            if c in paired:
+                line.append(repr(s.ci95()) if s and s.ci95() is not None else "")
         out.writerow(line)
     return buf.getvalue()
 
