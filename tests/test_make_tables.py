@@ -240,3 +240,19 @@ def test_paired_with_the_soup_and_the_base_over_two_bases(tmp_path):
     png = tmp_path / "d.png"
     script("make_figures.py", "deltas", out.with_suffix(".csv"), "--out", png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_trial_over_a_two_knob_grid_and_among_a_subset(tmp_path):
+    grid = [(0.2, 1.0, 0.70), (0.5, 0.5, 0.80), (0.2, 0.5, 0.80), (0.5, 1.0, 0.60)]  # a tie: the smaller density
+    for i, (density, scaling, acc) in enumerate(grid):
+        d = tmp_path / str(i)
+        (d / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"aggregator.density={density}", f"aggregator.scaling={scaling}"]),
+                       d / ".hydra" / "overrides.yaml")
+        (d / "results.json").write_text(json.dumps({"metrics": {"val/acc": acc}}))
+    two = ["--param", "aggregator.density", "--param", "aggregator.scaling"]
+    assert script("best_trial.py", tmp_path, *two).stdout.strip() == "aggregator.density=0.2 aggregator.scaling=0.5"
+    # "the base or the soup": only the trials at these values of the first knob compete
+    assert script("best_trial.py", tmp_path, "--param", "aggregator.scaling", "--among", "1").stdout.strip() == "1"
+    assert "give comma-separated numbers" in script("best_trial.py", tmp_path, "--param", "aggregator.scaling",
+                                                    "--among", "soup", check=False).stderr

@@ -301,6 +301,23 @@ def test_output_ensemble_is_the_mean_of_the_experts_softmax(tmp_path):
     assert abs(m["id/nll"] + float(manual.gather(1, data.test_y[:, None]).log().mean())) < 1e-5
 
 
+def test_test_subsample_scores_a_fixed_subset_and_leaves_the_corrupted_sets_alone(tmp_path):
+    from ame.data import load_digits
+    from ame.data.ood import subsample
+    from ame.evaluate import Evaluator
+    from ame.models import MLP
+
+    data, net = load_digits(), MLP(1, 8, 10, hidden=[16])
+    full = Evaluator(net, data, ["contrast"], [3], 50, None)
+    some = Evaluator(net, data, ["contrast"], [3], 50, None, test_subsample=100)
+    keep = subsample(len(data.test_y), 100, 0)
+    assert len(some.test_y) == 100 and torch.equal(some.test_y, data.test_y[keep])
+    with torch.no_grad():
+        want = float((net(data.normalize(data.test_x[keep])).argmax(1) == data.test_y[keep]).float().mean())
+    m = some(net.state_dict())
+    assert m["id/acc"] == want and m["ood/acc"] == full(net.state_dict())["ood/acc"]  # the same corrupted sets
+
+
 def test_aggregator_ensemble_reports_the_ensemble_and_writes_no_weights(default_run, tmp_path):
     run_cli([*FAST, "aggregator=ensemble"], tmp_path)  # the same experts as default_run, from its cache?
     r = read_results(tmp_path / "out")
