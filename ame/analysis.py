@@ -79,7 +79,8 @@ NAMES = {"soup": "soup", "weighted_soup": "weighted soup", "ame_sgd": "AME-SGD",
          "ame_adamw": "AME-AdamW", "ame_adagrad": "AME-Adagrad", "ame_adadelta": "AME-Adadelta",
          "ame_rmsprop": "AME-RMSprop", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE",
          "greedy_soup": "greedy soup (uses validation data)", "ensemble": "output ensemble (N networks)"}
-IGNORED = ("seed=", f"{FACTOR}=", "hydra.", "hydra/", "logger", "paths.", "experiment=", "tags=", "task_name=", "debug=",
+LABEL = "label"  # ``+label=<name>``: the run's row, whatever its aggregator.* overrides (e.g. chosen per expert set)
+IGNORED = ("seed=", f"{FACTOR}=", f"{LABEL}=", "hydra.", "hydra/", "logger", "paths.", "experiment=", "tags=", "task_name=", "debug=",
            "optimized_metric=")  # a tuned run is marked by its results (tuned_on_validation)
 
 # how an override reads in a title or legend: key → (format of the value)
@@ -177,7 +178,10 @@ def load(dirs: list[Path]) -> list[dict]:
         r["setting"] = ", ".join(o for o in kept if not o.startswith("aggregator"))
         r["variant"] = ", ".join(o for o in kept if o.startswith("aggregator.") and "=" in o)
         r["overrides"] = dict(o.lstrip("+~").split("=", 1) for o in kept if "=" in o)
-        r["factor"] = next((o.split("=", 1)[1] for o in overrides(f) if o.lstrip("+~").startswith(f"{FACTOR}=")), "")
+        given = dict(o.lstrip("+~").split("=", 1) for o in overrides(f) if "=" in o)
+        r["factor"], r["label"] = given.get(FACTOR, ""), given.get(LABEL, "").strip("'\"")  # quoted: Hydra keeps the quotes
+        if r["label"]:  # a named row: its aggregator.* values may differ from run to run (chosen per expert set)
+            r["variant"] = ""
         out.append(r)
     return out
 
@@ -218,19 +222,19 @@ def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
     refs.append(("soup", [(r["soup"], r) for r in by_set]))
     rows = [Row(setting, label, stats=_stats([m for m, _ in pairs])
                 | _paired(pairs, soup=label != "soup", base=not label.startswith("base"))) for label, pairs in refs]
-    found = list(dict.fromkeys((r["aggregator"], r["variant"], bool(r.get("tuned_on_validation"))) for r in results))
+    kind = lambda r: (r["aggregator"], r["variant"], bool(r.get("tuned_on_validation")), r.get("label", ""))  # noqa: E731
+    found = list(dict.fromkeys(kind(r) for r in results))
     rank = {name: i for i, name in enumerate(ORDER)}
-    for name, variant, tuned in sorted(found, key=lambda nv: rank.get(nv[0], len(ORDER))):  # stable: run order
-        runs = [r for r in results if (r["aggregator"], r["variant"], bool(r.get("tuned_on_validation")))
-                == (name, variant, tuned)]
+    for name, variant, tuned, named in sorted(found, key=lambda nv: rank.get(nv[0], len(ORDER))):  # stable: run order
+        runs = [r for r in results if kind(r) == (name, variant, tuned, named)]
         ms = [r["metrics"] for r in runs]
-        label = aggregator_label(name, variant)
-        if tuned:  # its hyperparameters were chosen on the validation split: not data-free
+        label = named or aggregator_label(name, variant)
+        if tuned and "validation" not in label:  # its hyperparameters were chosen on the validation split
             label = label[:-1] + ", tuned on validation)" if label.endswith(")") else label + " (tuned on validation)"
-        if name == "ensemble" and not variant and any(r.label == "output ensemble (N networks)" for r in rows) \
+        if name == "ensemble" and not variant and not named and any(r.label == "output ensemble (N networks)" for r in rows) \
                 and all(r["metrics"].get("id/acc") == r["ensemble"].get("id/acc") for r in runs):
             continue  # the output ensemble's reference row already
-        if name == "soup" and not variant:
+        if name == "soup" and not variant and not named:
             if all(r["metrics"].get("id/acc") == r["soup"].get("id/acc") for r in runs):
                 soup = next(r for r in rows if r.label == "soup")  # the soup row already: add its distances
                 soup.stats.update({k: s for k, s in _stats(ms).items() if k.startswith("dist/")})
@@ -308,6 +312,8 @@ def read_summary(path: Path) -> list[Row]:
                 mean, std, half = (line.get(f"{c.key}_{s}") for s in ("mean", "std", "ci95"))
                 if mean:
                     stats[c.key] = Stat(float(mean), float(std) if std else None, n, float(half) if half else None)
+            if label == "soup" and name is None:  # older CSVs paired the soup with itself (0 ± 0)
+                stats = {k: v for k, v in stats.items() if not k.startswith("vs_soup/")}
             row = Row(line["setting"], label, name, variant, stats)
             if legacy and name == "soup" and not variant:  # older tables repeated the soup as an aggregate row
                 soup = next((r for r in rows if r.setting == row.setting and r.label == "soup"), None)

@@ -256,3 +256,15 @@ def test_best_trial_over_a_two_knob_grid_and_among_a_subset(tmp_path):
     assert script("best_trial.py", tmp_path, "--param", "aggregator.scaling", "--among", "1").stdout.strip() == "1"
     assert "give comma-separated numbers" in script("best_trial.py", tmp_path, "--param", "aggregator.scaling",
                                                     "--among", "soup", check=False).stderr
+
+
+def test_a_labelled_row_pools_runs_whose_chosen_values_differ(tmp_path):
+    """Each expert set's own validation choice (+label=...): one row, not one per chosen value."""
+    for seed, lam in ((0, "0.25"), (1, "0.5")):
+        for agg, over, acc in (("soup", [], 0.5), ("task_arithmetic", [f"aggregator.scaling={lam}",
+                                                                       "+label=task arithmetic (λ tuned)"], 0.6)):
+            d = tmp_path / f"{agg}{seed}"
+            write_run(d, agg, seed, acc + seed / 10, [f"seed={seed}", f"aggregator={agg}", *over],
+                      soup_acc=0.5 + seed / 10)
+    out = script("make_tables.py", tmp_path).stdout
+    assert "| task arithmetic (λ tuned) | 65.00 ± 7.07 |" in out and "scaling" not in out
