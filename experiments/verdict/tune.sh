@@ -42,24 +42,24 @@ best() { python scripts/best_trial.py "$SEARCH/$1" "${@:2}"; }
 row soup "" soup
 row weighted_soup "" weighted_soup
 # task arithmetic's λ = the base↔soup interpolation (one algorithm); "base or soup" = the same grid at λN ∈ {0, 1}
-search ta ta_scaling task_arithmetic "aggregator.scaling=choice($(per_n 0,0.25,0.5,0.75,1,1.25,1.5))"
-row ta "task arithmetic = base↔soup interpolation (λ tuned)" task_arithmetic \
+search ta ta_scaling task_arithmetic "aggregator.scaling=choice($(per_n 0,0.25,0.5,0.75,1,1.5,2))"
+row ta "task arithmetic = base↔soup interpolation (λ)" task_arithmetic \
   "aggregator.scaling=$(best ta --param aggregator.scaling)"
 row base_or_soup "base or soup (chosen on validation)" task_arithmetic \
   "aggregator.scaling=$(best ta --param aggregator.scaling --among "$(per_n 0,1)")"
 search ties ties_grid ties
 # shellcheck disable=SC2046  # best prints "key=value key=value": one override each
-row ties "TIES (density, λ tuned)" ties $(best ties --param aggregator.density --param aggregator.scaling)
+row ties "TIES (density, λ)" ties $(best ties --param aggregator.density --param aggregator.scaling)
 search dare dare_grid dare "aggregator.scaling=choice($(per_n 0.5,0.75,1,1.25,1.5))"
 # shellcheck disable=SC2046
-row dare "DARE (density, λ tuned)" dare $(best dare --param aggregator.density --param aggregator.scaling)
+row dare "DARE (density, λ)" dare $(best dare --param aggregator.density --param aggregator.scaling)
 # AME as in the table (iterate pseudogradient, pivot = the base, one epoch; Adam ≡ AdamW here), lr tuned
 search ame_adam ame_lr ame_adam
-row ame_adam "AME-Adam, table form (lr tuned)" ame_adam "aggregator.optimizer.lr=$(best ame_adam)"
+row ame_adam "AME-Adam, table form (lr)" ame_adam "aggregator.optimizer.lr=$(best ame_adam)"
 # the paper's AME: pivot pseudogradient, Adam, 1–4 epochs, pivot = soup or the base; lr × epochs tuned
 for pivot in soup init; do
   search "ame_paper_$pivot" ame_paper ame_adam "aggregator.pivot=$pivot"
   # shellcheck disable=SC2046
-  row "ame_paper_$pivot" "AME-Adam, paper form, pivot $pivot (lr, epochs tuned)" ame_adam "aggregator.pivot=$pivot" \
+  row "ame_paper_$pivot" "AME-Adam, paper form, pivot $pivot (lr, epochs)" ame_adam "aggregator.pivot=$pivot" \
     aggregator.pseudogradient=pivot $(best "ame_paper_$pivot" --param aggregator.optimizer.lr --param aggregator.epochs)
 done
