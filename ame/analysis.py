@@ -21,6 +21,14 @@ that from here, so a table and a figure of the same runs always show the same nu
   standard CIFAR-10-C corruptions; older results: the corruptions they evaluated), the extra
   corruptions, the four corruption families, the worst shard, and the distance moved. Only the
   columns some row has are shown.
+- Paired differences (:data:`PAIRED_COLUMNS`): each network minus the soup of the same experts
+  (``vs_soup/…``) and minus the base they were fine-tuned from (``vs_base/…``), expert set by
+  expert set, with 95 % confidence intervals (Student t over expert sets). Runs with a
+  ``base_seed`` override are grouped by it (:data:`FACTOR`: several independently trained bases):
+  the mean is the mean over bases of each base's mean over its expert sets, and its interval is
+  the t interval of that mean with the within-base spread (pooled variance, n − B degrees of
+  freedom): bases as a fixed factor, so it holds for these bases, not for a new one. Absolute
+  columns are the plain mean ± std over all runs (between-base spread included).
 """
 from __future__ import annotations
 
@@ -63,9 +71,13 @@ COLUMNS = [
 ]
 BY_KEY = {c.key: c for c in COLUMNS}
 PAIRED = ["id/acc", "ood/acc", "shard/min_acc"]
-# each network minus the soup of the same experts, seed by seed (make_tables' second table)
-PAIRED_COLUMNS = [Column(f"vs_soup/{k}", f"Δ {BY_KEY[k].short}", f"{BY_KEY[k].long.replace(' (%)', '')} minus the soup's "
-                         "(points)") for k in PAIRED] + [BY_KEY["dist/pivot"], BY_KEY["dist/soup"]]
+_SHORT = {"id/acc": "ID", "ood/acc": "OOD", "shard/min_acc": "worst shard"}
+# each network minus the soup of the same experts, and minus their base, expert set by expert set
+# (make_tables' second table, make_figures' deltas)
+PAIRED_COLUMNS = [Column(f"vs_{ref}/{k}", f"Δ {_SHORT[k]} vs {ref}", f"{BY_KEY[k].long.replace(' (%)', '')} minus the "
+                         f"{ref}'s (points)") for ref in ("soup", "base") for k in PAIRED] \
+    + [BY_KEY["dist/pivot"], BY_KEY["dist/soup"]]
+FACTOR = "base_seed"  # an override that names an independently trained base: grouped, not a setting
 
 ORDER = ["soup", "weighted_soup", "ame_sgd", "ame_adam", "ame_adamw", "ame_adagrad", "ame_adadelta", "ame_rmsprop",
          "task_arithmetic", "ties", "dare", "greedy_soup", "ensemble"]  # aggregator rows: soups first, as in the paper
@@ -73,8 +85,9 @@ NAMES = {"soup": "soup", "weighted_soup": "weighted soup", "ame_sgd": "AME-SGD",
          "ame_adamw": "AME-AdamW", "ame_adagrad": "AME-Adagrad", "ame_adadelta": "AME-Adadelta",
          "ame_rmsprop": "AME-RMSprop", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE",
          "greedy_soup": "greedy soup (uses validation data)", "ensemble": "output ensemble (N networks)"}
-IGNORED = ("seed=", "hydra.", "hydra/", "logger", "paths.", "experiment=", "tags=", "task_name=", "debug=",
-           "optimized_metric=",  # a tuned run is marked by its results (tuned_on_validation)
+LABEL = "label"  # ``+label=<name>``: the run's row, whatever its aggregator.* overrides (e.g. chosen per expert set)
+IGNORED = ("seed=", f"{FACTOR}=", f"{LABEL}=", "hydra.", "hydra/", "logger", "paths.", "experiment=", "tags=", "task_name=",
+           "debug=", "optimized_metric=",  # a tuned run is marked by its results (tuned_on_validation)
            "data.root=", "data.dataset.root=", "data.dataset.cache_dir=")  # where the data lie (its content: data.fingerprint)
 
 # how an override reads in a title or legend: key → (format of the value)
@@ -102,6 +115,7 @@ class Stat:
     mean: float
     std: float | None
     n: int
+    half: float | None = None  # the 95 % CI's half-width when not Student t over n runs (see nested)
 
     @classmethod
     def of(cls, values: list) -> "Stat | None":
@@ -110,8 +124,29 @@ class Stat:
             return None
         return cls(statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None, len(v))
 
+    @classmethod
+    def nested(cls, groups: list[list]) -> "Stat | None":
+        """Runs grouped by a fixed factor (e.g. one group per base): the mean of the group means,
+        the pooled within-group std, and the t interval of that mean, whose variance is
+        s_w² Σ_g 1/n_g / G² with n − G degrees of freedom. One group: :meth:`of`."""
+        gs = [[float(x) for x in g if isinstance(x, (int, float)) and not isinstance(x, bool)] for g in groups]
+        gs = [g for g in gs if g]
+        if len(gs) <= 1:
+            return cls.of(gs[0]) if gs else None
+        n, df = sum(map(len, gs)), sum(map(len, gs)) - len(gs)
+        mean = statistics.mean(statistics.mean(g) for g in gs)
+        if df < 1:
+            return cls(mean, None, n)
+        sw = math.sqrt(sum((x - statistics.mean(g)) ** 2 for g in gs for x in g) / df)
+        from scipy.stats import t
+
+        se = sw * math.sqrt(sum(1 / len(g) for g in gs)) / len(gs)
+        return cls(mean, sw, n, float(t.ppf(0.975, df)) * se)
+
     def ci95(self) -> float | None:
         """Half-width of the 95 % confidence interval of the mean (Student t), None for one run."""
+        if self.half is not None:
+            return self.half
         if self.std is None or self.n < 2:
             return None
         from scipy.stats import t
@@ -151,6 +186,10 @@ def load(dirs: list[Path]) -> list[dict]:
         r["setting"] = ", ".join(o for o in kept if not o.startswith("aggregator"))
         r["variant"] = ", ".join(o for o in kept if o.startswith("aggregator.") and "=" in o)
         r["overrides"] = dict(o.lstrip("+~").split("=", 1) for o in kept if "=" in o)
+        given = dict(o.lstrip("+~").split("=", 1) for o in overrides(f) if "=" in o)
+        r["factor"], r["label"] = given.get(FACTOR, ""), given.get(LABEL, "").strip("'\"")  # quoted: Hydra keeps the quotes
+        if r["label"]:  # a named row: its aggregator.* values may differ from run to run (chosen per expert set)
+            r["variant"] = ""
         out.append(r)
     return out
 
@@ -188,34 +227,36 @@ def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
 
 def _rows(setting: str, results: list[dict]) -> list[Row]:
     by_set = list({expert_set(r): r for r in results}.values())
-    refs: list[tuple[str, list[tuple[dict, dict]]]] = []  # (metrics, the same expert set's soup)
+    # (metrics, the same expert set's run) per reference network; the run gives its soup, base and factor
+    refs: list[tuple[str, list[tuple[dict, dict]]]] = []
     if any(r.get("base") for r in by_set):
-        refs.append(("base (warm start)", [(_base(r), r["soup"]) for r in by_set if r.get("base")]))
-    refs.append(("experts (mean)", [(_experts_mean(r["experts"]), r["soup"]) for r in by_set]))
-    refs.append(("experts (best ID)", [(max(r["experts"], key=lambda e: e["id/acc"]), r["soup"]) for r in by_set]))
+        refs.append(("base (warm start)", [(_base(r), r) for r in by_set if r.get("base")]))
+    refs.append(("experts (mean)", [(_experts_mean(r["experts"]), r) for r in by_set]))
+    refs.append(("experts (best ID)", [(max(r["experts"], key=lambda e: e["id/acc"]), r) for r in by_set]))
     if all(r.get("ensemble") for r in by_set):
-        refs.append(("output ensemble (N networks)", [(r["ensemble"], r["soup"]) for r in by_set]))
-    refs.append(("soup", [(r["soup"], r["soup"]) for r in by_set]))
-    rows = [Row(setting, label, stats=_stats([m for m, _ in pairs]) | _vs_soup(pairs)) for label, pairs in refs]
-    found = list(dict.fromkeys((r["aggregator"], r["variant"], bool(r.get("tuned_on_validation"))) for r in results))
+        refs.append(("output ensemble (N networks)", [(r["ensemble"], r) for r in by_set]))
+    refs.append(("soup", [(r["soup"], r) for r in by_set]))
+    rows = [Row(setting, label, stats=_stats([m for m, _ in pairs])
+                | _paired(pairs, soup=label != "soup", base=not label.startswith("base"))) for label, pairs in refs]
+    kind = lambda r: (r["aggregator"], r["variant"], bool(r.get("tuned_on_validation")), r.get("label", ""))  # noqa: E731
+    found = list(dict.fromkeys(kind(r) for r in results))
     rank = {name: i for i, name in enumerate(ORDER)}
-    for name, variant, tuned in sorted(found, key=lambda nv: rank.get(nv[0], len(ORDER))):  # stable: run order
-        runs = [r for r in results if (r["aggregator"], r["variant"], bool(r.get("tuned_on_validation")))
-                == (name, variant, tuned)]
+    for name, variant, tuned, named in sorted(found, key=lambda nv: rank.get(nv[0], len(ORDER))):  # stable: run order
+        runs = [r for r in results if kind(r) == (name, variant, tuned, named)]
         ms = [r["metrics"] for r in runs]
-        label = aggregator_label(name, variant)
-        if tuned:  # its hyperparameters were chosen on the validation split: not data-free
+        label = named or aggregator_label(name, variant)
+        if tuned and "validation" not in label:  # its hyperparameters were chosen on the validation split
             label = label[:-1] + ", tuned on validation)" if label.endswith(")") else label + " (tuned on validation)"
-        if name == "ensemble" and not variant and any(r.label == "output ensemble (N networks)" for r in rows) \
+        if name == "ensemble" and not variant and not named and any(r.label == "output ensemble (N networks)" for r in rows) \
                 and all(r["metrics"].get("id/acc") == r["ensemble"].get("id/acc") for r in runs):
             continue  # the output ensemble's reference row already
-        if name == "soup" and not variant:
+        if name == "soup" and not variant and not named:
             if all(r["metrics"].get("id/acc") == r["soup"].get("id/acc") for r in runs):
                 soup = next(r for r in rows if r.label == "soup")  # the soup row already: add its distances
                 soup.stats.update({k: s for k, s in _stats(ms).items() if k.startswith("dist/")})
                 continue
             label = "soup, as run (e.g. bn_reset)"  # not the reference soup's network: a row of its own
-        rows.append(Row(setting, label, name, variant, _stats(ms) | _vs_soup([(r["metrics"], r["soup"]) for r in runs])))
+        rows.append(Row(setting, label, name, variant, _stats(ms) | _paired([(r["metrics"], r) for r in runs])))
     return rows
 
 
@@ -314,11 +355,24 @@ def mismatches(envs: list[dict]) -> list[str]:
     return out
 
 
-def _vs_soup(pairs: list[tuple[dict, dict]]) -> dict[str, Stat]:
-    """Paired differences with the soup of the same experts (the same seed): ``vs_soup/<key>``,
-    mean ± std over seeds. Seed-to-seed swings that move both networks alike cancel here."""
-    return _stats([{f"vs_soup/{k}": m[k] - soup[k] for k in PAIRED
-                    if isinstance(m.get(k), float) and isinstance(soup.get(k), float)} for m, soup in pairs])
+def _paired(pairs: list[tuple[dict, dict]], soup: bool = True, base: bool = True) -> dict[str, Stat]:
+    """Paired differences, expert set by expert set: ``vs_soup/<key>`` (minus the soup of the same
+    experts) and ``vs_base/<key>`` (minus their base), each a :meth:`Stat.nested` over the runs
+    grouped by base (:data:`FACTOR`). Swings between expert sets that move both networks alike
+    cancel here."""
+    out = {}
+    for ref, on in (("soup", soup), ("base", base)):
+        if not on:
+            continue
+        for k in PAIRED:
+            groups: dict[str, list[float]] = {}
+            for m, r in pairs:
+                other = r.get(ref) or {}
+                if isinstance(m.get(k), float) and isinstance(other.get(k), float):
+                    groups.setdefault(r.get("factor", ""), []).append(m[k] - other[k])
+            if (s := Stat.nested(list(groups.values()))) is not None:
+                out[f"vs_{ref}/{k}"] = s
+    return out
 
 
 def _experts_mean(experts: list[dict]) -> dict:
@@ -359,14 +413,18 @@ def summary_csv(rows: list[Row]) -> str:
     environments (JSON)."""
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
-    cols = columns(rows) + [c for c in columns(rows, PAIRED_COLUMNS) if c.key.startswith("vs_soup/")]
+    paired = [c for c in columns(rows, PAIRED_COLUMNS) if c.key.startswith("vs_")]
+    cols = columns(rows) + paired
     out.writerow(["setting", "network", "aggregator", "variant", "runs"]
-                 + [f"{c.key}_{s}" for c in cols for s in ("mean", "std")] + ["environments"])
+                 + [f"{c.key}_{s}" for c in cols for s in ("mean", "std") + (("ci95",) if c in paired else ())]
+                 + ["environments"])
     for r in rows:
         line = [r.setting, r.label, r.aggregator or "", r.variant, r.runs]
         for c in cols:
             s = r.stats.get(c.key)
             line += [repr(s.mean) if s else "", repr(s.std) if s and s.std is not None else ""]
+            if c in paired:
+                line.append(repr(s.ci95()) if s and s.ci95() is not None else "")
         out.writerow(line + [json.dumps(r.environments, sort_keys=True) if r.environments else ""])
     return buf.getvalue()
 
@@ -384,9 +442,11 @@ def read_summary(path: Path) -> list[Row]:
             n = int(line["runs"])
             stats = {}
             for c in COLUMNS + PAIRED_COLUMNS:
-                mean, std = line.get(f"{c.key}_mean"), line.get(f"{c.key}_std")
+                mean, std, half = (line.get(f"{c.key}_{s}") for s in ("mean", "std", "ci95"))
                 if mean:
-                    stats[c.key] = Stat(float(mean), float(std) if std else None, n)
+                    stats[c.key] = Stat(float(mean), float(std) if std else None, n, float(half) if half else None)
+            if label == "soup" and name is None:  # older CSVs paired the soup with itself (0 ± 0)
+                stats = {k: v for k, v in stats.items() if not k.startswith("vs_soup/")}
             row = Row(line["setting"], label, name, variant, stats, json.loads(line.get("environments") or "[]"))
             if legacy and name == "soup" and not variant:  # older tables repeated the soup as an aggregate row
                 soup = next((r for r in rows if r.setting == row.setting and r.label == "soup"), None)
@@ -425,23 +485,27 @@ def columns(rows: list[Row], among: list[Column] = COLUMNS) -> list[Column]:
     return [c for c in among if any(c.key in r.stats for r in rows)]
 
 
-def spread_label(rows: list[Row]) -> str:
-    """What ``±`` means here: ``mean ± std over 3 seeds`` (or ``one seed``)."""
+def spread_label(rows: list[Row], spread: str = "std") -> str:
+    """What ``±`` means here: ``mean ± std over 3 seeds`` (or ``one seed``); ``spread="ci"``: the
+    half-width of the 95 % confidence interval."""
     counts = sorted({r.runs for r in rows if r.runs})
+    what = "mean ± std" if spread == "std" else "mean ± half-width of the 95 % CI (Student t)"
     if counts == [1] or not counts:
         return "one seed"
     if len(counts) == 1:
-        return f"mean ± std over {counts[0]} seeds"
-    return f"mean ± std over {counts[0]}–{counts[-1]} seeds (the CSV's runs column gives each row's count)"
+        return f"{what} over {counts[0]} seeds"
+    return f"{what} over {counts[0]}–{counts[-1]} seeds (the CSV's runs column gives each row's count)"
 
 
-def cell(stat: Stat | None, column: Column, digits: int = 2) -> str:
+def cell(stat: Stat | None, column: Column, digits: int = 2, spread: str = "std") -> str:
+    """``mean ± std``, or with ``spread="ci"`` ``mean ± half-width of the 95 % CI``."""
     if stat is None:
         return ""
     scale = 100 if column.percent else 1
-    if stat.std is None:
+    width = stat.std if spread == "std" else stat.ci95()
+    if width is None:
         return f"{scale * stat.mean:.{digits}f}"
-    return f"{scale * stat.mean:.{digits}f} ± {scale * stat.std:.{digits}f}"
+    return f"{scale * stat.mean:.{digits}f} ± {scale * width:.{digits}f}"
 
 
 def pretty_setting(setting: str, default: str = "default settings") -> str:

@@ -83,6 +83,8 @@ def check_eval(ev: DictConfig) -> None:
     seed(ev.seed, "eval.seed")
     if ev.ood_subsample is not None:
         positive_int(ev.ood_subsample, "eval.ood_subsample", minimum=1)  # null: the whole test set
+    if ev.get("test_subsample") is not None:
+        positive_int(ev.test_subsample, "eval.test_subsample", minimum=1)  # null: the whole test set
     corruptions, severities = ev.corruptions, ev.severities
     for key, names in (("eval.corruptions", corruptions), ("eval.extras", ev.get("extras") or [])):
         require(isinstance(names, Sequence) and not isinstance(names, str),

@@ -78,17 +78,20 @@ class Evaluator:
                  ood_subsample: int | None, class_counts: np.ndarray | None, seed: int = 0,
                  batch_size: int = 256, device: torch.device | str = "cpu", extras: Sequence[str] = (),
                  source: str = "generated", download: str | None = None, cache_dir: str | None = None,
-                 workers: int = 2):
+                 workers: int = 2, test_subsample: int | None = None):
         names = list(dict.fromkeys([*corruptions, *(extras or ())]))
         check_names(list(corruptions), "eval.corruptions")
         check_names(list(extras or ()), "eval.extras")
         check_severities(list(severities))
         self.model, self.data, self.batch_size, self.device = model.to(device).eval(), data, batch_size, device
         self.test_x, self.test_y = data.test_x, data.test_y
+        if test_subsample is not None:  # a cheaper ID score, e.g. for search trials scored on val/acc
+            keep = subsample(len(self.test_y), test_subsample, seed)
+            self.test_x, self.test_y = self.test_x[keep], self.test_y[keep]
         severities = list(severities) if names else []
         if str(source) == "generated":
-            keep = subsample(len(self.test_y), ood_subsample, seed)
-            self.ood = generated_sets(self.test_x[keep], self.test_y[keep], names, severities, seed,
+            keep = subsample(len(data.test_y), ood_subsample, seed)  # from the whole test set
+            self.ood = generated_sets(data.test_x[keep], data.test_y[keep], names, severities, seed,
                                       cache_dir, workers) if names else {}
         else:
             folder = download_published(download, source) if download else source

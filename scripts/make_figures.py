@@ -12,8 +12,14 @@ are several seeds. The plotted numbers also go to a Markdown table beside the PN
 that table can be plotted again (``fig1 experiments/fig1/fig1_cifar10_shards.md``).
 
 ``summary``: one panel per setting, the rows of ``make_tables.py`` (base, experts, ensemble, soup,
-each aggregator) as points with 95 % confidence intervals over seeds, for ID and OOD accuracy;
-from results trees or from the CSV ``make_tables.py --out`` writes. Rows, labels and order come
+each aggregator) as points with 95 % confidence intervals over seeds, for ID and OOD accuracy,
+each panel on its own axis range; from results trees or from the CSV ``make_tables.py --out`` writes.
+
+``deltas``: the paired differences that carry a comparison: per setting, one panel per column of
+ID and OOD accuracy minus the soup's and minus the base's (expert set by expert set), each row's
+mean with its 95 % confidence interval, a line at 0, and one axis range per panel:
+
+    python scripts/make_figures.py deltas multirun/verdict --out experiments/verdict/deltas.png Rows, labels and order come
 from :mod:`ame.analysis`; the same inputs give the same bytes.
 """
 from __future__ import annotations
@@ -27,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from ame.analysis import (BY_KEY, NAMES, Row, value_order, axis_label, load, pretty_setting, read, read_series_table,  # noqa: E402
+from ame.analysis import (BY_KEY, NAMES, PAIRED_COLUMNS, Row, Stat, value_order, axis_label, load, pretty_setting, read, read_series_table,  # noqa: E402
                           readable, references, series, settings)
 
 SAVE = {"dpi": 150, "metadata": {"Software": None}}  # no version stamp: deterministic bytes
@@ -124,9 +130,6 @@ def summary(rows: list[Row], out: Path, metrics=("id/acc", "ood/acc"), title: st
         ax.set_visible(False)
     colours, markers = ["tab:blue", "tab:orange", "tab:green"], ["o", "s", "^"]
     seeds = sorted({r.runs for r in rows if r.runs})
-    lo = min(100 * (r.stats[m].mean - (r.stats[m].ci95() or 0)) for r in rows for m in metrics if m in r.stats)
-    hi = max(100 * (r.stats[m].mean + (r.stats[m].ci95() or 0)) for r in rows for m in metrics if m in r.stats)
-    pad = max(2.0, (10 - (hi - lo)) / 2)  # at least a 10-point window: small gaps stay small
     for ax, setting in zip(axes.flat, groups):
         mine = [r for r in rows if r.setting == setting]
         ys = list(range(len(mine)))[::-1]
@@ -140,7 +143,7 @@ def summary(rows: list[Row], out: Path, metrics=("id/acc", "ood/acc"), title: st
         if 0 < refs < len(mine):  # reference networks above, aggregates below
             ax.axhline(ys[refs - 1] - 0.5, color="grey", linewidth=0.6)
         ax.set_yticks(ys, [r.label for r in mine], fontsize=8)
-        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_xlim(*_window([r.stats[m] for r in mine for m in metrics if m in r.stats]))  # this panel's own range
         ax.set_title(pretty_setting(setting, default="default settings"), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     spread = ("mean and 95 % CI over " + "/".join(map(str, seeds)) + " seeds") if seeds != [1] else "one seed"
@@ -154,9 +157,59 @@ def summary(rows: list[Row], out: Path, metrics=("id/acc", "ood/acc"), title: st
     plt.close(fig)
 
 
+def _window(stats: list, least: float = 1.0) -> tuple[float, float]:
+    """An axis range (points) holding every mean and its 95 % CI, with a 5 % margin; at least ``least`` wide."""
+    lo = min(100 * (s.mean - (s.ci95() or 0)) for s in stats)
+    hi = max(100 * (s.mean + (s.ci95() or 0)) for s in stats)
+    pad = max(0.05 * (hi - lo), (least - (hi - lo)) / 2)
+    return lo - pad, hi + pad
+
+
+DELTAS = [c for c in PAIRED_COLUMNS if c.key.split("/", 1)[1] in ("id/acc", "ood/acc")]
+
+
+def deltas(rows: list[Row], out: Path, title: str = "") -> None:
+    """Per setting (a row of panels), per paired column (ID / OOD minus the soup's / the base's):
+    each network's mean difference with its 95 % CI, a line at 0, each panel on its own range."""
+    groups = settings(rows)
+    keys = [c for c in DELTAS if any(c.key in r.stats for r in rows)]
+    if not keys:
+        raise SystemExit("error: no paired differences (vs_soup/…, vs_base/…) in these rows; give results trees "
+                         "or a CSV written by this version of make_tables.py --out")
+    mine = {g: [r for r in rows if r.setting == g and any(c.key in r.stats for c in keys)] for g in groups}
+    height = max(len(v) for v in mine.values())
+    fig, axes = plt.subplots(len(groups), len(keys), figsize=(3.3 * len(keys) + 2.2, len(groups) * (0.24 * height + 1.1)),
+                             squeeze=False, sharey="row")
+    for i, g in enumerate(groups):
+        ys = list(range(len(mine[g])))[::-1]
+        for j, c in enumerate(keys):
+            ax = axes[i][j]
+            pts = [(y, r.stats[c.key]) for y, r in zip(ys, mine[g]) if c.key in r.stats]
+            tuned = [y for y, r in zip(ys, mine[g]) if "tuned on validation" in r.label or "validation" in r.label]
+            for y, s in pts:
+                colour = "tab:red" if y in tuned else "tab:blue"
+                ax.errorbar([100 * s.mean], [y], xerr=[100 * (s.ci95() or 0)], fmt="o", color=colour, markersize=3.5,
+                            capsize=2, elinewidth=1)
+            ax.axvline(0, color="grey", linewidth=0.8)
+            if pts:
+                ax.set_xlim(*_window([s for _, s in pts] + [Stat(0.0, None, 1)]))  # 0 always in view
+            ax.grid(axis="x", alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if i == 0 or len(groups) > 1:
+                ax.set_title(c.short + (f"\n{pretty_setting(g)}" if len(groups) > 1 else ""), fontsize=8)
+            if i == len(groups) - 1:
+                ax.set_xlabel("points (mean, 95 % CI)", fontsize=7)
+        axes[i][0].set_yticks(ys, [r.label for r in mine[g]], fontsize=7)
+    fig.suptitle((title + "\n" if title else "") + "paired differences, expert set by expert set "
+                 "(red: uses the validation split)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, **SAVE)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kind", choices=["fig1", "summary", "bars"], help="bars: an older name of summary")
+    ap.add_argument("kind", choices=["fig1", "summary", "deltas", "bars"], help="bars: an older name of summary")
     ap.add_argument("dirs", nargs="+", type=Path,
                     help="run or multirun directories (or results.json files); or the .md (fig1) / .csv (summary) "
                     "this script or make_tables.py wrote")
@@ -180,6 +233,8 @@ def main() -> None:
         table = series_table({**refs, **data}, [*refs, *data], args.x, args.line, args.metric)
         if args.out.with_suffix(".md") not in args.dirs:
             args.out.with_suffix(".md").write_text(table)
+    elif args.kind == "deltas":
+        deltas(read(args.dirs), args.out, title=args.title)
     else:
         summary(read(args.dirs), args.out, title=args.title)
     print(args.out)

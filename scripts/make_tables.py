@@ -8,11 +8,13 @@ One table per setting (the runs' overrides other than ``seed``, the aggregator's
 paths and Hydra's), one row per network: the warm-start base, the experts (mean and best), the
 output ensemble, the soup and each aggregator setting; mean ± std over the runs that differ only
 in ``seed``. Under it, from results trees, the same networks paired with the soup of the same
-experts: each one's ID / OOD / worst-shard accuracy minus the soup's, seed by seed, mean ± std.
-Last, where the numbers came from: one line per distinct environment (commit, versions, device,
-threads) among the runs and the cached experts, base and reference metrics they used; a table whose
-numbers come from different commits or versions gets a ``warning:`` line on stderr. Rows, columns,
-their order and the environments come from :mod:`ame.analysis`. Deterministic given the inputs.
+experts and with their base: each one's ID / OOD / worst-shard accuracy minus the soup's and the
+base's, expert set by expert set, mean ± the half-width of the 95 % confidence interval (with
+several bases, ``base_seed=``, bases are a fixed factor: see :mod:`ame.analysis`). Last, where the
+numbers came from: one line per distinct environment (commit, versions, device, threads) among the
+runs and the cached experts, base and reference metrics they used; a table whose numbers come from
+different commits or versions gets a ``warning:`` line on stderr. Rows, columns, their order and the
+environments come from :mod:`ame.analysis`. Deterministic given the inputs.
 """
 from __future__ import annotations
 
@@ -39,13 +41,16 @@ def markdown(rows: list[Row]) -> str:
         lines += ["| network | " + " | ".join(c.short for c in cols) + " |", "|---|" + "---:|" * len(cols)]
         lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c) for c in cols) + " |" for r in mine]
         lines.append(f"\nAccuracies in %, NLL in nats; {spread_label(mine)}.\n")
-        paired = [r for r in mine if r.label != "soup" and any(k.startswith("vs_soup/") for k in r.stats)]
+        paired = [r for r in mine if any(k.startswith(("vs_soup/", "vs_base/")) for k in r.stats)]
         if paired:
             cols = columns(paired, PAIRED_COLUMNS)
-            lines += ["Paired with the soup of the same experts (seed by seed): Δ = each network's accuracy minus "
-                      f"the soup's, in points (the distances as above); {spread_label(paired)}.\n",
+            lines += ["Paired with the soup of the same experts and with their base (expert set by expert set): "
+                      "Δ = each network's accuracy minus the soup's / the base's, in points (the distances as above); "
+                      f"{spread_label(paired, 'ci')}. With several bases (base_seed): the mean over bases of each "
+                      "base's mean, the interval from the within-base spread (bases a fixed factor).\n",
                       "| network | " + " | ".join(c.short for c in cols) + " |", "|---|" + "---:|" * len(cols)]
-            lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c) for c in cols) + " |" for r in paired]
+            lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c, spread="ci" if c.key.startswith("vs_")
+                                                          else "std") for c in cols) + " |" for r in paired]
             lines.append("")
         envs = environment_lines(mine)
         if envs:

@@ -312,3 +312,87 @@ def test_compare_results_takes_a_summary_csv_and_names_rows_on_one_side_only(tmp
     bad = script("compare_results.py", tmp_path / "t.csv", tmp_path / "nowhere", check=False)  # the command line
     errors = [x for x in bad.stderr.splitlines() if x.startswith("error: ")]
     assert bad.returncode == 2 and len(errors) == 1 and "no results.json under" in errors[0], bad.stderr
+
+
+def test_nested_stat_is_the_mean_of_base_means_with_the_within_base_t_interval():
+    from scipy.stats import t
+
+    from ame.analysis import Stat
+
+    s = Stat.nested([[1.0, 3.0], [10.0, 12.0, 14.0]])  # base means 2 and 12; within-base deviations ±1, ±2, 0
+    assert s.mean == 7.0 and s.n == 5
+    sw = ((1 + 1 + 4 + 0 + 4) / 3) ** 0.5  # pooled over n − B = 3 degrees of freedom
+    assert abs(s.std - sw) < 1e-12
+    assert abs(s.ci95() - t.ppf(0.975, 3) * sw * (1 / 2 + 1 / 3) ** 0.5 / 2) < 1e-12
+    assert Stat.nested([[1.0, 3.0]]) == Stat.of([1.0, 3.0])  # one base: the ordinary t interval
+    assert Stat.nested([[1.0], [3.0]]).ci95() is None  # no within-base spread to measure
+
+
+def test_paired_with_the_soup_and_the_base_over_two_bases(tmp_path):
+    """Two bases × two expert sets: Δ vs the base and vs the soup, the base a factor (not a setting)."""
+    import csv
+
+    from ame.analysis import Stat
+
+    n = 0
+    for b, base_acc in (("0", 0.80), ("1", 0.90)):
+        for seed, dsoup in ((0, -0.02), (1, 0.00)):  # the soup is 2 or 0 points below its base
+            for agg, dm in (("soup", 0.0), ("task_arithmetic", 0.01 + 0.01 * seed)):
+                d = tmp_path / "runs" / str(n)
+                n += 1
+                write_run(d, agg, seed, base_acc + dsoup + dm, [f"base_seed={b}", f"seed={seed}", f"aggregator={agg}"],
+                          experts=(f"{b}a", f"{b}b"), soup_acc=base_acc + dsoup)
+                r = json.loads((d / "results.json").read_text())
+                r["base"] = {**r["soup"], "id/acc": base_acc}
+                (d / "results.json").write_text(json.dumps(r))
+    out = tmp_path / "t.md"
+    script("make_tables.py", tmp_path / "runs", "--out", out)
+    md = out.read_text()
+    assert "###" not in md  # base_seed is not a setting
+    paired = md.split("Paired with the soup")[1]
+    want = Stat.nested([[1.0, 2.0], [1.0, 2.0]])  # TA − soup in points: 1, 2 per base
+    assert f"| task arithmetic | {100 * want.mean / 100:.2f} ± {want.ci95():.2f} |" in paired
+    # TA − base: (−2 + 1, 0 + 2) per base = (−1, 2): mean 0.5; soup − base: (−2, 0)
+    ta = next(line for line in paired.splitlines() if line.startswith("| task arithmetic"))
+    soup = next(line for line in paired.splitlines() if line.startswith("| soup |"))
+    base = next(line for line in paired.splitlines() if line.startswith("| base (warm start)"))
+    header = [c.strip() for c in next(ln for ln in paired.splitlines() if ln.startswith("| network")).strip("|").split("|")]
+    cell = lambda line, name: [c.strip() for c in line.strip("|").split("|")][header.index(name)]  # noqa: E731
+    assert cell(ta, "Δ ID vs base").startswith("0.50 ± ") and cell(soup, "Δ ID vs base").startswith("-1.00 ± ")
+    assert cell(soup, "Δ ID vs soup") == "" and cell(base, "Δ ID vs base") == "" and cell(base, "Δ ID vs soup").startswith("1.00")
+    rows = {r["network"]: r for r in csv.DictReader(open(out.with_suffix(".csv")))}
+    assert abs(float(rows["task arithmetic"]["vs_soup/id/acc_ci95"]) - want.ci95() / 100) < 1e-12
+    again = tmp_path / "again.md"  # read back from the CSV: the same table, intervals included
+    script("make_tables.py", out.with_suffix(".csv"), "--out", again)
+    assert again.read_text() == md
+    png = tmp_path / "d.png"
+    script("make_figures.py", "deltas", out.with_suffix(".csv"), "--out", png)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_trial_over_a_two_knob_grid_and_among_a_subset(tmp_path):
+    grid = [(0.2, 1.0, 0.70), (0.5, 0.5, 0.80), (0.2, 0.5, 0.80), (0.5, 1.0, 0.60)]  # a tie: the smaller density
+    for i, (density, scaling, acc) in enumerate(grid):
+        d = tmp_path / str(i)
+        (d / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"aggregator.density={density}", f"aggregator.scaling={scaling}"]),
+                       d / ".hydra" / "overrides.yaml")
+        (d / "results.json").write_text(json.dumps({"metrics": {"val/acc": acc}}))
+    two = ["--param", "aggregator.density", "--param", "aggregator.scaling"]
+    assert script("best_trial.py", tmp_path, *two).stdout.strip() == "aggregator.density=0.2 aggregator.scaling=0.5"
+    # "the base or the soup": only the trials at these values of the first knob compete
+    assert script("best_trial.py", tmp_path, "--param", "aggregator.scaling", "--among", "1").stdout.strip() == "1"
+    assert "give comma-separated numbers" in script("best_trial.py", tmp_path, "--param", "aggregator.scaling",
+                                                    "--among", "soup", check=False).stderr
+
+
+def test_a_labelled_row_pools_runs_whose_chosen_values_differ(tmp_path):
+    """Each expert set's own validation choice (+label=...): one row, not one per chosen value."""
+    for seed, lam in ((0, "0.25"), (1, "0.5")):
+        for agg, over, acc in (("soup", [], 0.5), ("task_arithmetic", [f"aggregator.scaling={lam}",
+                                                                       "+label=task arithmetic (λ tuned)"], 0.6)):
+            d = tmp_path / f"{agg}{seed}"
+            write_run(d, agg, seed, acc + seed / 10, [f"seed={seed}", f"aggregator={agg}", *over],
+                      soup_acc=0.5 + seed / 10)
+    out = script("make_tables.py", tmp_path).stdout
+    assert "| task arithmetic (λ tuned) | 65.00 ± 7.07 |" in out and "scaling" not in out

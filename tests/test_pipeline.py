@@ -352,6 +352,23 @@ def test_output_ensemble_is_the_mean_of_the_experts_softmax(tmp_path):
     assert abs(m["id/nll"] + float(manual.gather(1, data.test_y[:, None]).log().mean())) < 1e-5
 
 
+def test_test_subsample_scores_a_fixed_subset_and_leaves_the_corrupted_sets_alone(tmp_path):
+    from ame.data import load_digits
+    from ame.data.ood import subsample
+    from ame.evaluate import Evaluator
+    from ame.models import MLP
+
+    data, net = load_digits(), MLP(1, 8, 10, hidden=[16])
+    full = Evaluator(net, data, ["contrast"], [3], 50, None)
+    some = Evaluator(net, data, ["contrast"], [3], 50, None, test_subsample=100)
+    keep = subsample(len(data.test_y), 100, 0)
+    assert len(some.test_y) == 100 and torch.equal(some.test_y, data.test_y[keep])
+    with torch.no_grad():
+        want = float((net(data.normalize(data.test_x[keep])).argmax(1) == data.test_y[keep]).float().mean())
+    m = some(net.state_dict())
+    assert m["id/acc"] == want and m["ood/acc"] == full(net.state_dict())["ood/acc"]  # the same corrupted sets
+
+
 def test_aggregator_ensemble_reports_the_ensemble_and_writes_no_weights(default_run, tmp_path):
     run_cli([*FAST, "aggregator=ensemble"], tmp_path)  # the same experts as default_run, from its cache?
     r = read_results(tmp_path / "out")
@@ -386,7 +403,7 @@ PATH_KEYS = {"data.root", "data.dataset.root", "paths.cache_dir", "paths.output_
              "eval.source", "model.pretrained"}
 
 
-@pytest.mark.parametrize("name", [None, "fig1", "table", "ablations", "align", "bn_stats"])
+@pytest.mark.parametrize("name", [None, "fig1", "table", "ablations", "align", "bn_stats", "verdict"])
 def test_path_valued_keys_never_name_a_job_folder(name):
     from hydra import compose, initialize_config_dir
 
@@ -396,7 +413,7 @@ def test_path_valued_keys_never_name_a_job_folder(name):
         cfg = compose("config", overrides=[f"experiment={name}"] if name else [], return_hydra_config=True)
     excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
     assert PATH_KEYS | {"experiment", "logger"} <= excluded
-    assert ("regime" in excluded) == (name == "table")  # the table's sweep folder is named by its regime
+    assert ("regime" in excluded) == (name in ("table", "verdict"))  # one regime per sweep folder
 
 
 def test_a_sweep_with_a_data_root_keeps_its_job_folders_one_level_deep(tmp_path):
