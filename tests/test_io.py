@@ -268,6 +268,7 @@ def _one_line(proc, message: str, code: int = 1) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess per case (interpreter and torch start-up): the API test above covers the checks
 @pytest.mark.parametrize("args, message", [
     (["out=."], "give a file name ending in .safetensors"),
     (["out=e0.safetensors"], "is an input of this merge"),
@@ -305,6 +306,7 @@ runpy.run_module("ame.merge", run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, message", [("SIGINT", 130, "interrupted; nothing written"),
                                                 ("SIGTERM", 143, "terminated; nothing written")])
 def test_ctrl_c_or_sigterm_mid_write_is_one_line_and_leaves_nothing(sig, code, message, tmp_path):

@@ -70,6 +70,7 @@ def test_bad_config_value_through_run_py_is_one_line_and_exit_1(override, messag
     assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "results.json").exists()
 
 
+@pytest.mark.slow  # the in-process check is in CONFIG_VALUES above; this one runs the command line
 @pytest.mark.parametrize("target", ["torch.optim.SparseAdam", "torch.optim.LBFGS"])
 def test_an_optimizer_that_cannot_step_on_pseudogradients_stops_ame_merge_in_one_line(target, tmp_path):
     import subprocess

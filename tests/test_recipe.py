@@ -172,6 +172,7 @@ def gpt2(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # two command-line merges and transformers
 def test_a_ties_recipe_over_gpt2s_equals_the_hydra_overrides_loads_and_has_a_card(gpt2, tmp_path):
     r = {"merge_method": "ties", "base_model": str(gpt2 / "base"), "dtype": "float32", "tokenizer_source": "base",
          "models": [{"model": str(gpt2 / f"e{i}"), "parameters": {"weight": w, "density": 0.4}}
