@@ -15,9 +15,10 @@ built, nothing is initialised twice), and the experts are kept under ``--work`` 
 
 **Geometry.** ``--geometry tinyllama`` (default): hidden 2048, intermediate 5632, 32 heads with 4
 key/value heads, vocabulary 32,000, the number of layers chosen to give about ``--params``
-parameters (1.1e9 → 22 layers, TinyLlama-1.1B's shape). ``--geometry 7b``: hidden 4096,
-intermediate 11008, 32 heads, vocabulary 32,000 and 2 layers (``--layers``), so every tensor is as
-large as a 7B model's. ``--geometry tiny`` (hidden 64) is for tests.
+parameters (default 22 layers: 1.1B, TinyLlama-1.1B's shape). ``--geometry 7b``: hidden 4096,
+intermediate 11008, 32 heads, vocabulary 32,000 and 2 layers by default, so every tensor is as
+large as a 7B model's. ``--geometry tiny`` (hidden 64, 2 layers) is for tests. ``--layers`` sets
+the number of layers directly.
 
 **What is timed**, each command a subprocess, one after the other; wall time, user and system CPU
 time and peak resident memory come from the kernel (``os.wait4``), the load average
@@ -92,15 +93,17 @@ def fail(message: str) -> None:
 
 # -- the experts ---------------------------------------------------------------------------------
 
-def llama_config(geometry: str, params: float, layers: int | None):
-    """A ``LlamaConfig`` of ``geometry`` with ``layers`` layers (else as many as give ≈ ``params``)."""
+def llama_config(geometry: str, params: float | None, layers: int | None):
+    """A ``LlamaConfig`` of ``geometry`` with ``layers`` layers (else as many as give ≈ ``params``;
+    without either, 22 layers for ``tinyllama`` — 1.1B parameters — and 2 for the others)."""
     from transformers import LlamaConfig
 
     g = GEOMETRIES[geometry]
     h, i, v, kv = g["hidden"], g["intermediate"], g["vocab"], g["kv_heads"]
     per_layer = 2 * h * h + 2 * h * (h // g["heads"]) * kv + 3 * h * i + 2 * h
     if layers is None:
-        layers = 2 if geometry == "7b" else max(1, round((params - 2 * v * h - h) / per_layer))
+        layers = (max(1, round((params - 2 * v * h - h) / per_layer)) if params is not None
+                  else 22 if geometry == "tinyllama" else 2)
     config = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=g["heads"],
                          num_key_value_heads=kv, vocab_size=v, max_position_embeddings=2048,
                          tie_word_embeddings=False)
@@ -390,9 +393,10 @@ def compare(ours: Path, theirs: Path) -> tuple[int, int, int, float, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", type=float, default=1.1e9, help="parameters per expert (sets the number of layers)")
+    ap.add_argument("--params", type=float, help="parameters per expert: sets the number of layers (default: "
+                    "1.1e9 for tinyllama, 2 layers for 7b and tiny)")
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tinyllama")
-    ap.add_argument("--layers", type=int, help="number of layers (default: from --params; 2 for --geometry 7b)")
+    ap.add_argument("--layers", type=int, help="number of layers (default: from --params, see there)")
     ap.add_argument("--experts", type=int, default=4, help="N: expert 0 is the base of the task-vector methods")
     ap.add_argument("--methods", nargs="+", choices=OURS, default=list(OURS))
     ap.add_argument("--peer", choices=["none", "mergekit"], default="none")
