@@ -256,6 +256,7 @@ class Timing:
     rss_gb: float
     load: tuple[float, float]
     extra: dict = field(default_factory=dict)
+    resident: float | None = None  # GB of the inputs in the page cache when it started
 
     def cell(self) -> str:
         return f"{self.wall:.1f} s ({self.user:.1f} user, {self.sys:.1f} sys); {self.rss_gb:.2f} GB"
@@ -451,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
         before = resident(files)
         t = timed(cmd, runs / f"{name}.log", discard=discard)
+        t.resident = before
         print(f"# {name}: {t.detail()}" + (f"; inputs resident before: {before:.2f} GB" if before is not None else ""),
               file=sys.stderr, flush=True)
         return t
@@ -505,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(files)} files; base expert 0 for the task-vector methods\n")
     print(f"| work | {peer_name} | `python -m ame.merge` | ours / mergekit | ours / cold read | load avg before → after |")
     print("|---|---|---|---|---|---|")
-    print(f"| reading the {size / 1e9:.1f} GB once, `cat`, page-cached | | {cached.cell()} | | "
+    held = f" ({cached.resident:.1f} GB of it cached at the start)" if cached.resident is not None else ""
+    print(f"| reading the {size / 1e9:.1f} GB once, `cat`, page-cached{held} | | {cached.cell()} | | "
           f"{cached.wall / cold.wall:.2f} | {cached.load[0]:.1f} → {cached.load[1]:.1f} |")
     print(f"| reading the {size / 1e9:.1f} GB once, `cat`, cold | | {cold.cell()} | | 1.00 | "
           f"{cold.load[0]:.1f} → {cold.load[1]:.1f} |")
