@@ -369,25 +369,43 @@ def _tensors(folder: Path) -> dict[str, Path]:
     return out
 
 
-def compare(ours: Path, theirs: Path) -> tuple[int, int, int, float, list[str]]:
-    """(tensors, max ulp distance, entries more than 1 ulp apart, max absolute difference, problems)
-    between two bf16 checkpoints."""
+def compare(ours: Path, theirs: Path, experts: list[Path], block: int = 1 << 22) -> dict:
+    """Two bf16 soups of ``experts`` compared tensor by tensor, and each against the correctly
+    rounded float64 mean of the experts: ulp distances, entries more than 1 ulp apart (and how
+    many of those have a mean of exactly 0), the largest absolute difference, problems."""
     from safetensors import safe_open
 
     a, b = _tensors(ours), _tensors(theirs)
-    problems = [f"keys only in {ours.name}: {sorted(a.keys() - b.keys())[:3]}"] if a.keys() - b.keys() else []
-    problems += [f"keys only in {theirs.name}: {sorted(b.keys() - a.keys())[:3]}"] if b.keys() - a.keys() else []
-    worst, beyond, gap = 0, 0, 0.0
+    e = [_tensors(p) for p in experts]
+    r = {"tensors": len(a.keys() & b.keys()), "ulp": 0, "beyond": 0, "beyond_at_zero": 0, "gap": 0.0,
+         "ours_vs_mean": 0, "theirs_vs_mean": 0,
+         "problems": [f"keys only in {ours.name}: {sorted(a.keys() - b.keys())[:3]}"] if a.keys() - b.keys() else []}
+    r["problems"] += [f"keys only in {theirs.name}: {sorted(b.keys() - a.keys())[:3]}"] if b.keys() - a.keys() else []
     for k in sorted(a.keys() & b.keys()):
         with safe_open(str(a[k]), "pt") as fa, safe_open(str(b[k]), "pt") as fb:
             x, y = fa.get_tensor(k), fb.get_tensor(k)
         if x.shape != y.shape or x.dtype != torch.bfloat16 or y.dtype != torch.bfloat16:
-            problems.append(f"{k}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}")
+            r["problems"].append(f"{k}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}")
             continue
-        d = ulp_distance(x, y)
-        worst, beyond = max(worst, int(d.max())), beyond + int((d > 1).sum())
-        gap = max(gap, float((x.float() - y.float()).abs().max()))
-    return len(a.keys() & b.keys()), worst, beyond, gap, problems
+        x, y = x.reshape(x.shape[0] if x.dim() else 1, -1), y.reshape(x.shape[0] if x.dim() else 1, -1)
+        rows = max(1, block // x.shape[1])
+        for start in range(0, x.shape[0], rows):
+            xs, ys = x[start:start + rows], y[start:start + rows]
+            mean = torch.zeros(xs.shape, dtype=torch.float64)
+            for m in e:
+                with safe_open(str(m[k]), "pt") as fm:
+                    part = fm.get_slice(k)
+                    mean += (part[start:start + rows] if x.shape[0] > 1 and part.get_shape() else
+                             fm.get_tensor(k)).reshape(xs.shape).double()
+            mean = (mean / len(e)).to(torch.bfloat16)
+            d = ulp_distance(xs, ys)
+            r["ulp"] = max(r["ulp"], int(d.max()))
+            r["beyond"] += int((d > 1).sum())
+            r["beyond_at_zero"] += int(((d > 1) & (mean.reshape(-1) == 0)).sum())
+            r["gap"] = max(r["gap"], float((xs.float() - ys.float()).abs().max()))
+            r["ours_vs_mean"] = max(r["ours_vs_mean"], int(ulp_distance(xs, mean).max()))
+            r["theirs_vs_mean"] = max(r["theirs_vs_mean"], int(ulp_distance(ys, mean).max()))
+    return r
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -493,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check = None
     if "peer_soup" in kept and "ours_soup" in kept:
-        check = compare(kept["ours_soup"], kept["peer_soup"])
+        check = compare(kept["ours_soup"], kept["peer_soup"], paths)
         shutil.rmtree(kept["ours_soup"]), shutil.rmtree(kept["peer_soup"])
 
     # -- the table ------------------------------------------------------------------------------------
@@ -521,12 +539,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nCells: wall time (user, system CPU time); peak resident memory. Load: mergekit's command; ours.")
     status = 0
     if check is not None:
-        count, worst, beyond, gap, problems = check
-        ok = not problems and worst <= 1
+        r = check
+        ok = not r["problems"] and r["ulp"] <= 1
         status = 0 if ok else 1
-        print(f"Soup vs mergekit `linear`: {count} tensors compared, largest difference {worst} bf16 ulp, "
-              f"{beyond} entries more than 1 ulp apart (largest absolute difference {gap:.2g}){'; ' + '; '.join(problems) if problems else ''}: "
-              f"{'equal within 1 ulp' if ok else 'NOT equal within 1 ulp'}.")
+        problems = "; " + "; ".join(r["problems"]) if r["problems"] else ""
+        print(f"Soup vs mergekit `linear`: {r['tensors']} tensors compared, largest difference {r['ulp']} bf16 ulp, "
+              f"{r['beyond']} entries more than 1 ulp apart ({r['beyond_at_zero']} of them where the experts' mean is "
+              f"exactly 0; largest absolute difference {r['gap']:.2g}){problems}: "
+              f"{'equal within 1 ulp' if ok else 'NOT equal within 1 ulp'}. Against the correctly rounded float64 "
+              f"mean: ours within {r['ours_vs_mean']} ulp, mergekit's within {r['theirs_vs_mean']} ulp.")
     return status
 
 
