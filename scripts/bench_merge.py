@@ -15,9 +15,10 @@ built, nothing is initialised twice), and the experts are kept under ``--work`` 
 
 **Geometry.** ``--geometry tinyllama`` (default): hidden 2048, intermediate 5632, 32 heads with 4
 key/value heads, vocabulary 32,000, the number of layers chosen to give about ``--params``
-parameters (1.1e9 → 22 layers, TinyLlama-1.1B's shape). ``--geometry 7b``: hidden 4096,
-intermediate 11008, 32 heads, vocabulary 32,000 and 2 layers (``--layers``), so every tensor is as
-large as a 7B model's. ``--geometry tiny`` (hidden 64) is for tests.
+parameters (default 22 layers: 1.1B, TinyLlama-1.1B's shape). ``--geometry 7b``: hidden 4096,
+intermediate 11008, 32 heads, vocabulary 32,000 and 2 layers by default, so every tensor is as
+large as a 7B model's. ``--geometry tiny`` (hidden 64, 2 layers) is for tests. ``--layers`` sets
+the number of layers directly.
 
 **What is timed**, each command a subprocess, one after the other; wall time, user and system CPU
 time and peak resident memory come from the kernel (``os.wait4``), the load average
@@ -92,15 +93,17 @@ def fail(message: str) -> None:
 
 # -- the experts ---------------------------------------------------------------------------------
 
-def llama_config(geometry: str, params: float, layers: int | None):
-    """A ``LlamaConfig`` of ``geometry`` with ``layers`` layers (else as many as give ≈ ``params``)."""
+def llama_config(geometry: str, params: float | None, layers: int | None):
+    """A ``LlamaConfig`` of ``geometry`` with ``layers`` layers (else as many as give ≈ ``params``;
+    without either, 22 layers for ``tinyllama`` — 1.1B parameters — and 2 for the others)."""
     from transformers import LlamaConfig
 
     g = GEOMETRIES[geometry]
     h, i, v, kv = g["hidden"], g["intermediate"], g["vocab"], g["kv_heads"]
     per_layer = 2 * h * h + 2 * h * (h // g["heads"]) * kv + 3 * h * i + 2 * h
     if layers is None:
-        layers = 2 if geometry == "7b" else max(1, round((params - 2 * v * h - h) / per_layer))
+        layers = (max(1, round((params - 2 * v * h - h) / per_layer)) if params is not None
+                  else 22 if geometry == "tinyllama" else 2)
     config = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=g["heads"],
                          num_key_value_heads=kv, vocab_size=v, max_position_embeddings=2048,
                          tie_word_embeddings=False)
@@ -253,6 +256,7 @@ class Timing:
     rss_gb: float
     load: tuple[float, float]
     extra: dict = field(default_factory=dict)
+    resident: float | None = None  # GB of the inputs in the page cache when it started
 
     def cell(self) -> str:
         return f"{self.wall:.1f} s ({self.user:.1f} user, {self.sys:.1f} sys); {self.rss_gb:.2f} GB"
@@ -365,34 +369,53 @@ def _tensors(folder: Path) -> dict[str, Path]:
     return out
 
 
-def compare(ours: Path, theirs: Path) -> tuple[int, int, int, float, list[str]]:
-    """(tensors, max ulp distance, entries more than 1 ulp apart, max absolute difference, problems)
-    between two bf16 checkpoints."""
+def compare(ours: Path, theirs: Path, experts: list[Path], block: int = 1 << 22) -> dict:
+    """Two bf16 soups of ``experts`` compared tensor by tensor, and each against the correctly
+    rounded float64 mean of the experts: ulp distances, entries more than 1 ulp apart (and how
+    many of those have a mean of exactly 0), the largest absolute difference, problems."""
     from safetensors import safe_open
 
     a, b = _tensors(ours), _tensors(theirs)
-    problems = [f"keys only in {ours.name}: {sorted(a.keys() - b.keys())[:3]}"] if a.keys() - b.keys() else []
-    problems += [f"keys only in {theirs.name}: {sorted(b.keys() - a.keys())[:3]}"] if b.keys() - a.keys() else []
-    worst, beyond, gap = 0, 0, 0.0
+    e = [_tensors(p) for p in experts]
+    r = {"tensors": len(a.keys() & b.keys()), "ulp": 0, "beyond": 0, "beyond_at_zero": 0, "gap": 0.0,
+         "ours_vs_mean": 0, "theirs_vs_mean": 0,
+         "problems": [f"keys only in {ours.name}: {sorted(a.keys() - b.keys())[:3]}"] if a.keys() - b.keys() else []}
+    r["problems"] += [f"keys only in {theirs.name}: {sorted(b.keys() - a.keys())[:3]}"] if b.keys() - a.keys() else []
     for k in sorted(a.keys() & b.keys()):
         with safe_open(str(a[k]), "pt") as fa, safe_open(str(b[k]), "pt") as fb:
             x, y = fa.get_tensor(k), fb.get_tensor(k)
         if x.shape != y.shape or x.dtype != torch.bfloat16 or y.dtype != torch.bfloat16:
-            problems.append(f"{k}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}")
+            r["problems"].append(f"{k}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}")
             continue
-        d = ulp_distance(x, y)
-        worst, beyond = max(worst, int(d.max())), beyond + int((d > 1).sum())
-        gap = max(gap, float((x.float() - y.float()).abs().max()))
-    return len(a.keys() & b.keys()), worst, beyond, gap, problems
+        x, y = x.reshape(x.shape[0] if x.dim() else 1, -1), y.reshape(x.shape[0] if x.dim() else 1, -1)
+        rows = max(1, block // x.shape[1])
+        for start in range(0, x.shape[0], rows):
+            xs, ys = x[start:start + rows], y[start:start + rows]
+            mean = torch.zeros(xs.shape, dtype=torch.float64)
+            for m in e:
+                with safe_open(str(m[k]), "pt") as fm:
+                    part = fm.get_slice(k)
+                    mean += (part[start:start + rows] if x.shape[0] > 1 and part.get_shape() else
+                             fm.get_tensor(k)).reshape(xs.shape).double()
+            mean = (mean / len(e)).to(torch.bfloat16)
+            d = ulp_distance(xs, ys)
+            r["ulp"] = max(r["ulp"], int(d.max()))
+            r["beyond"] += int((d > 1).sum())
+            r["beyond_at_zero"] += int(((d > 1) & (mean.reshape(-1) == 0)).sum())
+            r["gap"] = max(r["gap"], float((xs.float() - ys.float()).abs().max()))
+            r["ours_vs_mean"] = max(r["ours_vs_mean"], int(ulp_distance(xs, mean).max()))
+            r["theirs_vs_mean"] = max(r["theirs_vs_mean"], int(ulp_distance(ys, mean).max()))
+    return r
 
 
 # -- the run -------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", type=float, default=1.1e9, help="parameters per expert (sets the number of layers)")
+    ap.add_argument("--params", type=float, help="parameters per expert: sets the number of layers (default: "
+                    "1.1e9 for tinyllama, 2 layers for 7b and tiny)")
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tinyllama")
-    ap.add_argument("--layers", type=int, help="number of layers (default: from --params; 2 for --geometry 7b)")
+    ap.add_argument("--layers", type=int, help="number of layers (default: from --params, see there)")
     ap.add_argument("--experts", type=int, default=4, help="N: expert 0 is the base of the task-vector methods")
     ap.add_argument("--methods", nargs="+", choices=OURS, default=list(OURS))
     ap.add_argument("--peer", choices=["none", "mergekit"], default="none")
@@ -447,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
         before = resident(files)
         t = timed(cmd, runs / f"{name}.log", discard=discard)
+        t.resident = before
         print(f"# {name}: {t.detail()}" + (f"; inputs resident before: {before:.2f} GB" if before is not None else ""),
               file=sys.stderr, flush=True)
         return t
@@ -487,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check = None
     if "peer_soup" in kept and "ours_soup" in kept:
-        check = compare(kept["ours_soup"], kept["peer_soup"])
+        check = compare(kept["ours_soup"], kept["peer_soup"], paths)
         shutil.rmtree(kept["ours_soup"]), shutil.rmtree(kept["peer_soup"])
 
     # -- the table ------------------------------------------------------------------------------------
@@ -501,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(files)} files; base expert 0 for the task-vector methods\n")
     print(f"| work | {peer_name} | `python -m ame.merge` | ours / mergekit | ours / cold read | load avg before → after |")
     print("|---|---|---|---|---|---|")
-    print(f"| reading the {size / 1e9:.1f} GB once, `cat`, page-cached | | {cached.cell()} | | "
+    held = f" ({cached.resident:.1f} GB of it cached at the start)" if cached.resident is not None else ""
+    print(f"| reading the {size / 1e9:.1f} GB once, `cat`, page-cached{held} | | {cached.cell()} | | "
           f"{cached.wall / cold.wall:.2f} | {cached.load[0]:.1f} → {cached.load[1]:.1f} |")
     print(f"| reading the {size / 1e9:.1f} GB once, `cat`, cold | | {cold.cell()} | | 1.00 | "
           f"{cold.load[0]:.1f} → {cold.load[1]:.1f} |")
@@ -514,12 +539,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nCells: wall time (user, system CPU time); peak resident memory. Load: mergekit's command; ours.")
     status = 0
     if check is not None:
-        count, worst, beyond, gap, problems = check
-        ok = not problems and worst <= 1
+        r = check
+        ok = not r["problems"] and r["ulp"] <= 1
         status = 0 if ok else 1
-        print(f"Soup vs mergekit `linear`: {count} tensors compared, largest difference {worst} bf16 ulp, "
-              f"{beyond} entries more than 1 ulp apart (largest absolute difference {gap:.2g}){'; ' + '; '.join(problems) if problems else ''}: "
-              f"{'equal within 1 ulp' if ok else 'NOT equal within 1 ulp'}.")
+        problems = "; " + "; ".join(r["problems"]) if r["problems"] else ""
+        print(f"Soup vs mergekit `linear`: {r['tensors']} tensors compared, largest difference {r['ulp']} bf16 ulp, "
+              f"{r['beyond']} entries more than 1 ulp apart ({r['beyond_at_zero']} of them where the experts' mean is "
+              f"exactly 0; largest absolute difference {r['gap']:.2g}){problems}: "
+              f"{'equal within 1 ulp' if ok else 'NOT equal within 1 ulp'}. Against the correctly rounded float64 "
+              f"mean: ours within {r['ours_vs_mean']} ulp, mergekit's within {r['theirs_vs_mean']} ulp.")
     return status
 
 
