@@ -194,14 +194,17 @@ class TaskVectors(Aggregator):
             torch.abs(tau, out=bits.view(torch.float32))
             return bits
 
-        for chunk in chunks:  # pass 1: the high 16 bits
-            meter.update(1)
-            base = pool.read(INIT, chunk, out=pool.buffer("tv_base", chunk.numel))
-            high_bits = pool.buffer("tv_high", chunk.numel, torch.int32)
-            for i in range(pool.n):
-                for g, bits in pick(chunk, bits_of(chunk, base, i)):
-                    hb = torch.bitwise_right_shift(bits, 16, out=high_bits[:bits.numel()])
-                    hist[g, i] += torch.bincount(hb, minlength=1 << 16)
+        def streamed():  # (group, expert, bits, their high 16 bits) over every chunk: one pass
+            for chunk in chunks:
+                meter.update(1)
+                base = pool.read(INIT, chunk, out=pool.buffer("tv_base", chunk.numel))
+                high_bits = pool.buffer("tv_high", chunk.numel, torch.int32)
+                for i in range(pool.n):
+                    for g, bits in pick(chunk, bits_of(chunk, base, i)):
+                        yield g, i, bits, torch.bitwise_right_shift(bits, 16, out=high_bits[:bits.numel()])
+
+        for g, i, _, hb in streamed():  # pass 1: the high 16 bits
+            hist[g, i] += torch.bincount(hb, minlength=1 << 16)
         high = [[0] * pool.n for _ in range(groups)]
         rest = [list(r) for r in ranks]
         for g in range(groups):
@@ -213,15 +216,9 @@ class TaskVectors(Aggregator):
                 high[g][i] = b
                 rest[g][i] -= int(cum[b - 1]) if b > 0 else 0
         hist.zero_()
-        for chunk in chunks:  # pass 2: the low 16 bits, among the entries in the chosen high bin
-            meter.update(1)
-            base = pool.read(INIT, chunk, out=pool.buffer("tv_base", chunk.numel))
-            high_bits = pool.buffer("tv_high", chunk.numel, torch.int32)
-            for i in range(pool.n):
-                for g, bits in pick(chunk, bits_of(chunk, base, i)):
-                    hb = torch.bitwise_right_shift(bits, 16, out=high_bits[:bits.numel()])
-                    low = bits[hb == high[g][i]] & 0xFFFF  # few entries: the chosen bin's
-                    hist[g, i] += torch.bincount(low, minlength=1 << 16)
+        for g, i, bits, hb in streamed():  # pass 2: the low 16 bits, among the entries in the chosen high bin
+            low = bits[hb == high[g][i]] & 0xFFFF  # few entries: the chosen bin's
+            hist[g, i] += torch.bincount(low, minlength=1 << 16)
         out = [[0.0] * pool.n for _ in range(groups)]
         for g in range(groups):
             for i in range(pool.n):
