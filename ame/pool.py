@@ -18,17 +18,20 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterator, Union
+from contextlib import contextmanager
+from typing import Collection, Iterable, Iterator, Union
 
 import torch
 from torch import Tensor
 
 from ame.io import Checkpoint
+from ame.io.readahead import Files, ReadAhead, Span, aligned, room
 from ame.errors import AMEError, require
 
 StateDict = dict[str, Tensor]
 BUFFER_NAMES = re.compile(r"(^|\.)(running_mean|running_var|num_batches_tracked)$")
 INIT = -1  # the index that names the initialisation in :meth:`ExpertPool.views`
+READ_AHEAD = 192 << 20  # bytes a pool reads ahead of the arithmetic (within :meth:`ExpertPool.ahead`)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ class ExpertPool:
         self.dtype = dtype
         self._chunks: dict[int, list[Chunk]] = {}
         self._work: dict = {}
+        self.files = Files()
+        self._ahead: ReadAhead | None = None
 
     # -- description -------------------------------------------------------------------------
     def label(self, i: int) -> str:
@@ -266,32 +271,91 @@ class ExpertPool:
                 x = src.rows(p.key) if whole else src.rows(p.key, p.start, p.stop)
             yield p.lo, p.hi, x
 
+    def spans(self, i: int, chunk: Chunk) -> list[Span] | None:
+        """Where expert ``i``'s (or the init's) pieces of ``chunk`` lie on disk (None: not a file read
+        into buffers, e.g. a state dict or a torch file)."""
+        src = self._src(i)
+        if not getattr(src, "reads_into", False) or not hasattr(src, "span"):
+            return None
+        return [src.span(p.key, *self._rows(p)) for p in chunk.pieces]
+
+    def _rows(self, p: Piece) -> tuple[int | None, int | None]:
+        shape = self.infos[p.key][0]
+        whole = p.start == 0 and p.stop == (shape[0] if shape else 1)
+        return (None, None) if whole else (p.start, p.stop)
+
+    @contextmanager
+    def ahead(self, steps: Iterable[tuple[int, Chunk]]) -> Iterator[None]:
+        """Within the block, :meth:`read` calls that follow ``steps`` (``(expert, chunk)`` in the
+        order they will be asked for) find their slices read ahead by a thread (the disk and the
+        arithmetic overlap; a slice asked for again before the next is read once). Reads that do
+        not follow the plan are done on the spot, so the plan is a hint: results never depend on it."""
+        plan = [((i, c), s) for i, c in steps if (s := self.spans(i, c)) is not None]
+        if not plan or self._ahead is not None:
+            yield
+            return
+        budget = max(READ_AHEAD, 2 * max(room(s) for _, s in plan))
+        with ReadAhead(self.files, plan, budget) as ra:
+            self._ahead = ra
+            try:
+                yield
+            finally:
+                self._ahead = None
+
     def read(self, i: int, chunk: Chunk, out: Tensor | None = None, release: bool = True) -> Tensor:
         """Expert ``i``'s slice of ``chunk`` as one float32 vector (into ``out`` when given).
 
-        From a safetensors file the pieces are read straight into ``out`` (float32) or into one
-        buffer converted by a single copy: one large kernel rather than one per tensor, which on
-        a busy machine (each multi-threaded kernel waits for its threads) is several times faster."""
+        From a safetensors file the chunk's byte ranges are read (ahead, within :meth:`ahead`) into
+        one page-aligned buffer (:mod:`ame.io.readahead`: from the page cache if the bytes are there,
+        else straight from the disk) and converted to float32 with one kernel per run of adjacent
+        tensors: a few large kernels rather than one per tensor, which on a busy machine (each
+        multi-threaded kernel waits for its threads) is several times faster."""
         out = torch.empty(chunk.numel, dtype=torch.float32) if out is None else out
-        src = self._src(i)
-        if getattr(src, "reads_into", False):
-            dtypes = {src.infos[p.key][1] for p in chunk.pieces}
-            if len(dtypes) == 1:
-                dtype = dtypes.pop()
-                dest = out if dtype == torch.float32 else self.buffer(f"raw{i == INIT}", chunk.numel * dtype.itemsize,
-                                                                      torch.uint8)
-                flat = dest[:chunk.numel] if dtype == torch.float32 else dest[:chunk.numel * dtype.itemsize].view(dtype)
-                for p in chunk.pieces:
-                    whole = p.start == 0 and p.stop == (self.infos[p.key][0][0] if self.infos[p.key][0] else 1)
-                    src.rows(p.key, None if whole else p.start, None if whole else p.stop, out=flat[p.lo:p.hi])
-                if dtype != torch.float32:
-                    out.copy_(flat)
-                return out
+        spans = self.spans(i, chunk)
+        if spans is not None:
+            views = self._ahead.take((i, chunk)) if self._ahead is not None else None
+            if views is None:
+                views = self.files.read(spans, self._aligned(room(spans)))
+            self._convert(self._src(i), chunk, views, out)
+            return out
         for lo, hi, x in self.views(i, chunk):
             out[lo:hi].copy_(x)
         if release:
             self.release(i)
         return out
+
+    def _aligned(self, nbytes: int) -> Tensor:
+        t = self._work.get("aligned")
+        if t is None or t.numel() < nbytes:
+            t = self._work["aligned"] = aligned(nbytes)
+        return t
+
+    @staticmethod
+    def _convert(src, chunk: Chunk, views: Sequence[Tensor], out: Tensor) -> None:
+        """``out[p.lo:p.hi] = view`` for each piece, one copy per run of pieces adjacent both in the
+        buffer and in ``out`` and of one dtype."""
+        run: list = []  # [first view, lo, hi, dtype, bytes]
+
+        def flush() -> None:
+            if run:
+                first, lo, hi, dtype, nbytes = run
+                raw = torch.as_strided(first, (nbytes,), (1,))
+                try:
+                    typed = raw.view(dtype)
+                except RuntimeError:  # a tensor at an offset its dtype does not divide
+                    typed = raw.clone().view(dtype)
+                out[lo:hi].copy_(typed)
+
+        for p, v in zip(chunk.pieces, views):
+            dtype = src.infos[p.key][1]
+            if (run and run[3] == dtype and run[2] == p.lo and v.numel()
+                    and run[0].storage_offset() + run[4] == v.storage_offset()
+                    and run[0].untyped_storage().data_ptr() == v.untyped_storage().data_ptr()):
+                run[2], run[4] = p.hi, run[4] + v.numel()
+            else:
+                flush()
+                run = [v, p.lo, p.hi, dtype, v.numel()]
+        flush()
 
     def release(self, i: int) -> None:
         self._src(i).release()

@@ -78,12 +78,14 @@ GEOMETRIES = {  # hidden, intermediate, heads, key/value heads, vocabulary
     "7b": dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
     "tiny": dict(hidden=64, intermediate=172, heads=4, kv_heads=2, vocab=1000),
 }
-OURS = ("soup", "task_arithmetic", "ties", "dare", "ame_adam", "ame_adagrad")
+OURS = ("soup", "task_arithmetic", "ties", "ties_global", "dare", "ame_adam", "ame_adagrad")
 PEER = {"soup": "linear", "task_arithmetic": "task_arithmetic", "ties": "ties"}  # ours → mergekit's method
 WORK = {"soup": "plain average (mergekit `linear` / `soup`)", "task_arithmetic": "task arithmetic, λ = 1/(N−1)",
-        "ties": "TIES, density 0.2", "dare": "DARE, density 0.5", "ame_adam": "AME-Adam, pivot = soup",
+        "ties": "TIES, density 0.2, mergekit's rule (per-tensor top-k; ours: `recipe=` its YAML)",
+        "ties_global": "TIES, density 0.2, published rule (one top-k per task vector)",
+        "dare": "DARE, density 0.5", "ame_adam": "AME-Adam, pivot = soup",
         "ame_adagrad": "AME-Adagrad, pivot = soup"}
-TASK_VECTORS = ("task_arithmetic", "ties", "dare")
+TASK_VECTORS = ("task_arithmetic", "ties_global", "dare")
 
 
 def fail(message: str) -> None:
@@ -301,16 +303,21 @@ def timed(cmd: list[str], log: Path, env: dict | None = None, discard: bool = Fa
 
 # -- the commands ----------------------------------------------------------------------------------
 
-def ours_command(method: str, paths: list[Path], out: Path, device: str, n: int) -> list[str]:
-    cmd = [sys.executable, "-m", "ame.merge", f"aggregator={method}", f"out={out}"]
+def ours_command(method: str, paths: list[Path], out: Path, device: str, n: int, recipe: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "ame.merge", f"out={out}"]
+    if method == "ties":  # the very recipe mergekit runs
+        return cmd + [f"recipe={recipe}"]
+    cmd.append(f"aggregator={'ties' if method == 'ties_global' else method}")
     if method in TASK_VECTORS:
         cmd += [f"experts.init={paths[0]}", f"experts.paths=[{','.join(map(str, paths[1:]))}]"]
         if method == "task_arithmetic":
             cmd.append(f"aggregator.scaling={1 / (n - 1)!r}")
-        if method == "ties":
+        if method == "ties_global":
             cmd.append("aggregator.density=0.2")
     else:
-        cmd += [f"experts.paths=[{','.join(map(str, paths))}]", f"aggregator.device={device}"]
+        cmd.append(f"experts.paths=[{','.join(map(str, paths))}]")
+        if method.startswith("ame_"):
+            cmd.append(f"aggregator.device={device}")
     return cmd
 
 
@@ -493,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         results[method] = {}
         peer = PEER.get(method) if args.peer == "mergekit" else None
+        recipe = runs / "ties.yaml"
+        if method == "ties":
+            recipe.write_text(peer_recipe("ties", paths, n))
         if peer:
             recipe = runs / f"{peer}.yaml"
             recipe.write_text(peer_recipe(peer, paths, n))
@@ -503,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             if method == "soup":
                 kept["peer_soup"] = out
         out = runs / f"ame_{method}"
-        results[method]["ours"] = measure(f"ame_{method}", ours_command(method, paths, out, args.device, n),
+        results[method]["ours"] = measure(f"ame_{method}", ours_command(method, paths, out, args.device, n, recipe),
                                           warm=args.cache == "warm")
         finish(out, keep=method == "soup" and peer is not None)
         if method == "soup":

@@ -29,6 +29,7 @@ PIVOTS = ("init", "soup", "zero", "first")
 PSEUDOGRADIENTS = ("iterate", "pivot")
 ORDERS = ("fixed", "shuffle")
 LR_SCHEDULES = ("constant", "harmonic")
+HOLD_BYTES = 256 << 20  # an expert's slices read once and kept for a second use (pivot=soup, epochs > 1), all N
 
 
 def _step(opt: torch.optim.Optimizer) -> None:
@@ -162,7 +163,7 @@ class AME(Aggregator):
         on_gpu = device.type == "cuda"
         zeta = self._zeta(pool.sizes, n)
         orders = self._orders(n)
-        chunks = pool.chunks(self.chunk_bytes)
+        chunks = pool.chunks(self._chunk_bytes(pool))
         size = max(c.numel for c in chunks)
         # workspaces reused from chunk to chunk (fresh pages cost a fault each): the pivot, the
         # iterate, the pseudogradient (and the CUDA staging buffers, and the soup's accumulator)
@@ -176,10 +177,11 @@ class AME(Aggregator):
         wanted = {s for cb in callbacks for s in range(total + 1) if s % everies[id(cb)] == 0 or s == total}
         trace = {s: [0.0, 0.0] for s in sorted(wanted)} if callbacks else None
         try:
-            for chunk in progress(chunks, f"{self.name} chunks") if len(chunks) > 1 else chunks:
-                w = self._chunk(pool, chunk, zeta, orders, device, on_gpu, work, trace)
-                self._finish_chunk(pool, chunk, w, out, "the aggregate has NaN/Inf weights: the AME optimizer "
-                                   "diverged; lower aggregator.optimizer.lr")
+            with pool.ahead(step for c in chunks for step in self._reads(pool, c, orders, trace is not None)):
+                for chunk in progress(chunks, f"{self.name} chunks") if len(chunks) > 1 else chunks:
+                    w = self._chunk(pool, chunk, zeta, orders, device, on_gpu, work, trace)
+                    self._finish_chunk(pool, chunk, w, out, "the aggregate has NaN/Inf weights: the AME optimizer "
+                                       "diverged; lower aggregator.optimizer.lr")
         except BaseException:
             out.abort()
             raise
@@ -193,6 +195,21 @@ class AME(Aggregator):
                     if step % everies[id(cb)] == 0 or step == total:
                         cb.on_step(self, step, m)
         return self._end(out)
+
+    def _chunk_bytes(self, pool: ExpertPool) -> int:
+        """The chunk size: ``chunk_mb``, made smaller when every expert's slice of a chunk is read
+        more than once (pivot=soup, several epochs) so that the N slices, read once and kept for
+        their second use, stay within HOLD_BYTES."""
+        if self.pivot_kind != "soup" and self.epochs == 1:
+            return self.chunk_bytes
+        itemsize = max((d.itemsize for _, d in pool.infos.values() if d.is_floating_point), default=4)
+        return min(self.chunk_bytes, max(1 << 20, 4 * HOLD_BYTES // (pool.n * itemsize)))
+
+    def _reads(self, pool: ExpertPool, chunk, orders: list[list[int]], traced: bool) -> list[tuple[int, object]]:
+        """The slices :meth:`_chunk` reads for ``chunk``, in order (the read-ahead's plan)."""
+        pivot = {"init": [INIT], "first": [0], "soup": list(range(pool.n)), "zero": []}[self.pivot_kind]
+        soup = list(range(pool.n)) if traced and self.pivot_kind != "soup" else []
+        return [(i, chunk) for i in pivot + soup + [i for order in orders for i in order]]
 
     @staticmethod
     def _traced(pool: ExpertPool, chunk, w: Tensor, pivot: Tensor, soup: Tensor, into: list[float]) -> None:
@@ -257,24 +274,43 @@ def average(experts, weights: Sequence[float] | None = None, buffers=None, **poo
 
 
 class Soup(Aggregator):
-    """The plain (or ``weights``-weighted) average, accumulated in float64: the reference every
-    AME run is compared with. (``aggregator=soup`` is AME-GD with step 1/k, which equals it.)"""
+    """The model soup: the plain (or weighted) average Σ w_i x_i / Σ w_i, computed directly.
+
+    The sum is accumulated in float32 when the experts are 16-bit (bf16/fp16 values are exact in
+    float32, so N of them add up to within N float32 roundings, far below the output's 16-bit ulp)
+    and in float64 otherwise; then divided once. (AME-GD with step 1/k, ``aggregator=ame_sgd``,
+    gives the same average through the optimizer; the tests hold them to 1e-6.)
+
+    Args:
+        weights: one non-negative weight per expert, or ``shard_size`` (w_i = n_i, the weighted
+            soup); None: equal weights.
+        name: the name in results.
+        chunk_mb: the chunk size in MB of float32.
+    """
 
     name = "soup"
 
-    def __init__(self, weights: Sequence[float] | None = None):
+    def __init__(self, weights: Sequence[float] | str | None = None, name: str = "soup", chunk_mb: float = 64):
         super().__init__()
-        self.weights = weights
+        require(weights is None or weights == "shard_size" or (isinstance(weights, Sequence) and not
+                isinstance(weights, str)), f"aggregator.weights must be a list of numbers, shard_size or null, "
+                f"got {weights!r}")
+        require(isinstance(chunk_mb, (int, float)) and not isinstance(chunk_mb, bool) and math.isfinite(chunk_mb)
+                and chunk_mb > 0, f"aggregator.chunk_mb must be a finite number > 0 (MB), got {chunk_mb!r}")
+        self.weights, self.name, self.chunk_bytes = weights, name, int(chunk_mb * 2**20)
 
     def run(self, pool: ExpertPool, out: Output | None = None, callbacks: Sequence[Callback] = (),
             score=None) -> Mapping[str, Tensor]:
-        weights = [1.0] * pool.n if self.weights is None else [float(w) for w in self.weights]
+        weights = (list(map(float, pool.sizes)) if self.weights == "shard_size" else [1.0] * pool.n
+                   if self.weights is None else [float(w) for w in self.weights])
         require(len(weights) == pool.n and all(w >= 0 for w in weights) and sum(weights) > 0,
                 f"need {pool.n} non-negative weights with a positive sum, got {weights}")
         out = self._begin(pool, out)
+        chunks = pool.chunks(self.chunk_bytes)
         try:
-            for chunk in pool.chunks(self.chunk_bytes):
-                self._finish_chunk(pool, chunk, average_chunk(pool, chunk, weights), out)
+            with pool.ahead((i, c) for c in chunks for i in range(pool.n)):
+                for chunk in progress(chunks, f"{self.name} chunks") if len(chunks) > 1 else chunks:
+                    self._finish_chunk(pool, chunk, average_chunk(pool, chunk, weights), out)
         except BaseException:
             out.abort()
             raise

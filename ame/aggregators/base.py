@@ -129,6 +129,10 @@ class Aggregator:
                     self.info["clamped_running_var"] = self.info.get("clamped_running_var", 0) + count
                     log.warning("%s: %d running_var entries of '%s' went below zero; clamped to the experts' "
                                 "smallest value there", self.name, count, p.key)
+        dtypes = {pool.out_dtype(p.key) for p in chunk.pieces}
+        if len(dtypes) == 1 and (dtype := dtypes.pop()) != values.dtype:  # one conversion, into a reused buffer
+            values = pool.buffer("out", chunk.numel, dtype).copy_(values)
+        for p in chunk.pieces:
             out.write(p.key, p.start, values[p.lo:p.hi].to(pool.out_dtype(p.key)))
 
     def _end(self, out: Output) -> Mapping[str, Tensor]:
@@ -142,12 +146,19 @@ def _piece(pool: ExpertPool, i: int, p: Piece) -> Tensor:
 
 
 def average_chunk(pool: ExpertPool, chunk: Chunk, weights: Sequence[float], out: Tensor | None = None) -> Tensor:
-    """The weighted mean of the experts over ``chunk``, accumulated in float64 one expert at a time
-    (into ``out`` when given: a workspace reused from chunk to chunk)."""
-    total = torch.zeros(chunk.numel, dtype=torch.float64) if out is None else out[:chunk.numel].zero_()
-    x32 = pool.buffer("x32", chunk.numel)
-    x64 = pool.buffer("x64", chunk.numel, torch.float64)  # mixed-dtype arithmetic is 5× slower than a copy
-    s = sum(weights)
+    """The weighted mean Σ w_i x_i / Σ w_i of the experts over ``chunk``, one expert at a time:
+    accumulated in float32 when every entry of the chunk is 16-bit in the experts (exact inputs;
+    one float32 rounding per addition), else in float64 (into ``out`` when given: a float64
+    workspace reused from chunk to chunk)."""
+    n = chunk.numel
+    x32 = pool.buffer("x32", n)
+    if all(pool.infos[p.key][1].itemsize <= 2 for p in chunk.pieces):
+        total = pool.buffer("soup32", n).zero_()
+        for i in range(pool.n):
+            total.add_(pool.read(i, chunk, out=x32), alpha=weights[i])
+        return total.div_(sum(weights))
+    total = torch.zeros(n, dtype=torch.float64) if out is None else out[:n].zero_()
+    x64 = pool.buffer("x64", n, torch.float64)  # mixed-dtype arithmetic is 5× slower than a copy
     for i in range(pool.n):
-        total.add_(x64.copy_(pool.read(i, chunk, out=x32)), alpha=weights[i] / s)
-    return total
+        total.add_(x64.copy_(pool.read(i, chunk, out=x32)), alpha=weights[i])
+    return total.div_(sum(weights))

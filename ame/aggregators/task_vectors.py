@@ -203,8 +203,12 @@ class TaskVectors(Aggregator):
                     for g, bits in pick(chunk, bits_of(chunk, base, i)):
                         yield g, i, bits, torch.bitwise_right_shift(bits, 16, out=high_bits[:bits.numel()])
 
-        for g, i, _, hb in streamed():  # pass 1: the high 16 bits
-            hist[g, i] += torch.bincount(hb, minlength=1 << 16)
+        def plan():
+            return pool.ahead((i, c) for c in chunks for i in (INIT, *range(pool.n)))
+
+        with plan():
+            for g, i, _, hb in streamed():  # pass 1: the high 16 bits
+                hist[g, i] += torch.bincount(hb, minlength=1 << 16)
         high = [[0] * pool.n for _ in range(groups)]
         rest = [list(r) for r in ranks]
         for g in range(groups):
@@ -216,9 +220,10 @@ class TaskVectors(Aggregator):
                 high[g][i] = b
                 rest[g][i] -= int(cum[b - 1]) if b > 0 else 0
         hist.zero_()
-        for g, i, bits, hb in streamed():  # pass 2: the low 16 bits, among the entries in the chosen high bin
-            low = bits[hb == high[g][i]] & 0xFFFF  # few entries: the chosen bin's
-            hist[g, i] += torch.bincount(low, minlength=1 << 16)
+        with plan():
+            for g, i, bits, hb in streamed():  # pass 2: the low 16 bits, among the entries in the chosen high bin
+                low = bits[hb == high[g][i]] & 0xFFFF  # few entries: the chosen bin's
+                hist[g, i] += torch.bincount(low, minlength=1 << 16)
         out = [[0.0] * pool.n for _ in range(groups)]
         for g in range(groups):
             for i in range(pool.n):
@@ -337,67 +342,68 @@ class TaskVectors(Aggregator):
             elif self.sparsify == "random" and self.rescale == "l1":
                 factors = self.l1_factors(pool, chunks)
 
-            for chunk in chunks:
-                m = chunk.numel
-                base = pool.read(INIT, chunk, out=pool.buffer("tv_base", m))
-                mask = self._buffer_mask(pool, chunk) if global_cut is not None else None
-                # the N sparsified, weighted task vectors of this chunk, each read once (workspaces reused)
-                taus = pool.buffer("tv_taus", pool.n * m).view(pool.n, m)
-                absb = pool.buffer("tv_abs", m)
-                weights = []
-                for i in range(pool.n):
-                    tau = self._tau(pool, i, chunk, base, taus[i])
-                    if global_cut is not None or tensor_cut is not None:
-                        if global_cut is not None:
-                            params, buffers = global_cut[i]
-                            limit = params if mask is None else torch.where(mask, buffers, params)
-                        else:
-                            limit = self._column(pool, chunk, i, lambda k, j: tensor_cut.get((j, k), 0.0))
-                        torch.abs(tau, out=absb)
-                        tau.masked_fill_(absb < limit, 0.0)
-                    elif self.sparsify == "random":
-                        if self.rescale == "inverse":
-                            scale = self._column(pool, chunk, i, lambda k, j: 1.0 / self._dens(k, j))
-                        elif self.rescale == "l1":
-                            scale = self._column(pool, chunk, i, lambda k, j: factors[j, k])
-                        else:
-                            scale = 1.0
-                        tau.mul_(scale).masked_fill_(~self._dare_keep(pool, i, chunk), 0.0)
-                    w = self._column(pool, chunk, i, self._w)
-                    if not (isinstance(w, float) and w == 1.0):
-                        tau.mul_(w)
-                    weights.append(w)
-                total = torch.sum(taus, 0, out=pool.buffer("tv_total", m))
-                if self.sign_election:
-                    elected = torch.sign(total)
-                    if self.zero_sign == "positive":
-                        elected.masked_fill_(elected == 0, 1.0)
-                    total.zero_()
-                    count = pool.buffer("tv_count", m).zero_() if self.combine == "mean" else None
-                    agree = pool.buffer("tv_agree", m, torch.bool)
+            with pool.ahead((i, c) for c in chunks for i in (INIT, *range(pool.n))):
+                for chunk in chunks:
+                    m = chunk.numel
+                    base = pool.read(INIT, chunk, out=pool.buffer("tv_base", m))
+                    mask = self._buffer_mask(pool, chunk) if global_cut is not None else None
+                    # the N sparsified, weighted task vectors of this chunk, each read once (workspaces reused)
+                    taus = pool.buffer("tv_taus", pool.n * m).view(pool.n, m)
+                    absb = pool.buffer("tv_abs", m)
+                    weights = []
                     for i in range(pool.n):
-                        torch.eq(torch.sign(taus[i], out=absb), elected, out=agree)
-                        agree.logical_and_(taus[i] != 0)
-                        taus[i].masked_fill_(~agree, 0.0)
-                        total += taus[i]
-                        if count is not None:
-                            count.add_(agree.float() * weights[i] if isinstance(weights[i], Tensor)
-                                       else agree.float().mul_(weights[i]))
-                elif self.combine == "mean":
-                    count = pool.buffer("tv_count", m).zero_()
-                    for i in range(pool.n):
-                        w = weights[i]
-                        count.add_((taus[i] != 0).float() * (w if isinstance(w, Tensor) else float(w)))
-                if self.combine == "mean":
-                    merged = total / torch.where(count == 0, 1.0, count)
-                elif self.normalize:  # Σ w_i τ_i / Σ w_i (mergekit's normalize without sign consensus)
-                    wsum = sum(weights)
-                    merged = total / (torch.where(wsum.abs() < 1e-8, 1.0, wsum) if isinstance(wsum, Tensor)
-                                      else (wsum if abs(wsum) >= 1e-8 else 1.0))
-                else:
-                    merged = total
-                self._finish_chunk(pool, chunk, torch.add(base, merged, alpha=self.scaling), out,
-                                   "the aggregate has NaN/Inf values; lower aggregator.scaling")
+                        tau = self._tau(pool, i, chunk, base, taus[i])
+                        if global_cut is not None or tensor_cut is not None:
+                            if global_cut is not None:
+                                params, buffers = global_cut[i]
+                                limit = params if mask is None else torch.where(mask, buffers, params)
+                            else:
+                                limit = self._column(pool, chunk, i, lambda k, j: tensor_cut.get((j, k), 0.0))
+                            torch.abs(tau, out=absb)
+                            tau.masked_fill_(absb < limit, 0.0)
+                        elif self.sparsify == "random":
+                            if self.rescale == "inverse":
+                                scale = self._column(pool, chunk, i, lambda k, j: 1.0 / self._dens(k, j))
+                            elif self.rescale == "l1":
+                                scale = self._column(pool, chunk, i, lambda k, j: factors[j, k])
+                            else:
+                                scale = 1.0
+                            tau.mul_(scale).masked_fill_(~self._dare_keep(pool, i, chunk), 0.0)
+                        w = self._column(pool, chunk, i, self._w)
+                        if not (isinstance(w, float) and w == 1.0):
+                            tau.mul_(w)
+                        weights.append(w)
+                    total = torch.sum(taus, 0, out=pool.buffer("tv_total", m))
+                    if self.sign_election:
+                        elected = torch.sign(total)
+                        if self.zero_sign == "positive":
+                            elected.masked_fill_(elected == 0, 1.0)
+                        total.zero_()
+                        count = pool.buffer("tv_count", m).zero_() if self.combine == "mean" else None
+                        agree = pool.buffer("tv_agree", m, torch.bool)
+                        for i in range(pool.n):
+                            torch.eq(torch.sign(taus[i], out=absb), elected, out=agree)
+                            agree.logical_and_(taus[i] != 0)
+                            taus[i].masked_fill_(~agree, 0.0)
+                            total += taus[i]
+                            if count is not None:
+                                count.add_(agree.float() * weights[i] if isinstance(weights[i], Tensor)
+                                           else agree.float().mul_(weights[i]))
+                    elif self.combine == "mean":
+                        count = pool.buffer("tv_count", m).zero_()
+                        for i in range(pool.n):
+                            w = weights[i]
+                            count.add_((taus[i] != 0).float() * (w if isinstance(w, Tensor) else float(w)))
+                    if self.combine == "mean":
+                        merged = total / torch.where(count == 0, 1.0, count)
+                    elif self.normalize:  # Σ w_i τ_i / Σ w_i (mergekit's normalize without sign consensus)
+                        wsum = sum(weights)
+                        merged = total / (torch.where(wsum.abs() < 1e-8, 1.0, wsum) if isinstance(wsum, Tensor)
+                                          else (wsum if abs(wsum) >= 1e-8 else 1.0))
+                    else:
+                        merged = total
+                    self._finish_chunk(pool, chunk, torch.add(base, merged, alpha=self.scaling), out,
+                                       "the aggregate has NaN/Inf values; lower aggregator.scaling")
         except BaseException:
             out.abort()
             raise

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ame.errors import AMEError, require
+from ame.io.readahead import Span
 from ame.io.readers import folder_weights, reader_for
 
 
@@ -117,6 +118,16 @@ class Checkpoint(Mapping):
         unused). Treat it as read-only."""
         name, full = self._where[key]
         return self._files[name].rows(full, start, stop, out)
+
+    def span(self, key: str, start: int | None = None, stop: int | None = None):
+        """Where rows ``start:stop`` of ``key`` lie on disk, as a :class:`~ame.io.readahead.Span`
+        (None unless the reader reads into buffers: a safetensors file)."""
+        if not self.reads_into:
+            return None
+        name, full = self._where[key]
+        f = self._files[name]
+        offset, nbytes = f.span(full, start, stop)
+        return Span(str(f.path), offset, nbytes)
 
     def release(self) -> None:
         for f in self._files.values():

@@ -210,6 +210,14 @@ class SafetensorsFile:
         self.infos = {k: (shape, dtype) for k, (dtype, shape, _, _) in self._tensors.items()}
         self._fd: int | None = None
 
+    def span(self, key: str, start: int | None = None, stop: int | None = None) -> tuple[int, int]:
+        """Where rows ``start:stop`` of ``key`` lie in the file: (byte offset, byte count)."""
+        dtype, shape, begin, _ = self._tensors[key]
+        row = (_numel(shape[1:]) if shape else 1) * dtype.itemsize
+        if start is None:
+            start, stop = 0, (shape[0] if shape else 1)
+        return self.start + begin + start * row, (stop - start) * row
+
     def rows(self, key: str, start: int | None = None, stop: int | None = None, out: Tensor | None = None) -> Tensor:
         """Rows ``start:stop`` (along the first axis) of ``key``, flat, read into ``out`` (a
         contiguous tensor of that many entries, of the tensor's dtype) or a new tensor."""
