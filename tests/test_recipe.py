@@ -212,3 +212,19 @@ def test_a_file_output_records_how_it_was_made_in_its_metadata(models):
     with safe_open(str(out), "pt") as f:
         record = json.loads(f.metadata()["ame_merge"])
     assert record["aggregator"] == "task_arithmetic" and "merge_method: task_arithmetic" in record["recipe"]
+
+
+@pytest.mark.parametrize("chunk_mb", [8, 0.5])
+def test_ties_per_tensor_trim_of_large_tensors_is_mergekits(tmp_path, chunk_mb):
+    """Tensors large enough for the sampled selection (within a chunk: chunk_mb=8) and cut across
+    chunks (radix selection: chunk_mb=0.5) give mergekit's TIES exactly."""
+    g = torch.Generator().manual_seed(3)
+    base = {"layers.0.mlp.w": torch.randn(700, 500, generator=g), "norm.b": torch.randn(300, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    experts = []
+    for i in range(3):
+        experts.append({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+        save_file(experts[-1], str(tmp_path / f"e{i}.safetensors"))
+    r = recipe(tmp_path, "ties", entries(tmp_path, [1.0, 0.5, 0.8], 0.2), {"normalize": True})
+    out = dict(ame.merge(recipe=r, chunk_mb=chunk_mb))
+    assert close(out, {k: generalized(base, experts, [1.0, 0.5, 0.8], lambda k: 0.2, True, True, 1.0, k) for k in base})

@@ -105,3 +105,19 @@ def test_ties_on_a_batchnorm_model_trims_the_parameters_exactly_as_published(den
     again = ties(experts, None, base, buffers)
     assert all(torch.equal(out[k], again[k]) for k in params)
     assert torch.equal(out["1.num_batches_tracked"], base["1.num_batches_tracked"])
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "constant", "skewed"])
+def test_kth_smallest_is_exactly_kthvalue(kind):
+    """The sampled bracket gives kthvalue's answer at every rank tried, also where the sample
+    cannot bracket (all equal, heavy duplicates) and at the ends."""
+    from ame.aggregators.task_vectors import kth_smallest
+
+    gen = torch.Generator().manual_seed(1)
+    n = 300_001
+    a = {"normal": torch.randn(n, generator=gen).abs(),
+         "ties": torch.randint(0, 7, (n,), generator=gen).float(),
+         "constant": torch.full((n,), 0.5),
+         "skewed": torch.cat([torch.zeros(n - 10), torch.rand(10, generator=gen)])}[kind]
+    for r in (1, 2, n // 5, n // 2, n - n // 5 + 1, n - 11, n - 1, n):
+        assert kth_smallest(a, r) == float(a.kthvalue(r).values), (kind, r)

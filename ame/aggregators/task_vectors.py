@@ -251,30 +251,15 @@ class TaskVectors(Aggregator):
         return list(zip(params, bufs))
 
     def tensor_thresholds(self, pool: ExpertPool, chunks: list[Chunk]) -> dict[tuple[int, str], float]:
-        """``trim=tensor`` (mergekit): per expert and tensor, the k-th largest |τ| with
-        k = max(1, ⌊density · numel⌋): a tensor within one chunk is selected in memory, a larger one
-        by radix selection over its chunks."""
+        """``trim=tensor`` (mergekit), for the tensors cut across chunks: per expert, the k-th largest
+        |τ| with k = max(1, ⌊density · numel⌋), by radix selection over those chunks only. (A tensor
+        within one chunk is selected in memory during the merge pass: :func:`kth_smallest`.)"""
         out: dict[tuple[int, str], float] = {}
         split: dict[str, list[Chunk]] = {}
-        meter = Meter(f"{self.name}: per-tensor top-k", len(chunks), unit="chunks")
         for chunk in chunks:
-            meter.update(1)
-            whole = [p for p in chunk.pieces if p.hi - p.lo == _numel(pool.infos[p.key][0])]
             for p in chunk.pieces:
-                if p not in whole:
+                if p.hi - p.lo != _numel(pool.infos[p.key][0]):
                     split.setdefault(p.key, []).append(chunk)
-            if not whole:
-                continue
-            base = pool.read(INIT, chunk)
-            tau = torch.empty_like(base)
-            for i in range(pool.n):
-                self._tau(pool, i, chunk, base, tau)
-                for p in whole:
-                    d = self._dens(p.key, i)
-                    if d < 1 and p.hi > p.lo:
-                        k = max(1, int(d * (p.hi - p.lo)))
-                        out[i, p.key] = float(tau[p.lo:p.hi].abs().kthvalue(p.hi - p.lo - k + 1).values)
-        meter.close()
         for key, its in split.items():
             numel = _numel(pool.infos[key][0])
             ranks = [[numel - max(1, int(self._dens(key, i) * numel)) + 1 for i in range(pool.n)]]
@@ -286,6 +271,17 @@ class TaskVectors(Aggregator):
                 if self._dens(key, i) < 1:
                     out[i, key] = t
         return out
+
+    def _tensor_limits(self, pool: ExpertPool, chunk: Chunk, i: int, absb: Tensor, cut: dict) -> Tensor | float:
+        """``trim=tensor``: the chunk's per-entry threshold for expert ``i`` (|τ_i| in ``absb``): a cut
+        tensor's from ``cut``, a whole tensor's selected here."""
+        def limit(key: str, j: int) -> float:
+            if (j, key) in cut or self._dens(key, j) >= 1:
+                return cut.get((j, key), 0.0)
+            p = next(p for p in chunk.pieces if p.key == key)
+            k = max(1, int(self._dens(key, j) * (p.hi - p.lo)))
+            return kth_smallest(absb[p.lo:p.hi], p.hi - p.lo - k + 1) if p.hi > p.lo else 0.0
+        return self._column(pool, chunk, i, limit)
 
     # -- DARE ----------------------------------------------------------------------------------------
     def _dare_keep(self, pool: ExpertPool, i: int, chunk: Chunk) -> Tensor:
@@ -354,12 +350,12 @@ class TaskVectors(Aggregator):
                     for i in range(pool.n):
                         tau = self._tau(pool, i, chunk, base, taus[i])
                         if global_cut is not None or tensor_cut is not None:
+                            torch.abs(tau, out=absb)
                             if global_cut is not None:
                                 params, buffers = global_cut[i]
                                 limit = params if mask is None else torch.where(mask, buffers, params)
                             else:
-                                limit = self._column(pool, chunk, i, lambda k, j: tensor_cut.get((j, k), 0.0))
-                            torch.abs(tau, out=absb)
+                                limit = self._tensor_limits(pool, chunk, i, absb, tensor_cut)
                             tau.masked_fill_(absb < limit, 0.0)
                         elif self.sparsify == "random":
                             if self.rescale == "inverse":
@@ -415,3 +411,25 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+SAMPLE = 1 << 16  # entries sampled to bracket a k-th value
+
+
+def kth_smallest(a: Tensor, r: int) -> float:
+    """The ``r``-th smallest entry of ``a`` (1-based), exactly: a seeded sample brackets it (± 6
+    standard deviations of the sample's rank), one pass counts the entries below the bracket and
+    gathers those inside, and ``kthvalue`` runs on those few; if the sample missed (rare), on all."""
+    n = a.numel()
+    if n <= 4 * SAMPLE:
+        return float(a.kthvalue(r).values)
+    s = a[torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(n))].sort().values
+    q, sd = r / n, 6 * math.sqrt(SAMPLE * (r / n) * (1 - r / n)) + 2
+    lo_i, hi_i = math.floor(q * SAMPLE - sd), math.ceil(q * SAMPLE + sd)
+    lo = float(s[lo_i]) if lo_i >= 0 else -math.inf
+    hi = float(s[hi_i]) if hi_i < SAMPLE else math.inf
+    below = int(torch.count_nonzero(a < lo)) if lo > -math.inf else 0
+    inside = a[(a >= lo) & (a <= hi)]
+    if below < r <= below + inside.numel():
+        return float(inside.kthvalue(r - below).values)
+    return float(a.kthvalue(r).values)
