@@ -27,14 +27,15 @@ time and peak resident memory come from the kernel (``os.wait4``), the load aver
 - reading every expert file once with ``cat``, page-cached (after a first read) and cold;
 - ``python -m ame.merge`` with ``--methods`` (default all): ``soup`` and the AME runs
   (``ame_adam``, ``ame_adagrad``; pivot = soup, as with no init) over experts 0..N-1;
-  ``task_arithmetic`` (λ = 1/(N-1)), ``ties`` (density 0.2, λ = 1), ``dare`` (density 0.5) with
-  base = expert 0 and experts 1..N-1;
+  ``task_arithmetic`` (λ = 1/(N-1)), ``ties`` (mergekit's rule: ``recipe=`` the very YAML mergekit
+  runs, density 0.2 per tensor), ``ties_global`` (the published rule, ``aggregator=ties``: one top
+  20 % per task vector), ``dare`` (density 0.5) with base = expert 0 and experts 1..N-1;
 - with ``--peer mergekit``: ``mergekit-yaml --lazy-unpickle --out-shard-size 1B`` with the recipes
   ``linear`` (experts 0..N-1, weight 1 each, normalised: the soup), ``task_arithmetic`` (weight
   λ = 1/(N-1)) and ``ties`` (density 0.2, weight 1, normalised: TIES's disjoint mean), base expert 0.
   mergekit's own defaults otherwise: it computes ``linear`` in float32 and the task-vector methods
-  in the experts' dtype (bf16). Its TIES trims each tensor to its own top 20 %, ours trims each
-  task vector globally (the paper's rule), so only the soup is compared value by value.
+  in the experts' dtype (bf16, so its TIES differs from ours, computed in float32, by bf16
+  roundings); only the soup is compared value by value.
 
 By default (``--cache cold``) the experts' files are dropped from the page cache before every
 command (``fsync`` + ``posix_fadvise(DONTNEED)`` on those files only; nothing machine-wide), so

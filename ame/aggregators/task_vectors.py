@@ -371,34 +371,35 @@ class TaskVectors(Aggregator):
                         weights.append(w)
                     total = torch.sum(taus, 0, out=pool.buffer("tv_total", m))
                     if self.sign_election:
-                        elected = torch.sign(total)
+                        elected = torch.sign(total, out=pool.buffer("tv_elected", m))
                         if self.zero_sign == "positive":
                             elected.masked_fill_(elected == 0, 1.0)
                         total.zero_()
                         count = pool.buffer("tv_count", m).zero_() if self.combine == "mean" else None
-                        agree = pool.buffer("tv_agree", m, torch.bool)
-                        for i in range(pool.n):
+                        agree, other = pool.buffer("tv_agree", m, torch.bool), pool.buffer("tv_other", m, torch.bool)
+                        for i in range(pool.n):  # workspaces only: fresh 100 MB tensors cost a page fault per 4 KB
                             torch.eq(torch.sign(taus[i], out=absb), elected, out=agree)
-                            agree.logical_and_(taus[i] != 0)
-                            taus[i].masked_fill_(~agree, 0.0)
+                            agree.logical_and_(torch.ne(taus[i], 0, out=other))
+                            taus[i].masked_fill_(torch.logical_not(agree, out=other), 0.0)
                             total += taus[i]
                             if count is not None:
-                                count.add_(agree.float() * weights[i] if isinstance(weights[i], Tensor)
-                                           else agree.float().mul_(weights[i]))
+                                one = absb.copy_(agree)
+                                count.add_(one.mul_(weights[i]) if isinstance(weights[i], Tensor) else one,
+                                           alpha=1.0 if isinstance(weights[i], Tensor) else weights[i])
                     elif self.combine == "mean":
                         count = pool.buffer("tv_count", m).zero_()
                         for i in range(pool.n):
                             w = weights[i]
                             count.add_((taus[i] != 0).float() * (w if isinstance(w, Tensor) else float(w)))
                     if self.combine == "mean":
-                        merged = total / torch.where(count == 0, 1.0, count)
+                        merged = total.div_(count.masked_fill_(count == 0, 1.0))
                     elif self.normalize:  # Σ w_i τ_i / Σ w_i (mergekit's normalize without sign consensus)
                         wsum = sum(weights)
                         merged = total / (torch.where(wsum.abs() < 1e-8, 1.0, wsum) if isinstance(wsum, Tensor)
                                           else (wsum if abs(wsum) >= 1e-8 else 1.0))
                     else:
                         merged = total
-                    self._finish_chunk(pool, chunk, torch.add(base, merged, alpha=self.scaling), out,
+                    self._finish_chunk(pool, chunk, base.add_(merged, alpha=self.scaling), out,
                                        "the aggregate has NaN/Inf values; lower aggregator.scaling")
         except BaseException:
             out.abort()
