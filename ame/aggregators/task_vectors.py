@@ -272,16 +272,21 @@ class TaskVectors(Aggregator):
                     out[i, key] = t
         return out
 
-    def _tensor_limits(self, pool: ExpertPool, chunk: Chunk, i: int, absb: Tensor, cut: dict) -> Tensor | float:
-        """``trim=tensor``: the chunk's per-entry threshold for expert ``i`` (|τ_i| in ``absb``): a cut
-        tensor's from ``cut``, a whole tensor's selected here."""
-        def limit(key: str, j: int) -> float:
-            if (j, key) in cut or self._dens(key, j) >= 1:
-                return cut.get((j, key), 0.0)
-            p = next(p for p in chunk.pieces if p.key == key)
-            k = max(1, int(self._dens(key, j) * (p.hi - p.lo)))
-            return kth_smallest(absb[p.lo:p.hi], p.hi - p.lo - k + 1) if p.hi > p.lo else 0.0
-        return self._column(pool, chunk, i, limit)
+    def _trim_tensors(self, pool: ExpertPool, chunk: Chunk, i: int, tau: Tensor, absb: Tensor, cut: dict) -> None:
+        """``trim=tensor``: zero each tensor's entries of τ_i below its threshold (|τ_i| in ``absb``): a
+        cut tensor's from ``cut``, a whole tensor's selected here (in workspaces: no fresh pages)."""
+        below = pool.buffer("tv_below", chunk.numel, torch.bool)
+        scratch = pool.buffer("tv_scratch", chunk.numel, torch.bool)
+        for p in chunk.pieces:
+            if p.hi == p.lo or self._dens(p.key, i) >= 1:
+                continue
+            a = absb[p.lo:p.hi]
+            if (i, p.key) in cut:
+                limit = cut[i, p.key]
+            else:
+                k = max(1, int(self._dens(p.key, i) * (p.hi - p.lo)))
+                limit = kth_smallest(a, p.hi - p.lo - k + 1, (below[p.lo:p.hi], scratch[p.lo:p.hi]))
+            tau[p.lo:p.hi].masked_fill_(torch.lt(a, limit, out=below[p.lo:p.hi]), 0.0)
 
     # -- DARE ----------------------------------------------------------------------------------------
     def _dare_keep(self, pool: ExpertPool, i: int, chunk: Chunk) -> Tensor:
@@ -354,9 +359,9 @@ class TaskVectors(Aggregator):
                             if global_cut is not None:
                                 params, buffers = global_cut[i]
                                 limit = params if mask is None else torch.where(mask, buffers, params)
+                                tau.masked_fill_(torch.lt(absb, limit, out=pool.buffer("tv_below", m, torch.bool)), 0.0)
                             else:
-                                limit = self._tensor_limits(pool, chunk, i, absb, tensor_cut)
-                            tau.masked_fill_(absb < limit, 0.0)
+                                self._trim_tensors(pool, chunk, i, tau, absb, tensor_cut)
                         elif self.sparsify == "random":
                             if self.rescale == "inverse":
                                 scale = self._column(pool, chunk, i, lambda k, j: 1.0 / self._dens(k, j))
@@ -417,10 +422,11 @@ def _numel(shape) -> int:
 SAMPLE = 1 << 16  # entries sampled to bracket a k-th value
 
 
-def kth_smallest(a: Tensor, r: int) -> float:
+def kth_smallest(a: Tensor, r: int, scratch: tuple[Tensor, Tensor] | None = None) -> float:
     """The ``r``-th smallest entry of ``a`` (1-based), exactly: a seeded sample brackets it (± 6
     standard deviations of the sample's rank), one pass counts the entries below the bracket and
-    gathers those inside, and ``kthvalue`` runs on those few; if the sample missed (rare), on all."""
+    gathers those inside, and ``kthvalue`` runs on those few; if the sample missed (rare), on all.
+    ``scratch``: two bool tensors of ``a``'s size to work in."""
     n = a.numel()
     if n <= 4 * SAMPLE:
         return float(a.kthvalue(r).values)
@@ -429,8 +435,9 @@ def kth_smallest(a: Tensor, r: int) -> float:
     lo_i, hi_i = math.floor(q * SAMPLE - sd), math.ceil(q * SAMPLE + sd)
     lo = float(s[lo_i]) if lo_i >= 0 else -math.inf
     hi = float(s[hi_i]) if hi_i < SAMPLE else math.inf
-    below = int(torch.count_nonzero(a < lo)) if lo > -math.inf else 0
-    inside = a[(a >= lo) & (a <= hi)]
+    m1, m2 = scratch if scratch is not None else (torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.bool))
+    below = int(torch.lt(a, lo, out=m1).count_nonzero()) if lo > -math.inf else 0
+    inside = a[torch.ge(a, lo, out=m1).logical_and_(torch.le(a, hi, out=m2))]
     if below < r <= below + inside.numel():
         return float(inside.kthvalue(r - below).values)
     return float(a.kthvalue(r).values)
