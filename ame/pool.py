@@ -205,32 +205,37 @@ class ExpertPool:
 
     # -- streaming -----------------------------------------------------------------------------
     def chunks(self, max_bytes: int) -> list[Chunk]:
-        """The float entries in order, grouped into chunks of at most ``max_bytes`` of float32
-        (a tensor larger than that is cut into groups of rows)."""
+        """The float entries in order, grouped into chunks of at most ``max_bytes`` of float32. A
+        tensor is never cut unless it is larger than a chunk (then into groups of rows, starting on
+        a chunk of its own), so per-tensor work (a per-tensor top-k) mostly sees whole tensors."""
         max_numel = max(1, int(max_bytes) // 4)
         if max_numel in self._chunks:
             return self._chunks[max_numel]
         out, pieces, used = [], [], 0
+
+        def close() -> None:
+            nonlocal pieces, used
+            if pieces:
+                out.append(Chunk(tuple(pieces), used))
+            pieces, used = [], 0
+
         for k in self.floats:
             shape = self.infos[k][0]
-            rows = shape[0] if shape else 1
-            row = _numel(shape[1:]) if shape else 1
-            start = 0
-            while start < rows or (rows == 0 and start == 0):
-                room = max_numel - used
-                take = rows - start if (rows - start) * row <= room else max(room // max(row, 1), 0)
-                if take == 0 and pieces:  # close this chunk and start the next
-                    out.append(Chunk(tuple(pieces), used))
-                    pieces, used = [], 0
-                    continue
-                take = max(take, 1) if rows else 0
-                pieces.append(Piece(k, start, start + take, used, used + take * row))
-                used += take * row
-                start += take
-                if rows == 0:
-                    break
-        if pieces:
-            out.append(Chunk(tuple(pieces), used))
+            numel = _numel(shape)
+            if used + numel > max_numel:  # it does not fit in what is left: the next chunk
+                close()
+            if numel <= max_numel:
+                pieces.append(Piece(k, 0, shape[0] if shape else 1, used, used + numel))
+                used += numel
+                continue
+            rows, row = shape[0], _numel(shape[1:])  # larger than a chunk: groups of rows
+            take = max(1, max_numel // max(row, 1))
+            for start in range(0, rows, take):
+                stop = min(rows, start + take)
+                close()
+                pieces.append(Piece(k, start, stop, 0, (stop - start) * row))
+                used = (stop - start) * row
+        close()
         self._chunks[max_numel] = out
         return out
 

@@ -260,16 +260,21 @@ class TaskVectors(Aggregator):
             for p in chunk.pieces:
                 if p.hi - p.lo != _numel(pool.infos[p.key][0]):
                     split.setdefault(p.key, []).append(chunk)
-        for key, its in split.items():
-            numel = _numel(pool.infos[key][0])
-            ranks = [[numel - max(1, int(self._dens(key, i) * numel)) + 1 for i in range(pool.n)]]
+        keys = list(split)
+        for first in range(0, len(keys), 16):  # 16 tensors at a time: histograms of 0.5 MB per tensor and expert
+            batch = keys[first:first + 16]
+            group = {k: g for g, k in enumerate(batch)}
+            numels = [_numel(pool.infos[k][0]) for k in batch]
+            ranks = [[n - max(1, int(self._dens(k, i) * n)) + 1 for i in range(pool.n)] for k, n in zip(batch, numels)]
+            its = [c for c in chunks if any(p.key in group for p in c.pieces)]
 
-            def pick(chunk: Chunk, bits: Tensor, key=key):
-                return [(0, torch.cat([bits[p.lo:p.hi] for p in chunk.pieces if p.key == key]))]
+            def pick(chunk: Chunk, bits: Tensor, group=group):
+                return [(group[p.key], bits[p.lo:p.hi]) for p in chunk.pieces if p.key in group]
 
-            for i, t in enumerate(self._radix(pool, its, pick, ranks)[0]):
-                if self._dens(key, i) < 1:
-                    out[i, key] = t
+            for g, values in enumerate(self._radix(pool, its, pick, ranks)):
+                for i, t in enumerate(values):
+                    if self._dens(batch[g], i) < 1:
+                        out[i, batch[g]] = t
         return out
 
     def _trim_tensors(self, pool: ExpertPool, chunk: Chunk, i: int, tau: Tensor, absb: Tensor, cut: dict) -> None:
