@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ame.data import load_digits
-from ame.experts import base_key, cache_key
+from ame.experts import base_key, cache_key, shared_seed
 from tests.conftest import compose_cfg
 
 # (overrides, expert key with base sha "abc", expert key without a base, base key): computed by the
@@ -27,6 +27,7 @@ def digits():
 @pytest.mark.parametrize("overrides, with_base, without_base, base", PINNED)
 def test_cache_keys_are_pinned(overrides, with_base, without_base, base, digits, tmp_path):
     cfg = compose_cfg(overrides, tmp_path)
-    assert cache_key(cfg, digits, "abc")[0] == with_base
-    assert cache_key(cfg, digits)[0] == without_base
-    assert base_key(cfg, digits)[0] == base
+    settings = cfg.train, cfg.data, cfg.model
+    assert cache_key(*settings, cfg.seed, cfg.base_seed, digits, "abc")[0] == with_base
+    assert cache_key(*settings, cfg.seed, cfg.base_seed, digits)[0] == without_base
+    assert base_key(*settings, shared_seed(cfg.seed, cfg.base_seed), digits)[0] == base
