@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ame.analysis import overrides, readable
+from ame.errors import AMEError
 
 
 def trials(search_dir: Path, param: str | list[str], metric: str) -> list[tuple]:
@@ -48,6 +49,13 @@ def best(found: list[tuple]) -> float | tuple:
 
 
 def main() -> None:
+    try:
+        _main()
+    except AMEError as e:  # a bad input: one line
+        sys.exit(f"error: {e}")
+
+
+def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("search_dir", type=Path)
     ap.add_argument("--param", action="append", help="the hyperparameter (repeat for a grid of several; default "

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ame.analysis import (PAIRED_COLUMNS, Row, cell, columns, environment_line, merge_environments, mismatches,
                           pretty_setting, read, settings, spread_label, summary_csv)
+from ame.errors import AMEError
 
 
 def environment_lines(rows: list[Row]) -> list[str]:
@@ -81,6 +82,13 @@ def latex(rows: list[Row]) -> str:
 
 
 def main() -> None:
+    try:
+        _main()
+    except AMEError as e:  # a bad input: one line
+        sys.exit(f"error: {e}")
+
+
+def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path,
                     help="run or multirun directories (or results.json files), or one summary .csv")
