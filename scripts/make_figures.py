@@ -25,7 +25,6 @@ from :mod:`ame.analysis`; the same inputs give the same bytes.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +35,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from ame.analysis import (BY_KEY, NAMES, PAIRED_COLUMNS, Row, Stat, value_order, axis_label, load, pretty_setting, read, read_series_table,  # noqa: E402
                           readable, references, series, series_table, settings, value_text)
-from ame.errors import AMEError  # noqa: E402
+from ame.errors import one_line  # noqa: E402
 
 SAVE = {"dpi": 150, "metadata": {"Software": None}}  # no version stamp: deterministic bytes
 STYLES = ["-", "--", ":", "-."]
@@ -187,14 +186,8 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+@one_line  # an AMEError (e.g. from ame.analysis): one error: line
 def main() -> None:
-    try:
-        _main()
-    except AMEError as e:  # a bad input: one line
-        sys.exit(f"error: {e}")
-
-
-def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kind", choices=["fig1", "summary", "deltas", "bars"], help="bars: an older name of summary")
     ap.add_argument("dirs", nargs="+", type=Path,
