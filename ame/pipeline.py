@@ -18,10 +18,10 @@ from ame.checks import seed
 from ame.config import clean_config, instantiate, run_identity, target
 from ame.data import split
 from ame.data.shards import check_settings as check_data
-from ame.data.corruptions import VERSION as CORRUPTIONS_VERSION
+from ame.eval.corruptions import VERSION as CORRUPTIONS_VERSION
 from ame.device import resolve_device
 from ame.errors import require
-from ame.evaluate import Evaluator, accuracy
+from ame.eval.evaluate import Evaluator, accuracy
 from ame.experts import ExpertSource, config_hash
 from ame.io import finite_json, save_state_dict
 from ame.models import buffer_names, build_model

@@ -26,8 +26,8 @@ from hydra import compose, initialize_config_dir
 from ame.cache import Entry
 from ame.config import instantiate
 from ame.data import split
-from ame.data.ood import subsample
-from ame.evaluate import accuracy
+from ame.eval.ood import subsample
+from ame.eval.evaluate import accuracy
 from ame.experts import _meta, base_key, shared_seed
 from ame.models import build_model
 from ame.repair import reset_batchnorm

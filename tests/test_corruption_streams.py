@@ -1,10 +1,10 @@
 """A corruption's random stream is keyed by its name: inserting or reordering corruptions changes no
-other corruption's draws (``ame.data.corruptions.stream_seed``)."""
+other corruption's draws (``ame.eval.corruptions.stream_seed``)."""
 from __future__ import annotations
 
 import torch
 
-import ame.data.corruptions as C
+import ame.eval.corruptions as C
 
 
 def test_a_corruptions_draws_do_not_depend_on_its_place_in_the_list(monkeypatch):

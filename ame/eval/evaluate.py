@@ -2,7 +2,7 @@
 
 An :class:`Evaluator` is built once per run: it holds the test set, the out-of-distribution sets
 (the corrupted test sets, generated once and cached, or the published CIFAR-10-C / CIFAR-100-C
-arrays: :mod:`ame.data.ood`) and the shards' class mixes, and maps any state dict of the run's
+arrays: :mod:`ame.eval.ood`) and the shards' class mixes, and maps any state dict of the run's
 architecture to a flat dict of metrics:
 
 - ``id/acc``, ``id/nll``: test accuracy and mean negative log-likelihood;
@@ -27,8 +27,8 @@ import torch.nn as nn
 
 from ame.checks import seed
 from ame.data import ImageData
-from ame.data.corruptions import FAMILIES, STANDARD
-from ame.data.ood import check_names, check_severities, download_published, generated_sets, published_sets, subsample
+from ame.eval.corruptions import FAMILIES, STANDARD
+from ame.eval.ood import check_names, check_severities, download_published, generated_sets, published_sets, subsample
 from ame.errors import positive_int, require
 from ame.io import StateDict
 from ame.progress import bar
@@ -79,7 +79,7 @@ class Evaluator:
     @staticmethod
     def check(settings) -> None:
         """The evaluation settings (``eval``: this class's keyword arguments), before any work."""
-        from ame.data.ood import PUBLISHED
+        from ame.eval.ood import PUBLISHED
 
         ev = settings
         positive_int(ev.batch_size, "eval.batch_size")
