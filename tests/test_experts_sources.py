@@ -31,3 +31,19 @@ def test_cache_keys_are_pinned(overrides, with_base, without_base, base, digits,
     assert cache_key(*settings, cfg.seed, cfg.base_seed, digits, "abc")[0] == with_base
     assert cache_key(*settings, cfg.seed, cfg.base_seed, digits)[0] == without_base
     assert base_key(*settings, shared_seed(cfg.seed, cfg.base_seed), digits)[0] == base
+
+
+def test_the_sources_say_what_the_pipeline_checks_before_any_work(tmp_path):
+    from ame.config import instantiate
+    from ame.errors import AMEError
+    from ame.experts import ExpertSource, FileExperts
+
+    trained = instantiate(compose_cfg(["train.init=independent", "data.shards.num_shards=5"], tmp_path).experts,
+                          "experts", ExpertSource)
+    assert trained.trained_here and trained.count == 5 and trained.missing_init == "train.init=independent"
+    files = instantiate(compose_cfg(["experts=files", "experts.paths=[a,b]"], tmp_path).experts, "experts",
+                        ExpertSource)
+    assert isinstance(files, FileExperts) and not files.trained_here and files.count is None
+    assert files.missing_init == "experts.init is not set" and files.paths == ["a", "b"]
+    with pytest.raises(AMEError, match="experts=files needs experts.paths"):
+        FileExperts(None, None, None, None).check()
