@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> float:
             raise
         return record_failure(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
                               f"(an unexpected error; traceback in error.json)", traceback.format_exc())
-    value = results["metrics"].get(cfg.get("optimized_metric", "id/acc"))  # the objective for Hydra sweepers
+    value = results["metrics"].get(cfg.optimized_metric)  # the objective for Hydra sweepers
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 

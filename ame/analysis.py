@@ -42,6 +42,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ame.errors import AMEError
+
 
 @dataclass(frozen=True)
 class Column:
@@ -178,7 +180,7 @@ def load(dirs: list[Path]) -> list[dict]:
     files = sorted({f for d in dirs for f in ([d] if d.is_file() else d.rglob("results.json"))},
                    key=lambda f: [int(p) if p.isdigit() else p for p in f.parts])  # job 2 before job 10
     if not files:
-        raise SystemExit(f"no results.json under {', '.join(map(str, dirs))}")
+        raise AMEError(f"no results.json under {', '.join(map(str, dirs))}")
     out = []
     for f in files:
         r = readable(lambda p: _results(json.loads(p.read_text())), f, "a run's results.json")
@@ -464,7 +466,7 @@ def read(paths: list[Path]) -> list[Row]:
     else:
         rows = summarize(load(paths))
     if not rows:
-        raise SystemExit(f"error: no rows in {', '.join(map(str, paths))}")
+        raise AMEError(f"no rows in {', '.join(map(str, paths))}")
     return rows
 
 
@@ -473,7 +475,7 @@ def readable(reader, path: Path, what: str, *args):
     try:
         return reader(path, *args)
     except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
-        raise SystemExit(f"error: {path}: cannot read it as {what} ({type(e).__name__}: {e})") from None
+        raise AMEError(f"{path}: cannot read it as {what} ({type(e).__name__}: {e})") from None
 
 
 def settings(rows: list[Row]) -> list[str]:
@@ -552,7 +554,7 @@ def series(results: list[dict], x: str, line: str, metric: str, name=None) -> di
             continue
         rest.add(", ".join(f"{k}={v}" for k, v in o.items() if k not in (x, line) and not k.startswith("aggregator")))
         if len(rest) > 1:
-            raise SystemExit(f"runs from several settings ({' | '.join(sorted(rest)) or 'defaults'}); plot one "
+            raise AMEError(f"runs from several settings ({' | '.join(sorted(rest)) or 'defaults'}); plot one "
                              "setting's directory at a time")
         variant = ", ".join(f"{k}={v}" for k, v in o.items() if k.startswith("aggregator.") and k not in (x, line))
         panel = name(r) if name else r["aggregator"]
@@ -579,8 +581,33 @@ def references(results: list[dict], x: str, line: str, metric: str) -> dict:
     return out
 
 
+def value_text(v) -> str:
+    """An override's value as a label: floats in their shortest form (0.1, 1e-05)."""
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def series_table(data: dict, panels: list[str], x: str, line: str, metric: str) -> str:
+    """The plotted numbers of a fig1 (:func:`series`, :func:`references`) as a Markdown table, one
+    row per line, one column per x value, that :func:`read_series_table` reads back; the caption
+    gives the seed counts."""
+    xs = sorted({p[0] for lines in data.values() for pts in lines.values() for p in pts}, key=value_order)
+    xn, ln = x.split(".")[-1], line.split(".")[-1]
+    out = [f"| aggregator | setting | {ln} | " + " | ".join(f"{xn}={value_text(v)}" for v in xs) + " |",
+           "|---|---|---:|" + "---:|" * len(xs)]
+    seeds = set()
+    for panel in panels:
+        for (level, variant), pts in sorted(data[panel].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            by_x = {p[0]: p[1] for p in pts}
+            seeds |= {s.n for s in by_x.values()}
+            cells = [("" if v not in by_x else f"{100 * by_x[v].mean:.2f}"
+                      + (f" ± {100 * by_x[v].std:.2f}" if by_x[v].std is not None else "")) for v in xs]
+            out.append(f"| {panel} | {variant} | {value_text(level)} | " + " | ".join(cells) + " |")
+    spread = "mean ± std over " + "/".join(map(str, sorted(seeds))) + " seeds" if seeds != {1} else "one seed"
+    return "\n".join(out) + f"\n\n{metric} in %, {spread}.\n"
+
+
 def read_series_table(path: Path, x: str, line: str) -> tuple[dict, dict]:
-    """The series of a Markdown table that ``make_figures.py fig1`` wrote beside its PNG
+    """The series of a Markdown table that :func:`series_table` wrote (``make_figures.py fig1``, beside its PNG)
     (``| aggregator | setting | <line> | <x>=1 | ...``, cells ``mean`` or ``mean ± std``), as
     (aggregators, references) for plotting again. The run count per point is not in the table:
     cells with a std count as 2+ seeds (``n`` from the caption), others as one."""

@@ -17,3 +17,19 @@ def positive_int(value, key: str, minimum: int = 1) -> int:
             f"{key} must be an integer ≥ {minimum}, got {value!r}")
     return value
 
+
+
+def one_line(main):
+    """A command's ``main`` whose :class:`AMEError` ends it as ``run.py`` does: one ``error:``
+    line on stderr, exit code 1."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except AMEError as e:
+            sys.exit(f"error: {e}")
+
+    return wrapped

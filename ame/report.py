@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ame.errors import AMEError
+from ame.checks import number
+from ame.errors import AMEError, positive_int, require
 from ame.io import write_json
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,10 @@ class NullLogger:
     def __init__(self, **_: Any):
         pass
 
+    @staticmethod
+    def check(settings) -> None:
+        """The logger's settings (``logger``: its keyword arguments), before any work."""
+
     def log_metrics(self, stage: str, x_name: str, x: int, metrics: dict) -> None:
         pass
 
@@ -118,6 +124,20 @@ class WandbLogger(NullLogger):
 
     An online init that cannot reach the server falls back to offline logging: a logging outage
     never costs a run. Offline runs land in ``<run dir>/wandb/offline-run-*``."""
+
+    MODES = ("online", "offline", "disabled", "shared")
+
+    @staticmethod
+    def check(settings) -> None:
+        mode = settings.mode or os.environ.get("WANDB_MODE")
+        require(mode is None or mode in WandbLogger.MODES,
+                f"logger.mode (or $WANDB_MODE) must be one of {WandbLogger.MODES} or null, got {mode!r}")
+        number(settings.init_timeout, "logger.init_timeout", 0, low_open=True)
+        if settings.ame_every is not None:  # null: about 32 points per run; 0: no AME curves
+            positive_int(settings.ame_every, "logger.ame_every", minimum=0)
+        tags = settings.tags or []
+        require(isinstance(tags, Sequence) and not isinstance(tags, str) and all(isinstance(t, str) for t in tags),
+                f"logger.tags must be a list of strings, e.g. [baseline], got {tags!r}")
 
     def __init__(self, dir: str | Path, config: dict, identity: dict | None = None, project: str = "ame",
                  entity: str | None = None, name: str | None = None, group: str | None = None,

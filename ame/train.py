@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ame.data import ImageData
+from ame.checks import number, optimizer_works
 from ame.config import instantiate
 from ame.errors import AMEError, positive_int, require
 from ame.models import build_model
@@ -197,7 +198,9 @@ def fit_parallel(models: list[nn.Module], data: ImageData, shards: list[np.ndarr
     return [m.eval() for m in models]
 
 
-def check_train_cfg(train_cfg: DictConfig, public_size) -> None:
+def check_train(train_cfg: DictConfig, public_size) -> None:
+    """The training settings (``train``), before anything is trained; ``public_size``: the public
+    split a warm base trains on (``data.public_size``)."""
     require(train_cfg.init in INITS, f"train.init must be one of {INITS}, got {train_cfg.init!r}")
     positive_int(train_cfg.epochs, "train.epochs")
     positive_int(train_cfg.batch_size, "train.batch_size")
@@ -207,6 +210,17 @@ def check_train_cfg(train_cfg: DictConfig, public_size) -> None:
         require(public_size > 0, "train.init=warm trains a shared base on the public split, but data.public_size=0; "
                 "set data.public_size (e.g. 10000) or use train.init=shared")
         positive_int(train_cfg.warm_epochs, "train.warm_epochs")
+    optimizer_works(train_cfg.optimizer, "train.optimizer")
+    if train_cfg.warm_lr is not None:
+        number(train_cfg.warm_lr, "train.warm_lr", 0, low_open=True, example="; or null to use train.optimizer.lr")
+    number(train_cfg.label_smoothing, "train.label_smoothing", 0, 1, high_open=True, example="; e.g. 0.1 (0: none)")
+    require(train_cfg.lr_schedule in ("cosine", "constant"),
+            f"train.lr_schedule must be cosine or constant, got {train_cfg.lr_schedule!r}")
+    aug = train_cfg.augment
+    positive_int(aug.crop_padding, "train.augment.crop_padding", minimum=0)
+    require(isinstance(aug.flip, bool), f"train.augment.flip must be true or false, got {aug.flip!r}")
+    require(isinstance(train_cfg.parallel_experts, bool),
+            f"train.parallel_experts must be true or false, got {train_cfg.parallel_experts!r}")
 
 
 def expert_seed(seed: int, i: int) -> int:
@@ -245,7 +259,7 @@ def train_experts(model_cfg: DictConfig, train_cfg: DictConfig, data: ImageData,
             model.load_state_dict(init)
         return model
 
-    if train_cfg.get("parallel_experts", False) and len(shards) > 1:
+    if train_cfg.parallel_experts and len(shards) > 1:
         models = fit_parallel([start(s) for s in seeds], data, shards, train_cfg, seeds, device, names)
         yield from (_state(m) for m in models)
         return

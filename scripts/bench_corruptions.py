@@ -3,7 +3,7 @@
 
     python scripts/bench_corruptions.py [--root /path/to/cifar10-jpeg] [--n 10000] [--workers 2] [--breakdown]
 
-Builds the 75 sets as a run does (``ame.data.ood.generated_sets``, ``--workers`` threads of one
+Builds the 75 sets as a run does (``ame.eval.ood.generated_sets``, ``--workers`` threads of one
 torch thread each, no cache) and prints wall and CPU seconds; ``--breakdown`` then times each
 corruption alone. The last line is one JSON object with the figures. Images: the CIFAR-10 test set from ``--root`` (an ImageFolder tree), or
 random smooth images of CIFAR's shape when it is missing (the timing does not depend on content).
@@ -44,8 +44,8 @@ def main() -> None:
     ap.add_argument("--extras", action="store_true", help="with --breakdown: also the 4 extras")
     args = ap.parse_args()
 
-    from ame.data.corruptions import EXTRAS, STANDARD, corrupt
-    from ame.data.ood import generated_sets
+    from ame.eval.corruptions import EXTRAS, STANDARD, corrupt
+    from ame.eval.ood import generated_sets
     x, what = images(Path(args.root), args.n)
     y = torch.zeros(len(x), dtype=torch.long)
     print(f"{what}; {args.workers} worker threads; {platform.machine()}, {os.cpu_count()} CPUs visible, "

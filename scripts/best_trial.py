@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ame.analysis import overrides, readable
+from ame.errors import one_line
 
 
 def trials(search_dir: Path, param: str | list[str], metric: str) -> list[tuple]:
@@ -47,6 +48,7 @@ def best(found: list[tuple]) -> float | tuple:
     return min(found, key=lambda vs: (-vs[1], vs[0]))[0]
 
 
+@one_line  # an AMEError (e.g. from ame.analysis): one error: line
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("search_dir", type=Path)

@@ -140,7 +140,7 @@ def r_snow(img, s, d):
 def r_frost(img, s, d):
     import cv2
 
-    from ame.data.corruptions import _frost_dir
+    from ame.eval.corruptions import _frost_dir
     c = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)][s - 1]
     name = ["frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg"][d["which"]]
     fr = cv2.resize(cv2.imread(str(_frost_dir() / name)), (0, 0), fx=0.2, fy=0.2)
@@ -273,7 +273,7 @@ def r_noise(name, img, s, rng):
 
 def ame_draws(name: str, s: int, x: torch.Tensor, seed: int = 0):
     """(ame's corrupted images, one dict of draws per image) with ame's generator and order."""
-    import ame.data.corruptions as C
+    import ame.eval.corruptions as C
     g = torch.Generator().manual_seed(seed)
     xb = x.double() / 255
     b, _, h, w = x.shape
@@ -319,7 +319,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = ap.parse_args()
 
-    from ame.data.corruptions import CORRUPTIONS, to_uint8
+    from ame.eval.corruptions import CORRUPTIONS, to_uint8
     imgs = load_images(Path(args.root), args.n)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
     noise = {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"}
@@ -330,7 +330,7 @@ def main() -> None:
         cells = []
         for s in range(1, 6):
             if name in noise:  # statistics of the change, ame vs the reference with numpy's generator
-                from ame.data.corruptions import corrupt
+                from ame.eval.corruptions import corrupt
                 ours = corrupt(x, name, s, seed=0).numpy().transpose(0, 2, 3, 1).astype(np.float64)
                 rng = np.random.default_rng(0)
                 ref = np.stack([np.uint8(r_noise(name, im, s, rng)) for im in imgs]).astype(np.float64)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ame.analysis import (COLUMNS, Row, Stat, environment_line, environments, load, merge_environments, pretty_setting,
                           read_summary, readable, summarize)
+from ame.errors import AMEError
 
 
 class Side:
@@ -113,9 +114,8 @@ def main() -> None:
     args = ap.parse_args()
     try:
         a, b = Side(args.a), Side(args.b)
-    except SystemExit as e:  # one line from ame.analysis
-        message = str(e.code)
-        print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)
+    except AMEError as e:  # one line from ame.analysis
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for name, side in (("A", a), ("B", b)):
         print(f"{name}: {side.what}")

@@ -34,19 +34,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from ame.analysis import (BY_KEY, NAMES, PAIRED_COLUMNS, Row, Stat, value_order, axis_label, load, pretty_setting, read, read_series_table,  # noqa: E402
-                          readable, references, series, settings)
+                          readable, references, series, series_table, settings, value_text)
+from ame.errors import one_line  # noqa: E402
 
 SAVE = {"dpi": 150, "metadata": {"Software": None}}  # no version stamp: deterministic bytes
 STYLES = ["-", "--", ":", "-."]
 PAPER_PANELS = ["soup", "ame_sgd", "ame_adagrad", "ame_adamw", "ame_adadelta"]  # the paper's order: GD first
 
 
-def _fmt(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
 def _level_label(line: str, v) -> str:
-    return pretty_setting(f"{line}={_fmt(v)}")
+    return pretty_setting(f"{line}={value_text(v)}")
 
 
 def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str, title: str = "",
@@ -77,7 +74,7 @@ def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str, titl
         ax.set_xlabel(axis_label(x))
         ax.set_xscale("log", base=2)
         ticks = sorted({p[0] for pts in data[panel].values() for p in pts}, key=value_order)
-        ax.set_xticks(ticks, [_fmt(t) for t in ticks])
+        ax.set_xticks(ticks, [value_text(t) for t in ticks])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
     base = [s.mean for pts in refs.get("base (warm start)", {}).values() for _, s in pts]
@@ -97,24 +94,6 @@ def fig1(data: dict, refs: dict, out: Path, x: str, line: str, metric: str, titl
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     fig.savefig(out, **SAVE)
     plt.close(fig)
-
-
-def series_table(data: dict, panels: list[str], x: str, line: str, metric: str) -> str:
-    """The plotted numbers as a Markdown table: one row per line, one column per x value."""
-    xs = sorted({p[0] for lines in data.values() for pts in lines.values() for p in pts}, key=value_order)
-    xn, ln = x.split(".")[-1], line.split(".")[-1]
-    out = [f"| aggregator | setting | {ln} | " + " | ".join(f"{xn}={_fmt(v)}" for v in xs) + " |",
-           "|---|---|---:|" + "---:|" * len(xs)]
-    seeds = set()
-    for panel in panels:
-        for (level, variant), pts in sorted(data[panel].items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            by_x = {p[0]: p[1] for p in pts}
-            seeds |= {s.n for s in by_x.values()}
-            cells = [("" if v not in by_x else f"{100 * by_x[v].mean:.2f}"
-                      + (f" ± {100 * by_x[v].std:.2f}" if by_x[v].std is not None else "")) for v in xs]
-            out.append(f"| {panel} | {variant} | {_fmt(level)} | " + " | ".join(cells) + " |")
-    spread = "mean ± std over " + "/".join(map(str, sorted(seeds))) + " seeds" if seeds != {1} else "one seed"
-    return "\n".join(out) + f"\n\n{metric} in %, {spread}.\n"
 
 
 def summary(rows: list[Row], out: Path, metrics=("id/acc", "ood/acc"), title: str = "") -> None:
@@ -207,6 +186,7 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+@one_line  # an AMEError (e.g. from ame.analysis): one error: line
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kind", choices=["fig1", "summary", "deltas", "bars"], help="bars: an older name of summary")

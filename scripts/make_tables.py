@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ame.analysis import (PAIRED_COLUMNS, Row, cell, columns, environment_line, merge_environments, mismatches,
                           pretty_setting, read, settings, spread_label, summary_csv)
+from ame.errors import one_line
 
 
 def environment_lines(rows: list[Row]) -> list[str]:
@@ -80,6 +81,7 @@ def latex(rows: list[Row]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+@one_line  # an AMEError (e.g. from ame.analysis): one error: line
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path,

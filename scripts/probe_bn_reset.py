@@ -26,9 +26,9 @@ from hydra import compose, initialize_config_dir
 from ame.cache import Entry
 from ame.config import instantiate
 from ame.data import split
-from ame.data.ood import subsample
-from ame.evaluate import accuracy
-from ame.experts import _meta, base_key, base_seed
+from ame.eval.ood import subsample
+from ame.eval.evaluate import accuracy
+from ame.experts import _meta, base_key, shared_seed
 from ame.models import build_model
 from ame.repair import reset_batchnorm
 from ame.train import augment, initial_state
@@ -96,8 +96,9 @@ def main() -> None:
     data = instantiate(cfg.data.dataset, "data")
     shards = split(data.train_y.numpy(), instantiate(cfg.data.shards, "data.shards"), seed=int(cfg.seed),
                    public_size=int(cfg.data.public_size), val_size=int(cfg.data.val_size),
-                   holdout_seed=cfg.get("base_seed"))
-    key, spec = base_key(cfg, data)
+                   holdout_seed=cfg.base_seed)
+    bseed = shared_seed(cfg.seed, cfg.base_seed)
+    key, spec = base_key(cfg.train, cfg.data, cfg.model, bseed, data)
     entry = Entry(cfg.paths.cache_dir, "bases", key, spec, what="the experts' shared base")
     dev = torch.device("cpu")
     with entry.lock():
@@ -105,13 +106,13 @@ def main() -> None:
         if hit is None and not train:
             sys.exit(f"error: no cached base for these settings under {cfg.paths.cache_dir}/bases; train it first "
                      "(add --train, or python run.py <the same overrides> aggregator=soup)")
-        if hit is None:  # as ame.experts.trained_experts does: trained once, cached for every later run
-            base = initial_state(cfg.model, cfg.train, data, shards.public, base_seed(cfg), dev)
+        if hit is None:  # as ame.experts.TrainedExperts does: trained once, cached for every later run
+            base = initial_state(cfg.model, cfg.train, data, shards.public, bseed, dev)
             entry.put_tensors("init.safetensors", base, _meta(init=str(cfg.train.init),
                                                               public_size=str(len(shards.public))))
         else:
             base = hit[0]
-    model = build_model(cfg.model, data, base_seed(cfg))
+    model = build_model(cfg.model, data, bseed)
     val, public = data.train_x[shards.val], data.train_x[shards.public]
     pad, flip = int(cfg.train.augment.crop_padding), bool(cfg.train.augment.flip)
     keep = subsample(len(data.test_y), test_size, 0)  # a fixed subsample (all: --test-size 0)

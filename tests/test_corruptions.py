@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-import ame.data.corruptions as C
-from ame.data.corruptions import CORRUPTIONS, EXTRAS, FAMILIES, STANDARD, corrupt
+import ame.eval.corruptions as C
+from ame.eval.corruptions import CORRUPTIONS, EXTRAS, FAMILIES, STANDARD, corrupt
 from ame.errors import AMEError
 from scripts.check_cifar_c import clipped_zoom as _clipped_zoom  # the reference's clipped_zoom (one port)
 

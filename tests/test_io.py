@@ -137,9 +137,7 @@ def test_a_bad_index_is_one_line(weight_map, message, tmp_path):
     ({"ame": "[1, 2]"}, "metadata entry 'ame' must be a JSON object"),
 ])
 def test_bad_metadata_is_refused_by_merge_and_run_alike(meta, message, tmp_path):
-    from omegaconf import OmegaConf
-
-    from ame.experts import file_experts
+    from ame.experts import FileExperts
 
     for i in range(2):
         save_file({"w": torch.full((2,), float(i))}, str(tmp_path / f"e{i}.safetensors"), meta)
@@ -147,7 +145,7 @@ def test_bad_metadata_is_refused_by_merge_and_run_alike(meta, message, tmp_path)
     with pytest.raises(MergeError, match=message):
         ame.merge(str(tmp_path / "e*.safetensors"), "weighted_soup", out=tmp_path / "out.safetensors")
     with pytest.raises(AMEError, match=message):
-        file_experts(OmegaConf.create({"source": "files", "paths": str(tmp_path / "e*.safetensors"), "init": None}))
+        FileExperts(str(tmp_path / "e*.safetensors"), None, None, None).experts()
     assert _hashes(tmp_path) == before  # nothing written, nothing left
 
 

@@ -8,11 +8,24 @@ from hydra.utils import instantiate
 
 from ame.data import load_digits, split
 from ame.errors import AMEError
-from ame.experts import cache_key, trained_experts
+from ame.experts import base_key as _base_key, cache_key as _cache_key, shared_seed
 from ame.models import CNN, MLP, ResNet
 from ame.models import buffer_names, build_model
 from ame.train import augment
 from tests.conftest import compose_cfg
+
+
+def trained_experts(cfg, data, shards, device, made_by=None):
+    """The experts of ``cfg``'s source (experts=train; its device: train.device)."""
+    return instantiate(cfg.experts).experts(data, shards, made_by=made_by)
+
+
+def cache_key(cfg, data):
+    return _cache_key(cfg.train, cfg.data, cfg.model, cfg.seed, cfg.base_seed, data)
+
+
+def base_key(cfg, data):
+    return _base_key(cfg.train, cfg.data, cfg.model, shared_seed(cfg.seed, cfg.base_seed), data)
 
 
 @pytest.mark.parametrize("make, shape", [
@@ -97,8 +110,6 @@ def test_cached_experts_and_base_keep_the_provenance_of_the_run_that_made_them(t
 
 
 def test_one_warm_base_serves_sweeps_over_shards_and_expert_epochs(tmp_path):
-    from ame.experts import base_key
-
     data = load_digits()
     keys = {base_key(compose_cfg(o, tmp_path), data)[0] for o in (
         [], ["data.shards.num_shards=7"], ["data/shards=iid"], ["train.epochs=9"])}

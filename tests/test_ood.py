@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ame.data.corruptions import FAMILIES, STANDARD, corrupt
-from ame.data.ood import PUBLISHED, generated_sets, published_sets
+from ame.eval.corruptions import FAMILIES, STANDARD, corrupt
+from ame.eval.ood import PUBLISHED, generated_sets, published_sets
 from ame.errors import AMEError
-from ame.evaluate import ood_metrics
+from ame.eval.evaluate import ood_metrics
 from tests.conftest import FAST, read_results, run_cli
 
 

@@ -337,7 +337,7 @@ def test_batchnorm_statistics_follow_the_weights_in_process(tmp_path):
 
 def test_output_ensemble_is_the_mean_of_the_experts_softmax(tmp_path):
     from ame.data import load_digits
-    from ame.evaluate import Evaluator
+    from ame.eval.evaluate import Evaluator
     from ame.models import MLP
 
     data = load_digits()
@@ -354,8 +354,8 @@ def test_output_ensemble_is_the_mean_of_the_experts_softmax(tmp_path):
 
 def test_test_subsample_scores_a_fixed_subset_and_leaves_the_corrupted_sets_alone(tmp_path):
     from ame.data import load_digits
-    from ame.data.ood import subsample
-    from ame.evaluate import Evaluator
+    from ame.eval.ood import subsample
+    from ame.eval.evaluate import Evaluator
     from ame.models import MLP
 
     data, net = load_digits(), MLP(1, 8, 10, hidden=[16])

@@ -103,13 +103,11 @@ def _expert_files(tmp_path, metadata: list[dict]):
     ("class_counts", ["[1, 2]", "[1, 2, 3]"], "different lengths across the expert files"),
 ])
 def test_bad_metadata_in_users_files_names_the_file_and_field(field, values, message, tmp_path):
-    from omegaconf import OmegaConf
-
-    from ame.experts import file_experts
+    from ame.experts import FileExperts
 
     pattern = _expert_files(tmp_path, [{field: v} for v in values])
     with pytest.raises(AMEError) as err:
-        file_experts(OmegaConf.create({"source": "files", "paths": str(pattern), "init": None}))
+        FileExperts(str(pattern), None, None, None).experts()
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

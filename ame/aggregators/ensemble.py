@@ -10,7 +10,7 @@ class OutputEnsemble(Aggregator):
     """The mean of the experts' softmax outputs. It is N networks, not one (``single_network =
     False``, which the contract declares): there are no weights to merge, so ``run`` is never called
     and refuses in one line. The pipeline evaluates the ensemble in every run (``results["ensemble"]``,
-    from :meth:`ame.evaluate.Evaluator.ensemble_probabilities`); with ``aggregator=ensemble`` those
+    from :meth:`ame.eval.evaluate.Evaluator.ensemble_probabilities`); with ``aggregator=ensemble`` those
     are the run's metrics and no aggregate file is written."""
 
     single_network = False

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ame.errors import AMEError, require
+from ame.errors import AMEError, positive_int, require
 
 
 @dataclass
@@ -139,3 +139,14 @@ def split(labels: np.ndarray, splitter: Callable[..., list[np.ndarray]], seed: i
         raise AMEError(f"{e} (data.public_size={public_size} and data.val_size={val_size} leave {len(rest)} of the "
                        f"{len(labels)} training examples to shard; lower them)") from None
     return Split([np.sort(rest[s]) for s in local], public, val)
+
+
+def check_settings(data_cfg) -> None:
+    """The data settings that need no data (``data``), before any work: the held-out sizes (their
+    upper bounds need the data: :func:`split`) and the dataset's own split seed, if it has one."""
+    from ame.checks import seed
+
+    for key in ("public_size", "val_size"):
+        positive_int(data_cfg[key], f"data.{key}", minimum=0)
+    if "split_seed" in data_cfg.dataset:
+        seed(data_cfg.dataset.split_seed, "data.dataset.split_seed")

@@ -19,6 +19,7 @@ PIL's luma. The parameters are CIFAR's (32 px); on other sizes the size-bound qu
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -34,7 +35,8 @@ STANDARD = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gl
             "jpeg_compression")
 EXTRAS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 FAMILIES = {"noise": STANDARD[0:3], "blur": STANDARD[3:7], "weather": STANDARD[7:11], "digital": STANDARD[11:15]}
-VERSION = "2"  # of the generated sets: part of every cache key, bumped when an output changes
+VERSION = "3"  # of the generated sets: part of every cache key, bumped when an output changes
+# 3: each corruption's random stream keyed by its name (was: its position in CORRUPTIONS)
 
 
 # ───────────────────────────── helpers: the reference's primitives ─────────────────────────────
@@ -661,6 +663,12 @@ def to_uint8(x: Tensor) -> Tensor:
 _BATCH = 2048  # images per call: fixed, as the draws of a batch depend on its size
 
 
+def stream_seed(seed: int, name: str, severity: int) -> int:
+    """The seed of one corrupted set's random stream: keyed by the corruption's name (not its place
+    in a list, so adding a corruption changes no other's draws), the severity and ``seed``."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{name}|{severity}".encode()).digest()[:8], "little") >> 1
+
+
 def corrupt(x: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
     """Corrupt uint8 images (B, C, H, W) with corruption ``name`` at ``severity``; returns uint8.
     Deterministic in (``seed``, ``name``, ``severity``) and the images."""
@@ -670,7 +678,7 @@ def corrupt(x: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
             f"corrupt: expected uint8 images (B, 1|3, H, W), got {x.dtype} {tuple(x.shape)}")
     require(min(x.shape[-2:]) >= MIN_SIZE,
             f"{name}: images of {tuple(x.shape[-2:])} px are below the {MIN_SIZE} px the corruptions need")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + list(CORRUPTIONS).index(name) * 10 + severity)
+    g = torch.Generator().manual_seed(stream_seed(seed, name, severity))
     grey = x.shape[1] == 1 and name in _COLOUR
     out = []
     for i in range(0, len(x), _BATCH):  # bounded memory; the draws continue from one generator

@@ -4,7 +4,7 @@ CIFAR-10-C / CIFAR-100-C arrays.
 Both give ``{(corruption, severity): (images uint8 (N, C, H, W), labels int64 (N,))}``.
 
 - :func:`generated_sets` corrupts a seeded subsample of the test set with
-  :func:`ame.data.corruptions.corrupt`. Each set is an entry of :mod:`ame.cache`
+  :func:`ame.eval.corruptions.corrupt`. Each set is an entry of :mod:`ame.cache`
   (``<cache_dir>/corrupted/<key>/``), keyed by the subsampled images' content, the corruption, the
   severity, the seed and the generator's version: written atomically, verified by content on
   every read, rebuilt when damaged. Missing sets are built by ``workers`` threads, one torch
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ame.cache import Entry, cached_tensors
-from ame.data.corruptions import CORRUPTIONS, VERSION, corrupt
+from ame.eval.corruptions import CORRUPTIONS, VERSION, corrupt
 from ame.errors import AMEError, require
 
 log = logging.getLogger(__name__)

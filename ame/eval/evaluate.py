@@ -2,7 +2,7 @@
 
 An :class:`Evaluator` is built once per run: it holds the test set, the out-of-distribution sets
 (the corrupted test sets, generated once and cached, or the published CIFAR-10-C / CIFAR-100-C
-arrays: :mod:`ame.data.ood`) and the shards' class mixes, and maps any state dict of the run's
+arrays: :mod:`ame.eval.ood`) and the shards' class mixes, and maps any state dict of the run's
 architecture to a flat dict of metrics:
 
 - ``id/acc``, ``id/nll``: test accuracy and mean negative log-likelihood;
@@ -25,9 +25,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ame.checks import seed
 from ame.data import ImageData
-from ame.data.corruptions import FAMILIES, STANDARD
-from ame.data.ood import check_names, check_severities, download_published, generated_sets, published_sets, subsample
+from ame.eval.corruptions import FAMILIES, STANDARD
+from ame.eval.ood import check_names, check_severities, download_published, generated_sets, published_sets, subsample
+from ame.errors import positive_int, require
 from ame.io import StateDict
 from ame.progress import bar
 
@@ -74,6 +76,31 @@ def ood_metrics(acc: dict[tuple[str, int], float]) -> dict[str, float]:
 
 
 class Evaluator:
+    @staticmethod
+    def check(settings) -> None:
+        """The evaluation settings (``eval``: this class's keyword arguments), before any work."""
+        from ame.eval.ood import PUBLISHED
+
+        ev = settings
+        positive_int(ev.batch_size, "eval.batch_size")
+        seed(ev.seed, "eval.seed")
+        if ev.ood_subsample is not None:
+            positive_int(ev.ood_subsample, "eval.ood_subsample", minimum=1)  # null: the whole test set
+        if ev.test_subsample is not None:
+            positive_int(ev.test_subsample, "eval.test_subsample", minimum=1)  # null: the whole test set
+        for key, names in (("eval.corruptions", ev.corruptions), ("eval.extras", ev.extras or [])):
+            require(isinstance(names, Sequence) and not isinstance(names, str),
+                    f"{key} must be a list, e.g. [gaussian_noise,contrast] (or [] for none), got {names!r}")
+            check_names([str(c) for c in names], key)
+        positive_int(ev.workers, "eval.workers")
+        require(ev.download in (None, *PUBLISHED),
+                f"eval.download must be one of {sorted(PUBLISHED)} or null, got {ev.download!r}")
+        require(ev.download is None or str(ev.source) != "generated",
+                "eval.download needs eval.source set to the folder to hold the arrays, e.g. eval.source=~/data/CIFAR-10-C")
+        require(isinstance(ev.severities, Sequence) and not isinstance(ev.severities, str),
+                f"eval.severities must be a list of integers in 1..5, e.g. [1,3,5], got {ev.severities!r}")
+        check_severities(ev.severities)
+
     def __init__(self, model: nn.Module, data: ImageData, corruptions: Sequence[str], severities: Sequence[int],
                  ood_subsample: int | None, class_counts: np.ndarray | None, seed: int = 0,
                  batch_size: int = 256, device: torch.device | str = "cpu", extras: Sequence[str] = (),
