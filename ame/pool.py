@@ -307,22 +307,24 @@ class ExpertPool:
             finally:
                 self._ahead = None
 
-    def read(self, i: int, chunk: Chunk, out: Tensor | None = None, release: bool = True) -> Tensor:
+    def read(self, i: int, chunk: Chunk, out: Tensor | None = None, release: bool = True, view: bool = False) -> Tensor:
         """Expert ``i``'s slice of ``chunk`` as one float32 vector (into ``out`` when given).
 
         From a safetensors file the chunk's byte ranges are read (ahead, within :meth:`ahead`) into
         one page-aligned buffer (:mod:`ame.io.readahead`: from the page cache if the bytes are there,
         else straight from the disk) and converted to float32 with one kernel per run of adjacent
         tensors: a few large kernels rather than one per tensor, which on a busy machine (each
-        multi-threaded kernel waits for its threads) is several times faster."""
+        multi-threaded kernel waits for its threads) is several times faster.
+
+        ``view=True``: where the slice is float32 already and lies in one piece of the buffer, that
+        buffer itself is returned (no copy; read-only, valid until the next ``read``)."""
         out = torch.empty(chunk.numel, dtype=torch.float32) if out is None else out
         spans = self.spans(i, chunk)
         if spans is not None:
             views = self._ahead.take((i, chunk)) if self._ahead is not None else None
             if views is None:
                 views = self.files.read(spans, self._aligned(room(spans)))
-            self._convert(self._src(i), chunk, views, out)
-            return out
+            return self._convert(self._src(i), chunk, views, out, view)
         for lo, hi, x in self.views(i, chunk):
             out[lo:hi].copy_(x)
         if release:
@@ -336,10 +338,12 @@ class ExpertPool:
         return t
 
     @staticmethod
-    def _convert(src, chunk: Chunk, views: Sequence[Tensor], out: Tensor) -> None:
+    def _convert(src, chunk: Chunk, views: Sequence[Tensor], out: Tensor, view: bool = False) -> Tensor:
         """``out[p.lo:p.hi] = view`` for each piece, one copy per run of pieces adjacent both in the
-        buffer and in ``out`` and of one dtype."""
+        buffer and in ``out`` and of one dtype; returns ``out`` (with ``view``, the buffer itself when
+        one float32 run covers the chunk)."""
         run: list = []  # [first view, lo, hi, dtype, bytes]
+        typed_runs = []
 
         def flush() -> None:
             if run:
@@ -349,7 +353,7 @@ class ExpertPool:
                     typed = raw.view(dtype)
                 except RuntimeError:  # a tensor at an offset its dtype does not divide
                     typed = raw.clone().view(dtype)
-                out[lo:hi].copy_(typed)
+                typed_runs.append((lo, hi, typed))
 
         for p, v in zip(chunk.pieces, views):
             dtype = src.infos[p.key][1]
@@ -361,6 +365,12 @@ class ExpertPool:
                 flush()
                 run = [v, p.lo, p.hi, dtype, v.numel()]
         flush()
+        if view and len(typed_runs) == 1 and typed_runs[0][2].dtype == torch.float32 and \
+                typed_runs[0][:2] == (0, chunk.numel):
+            return typed_runs[0][2]
+        for lo, hi, typed in typed_runs:
+            out[lo:hi].copy_(typed)
+        return out
 
     def release(self, i: int) -> None:
         self._src(i).release()

@@ -249,7 +249,7 @@ class AME(Aggregator):
                     x.copy_(pool.read(i, chunk, out=staging), non_blocking=True)
                     torch.sub(ref, x, out=g)
                 else:  # one slice read (converted to float32 in one pass), one subtraction
-                    torch.sub(ref, pool.read(i, chunk, out=pool.buffer("x32", n)), out=g)
+                    torch.sub(ref, pool.read(i, chunk, out=pool.buffer("x32", n), view=True), out=g)
                 if self.pseudogradient == "pivot":
                     g.div_(pool.n)
                 if zeta[i] != 1.0:

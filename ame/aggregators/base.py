@@ -160,5 +160,5 @@ def average_chunk(pool: ExpertPool, chunk: Chunk, weights: Sequence[float], out:
     total = torch.zeros(n, dtype=torch.float64) if out is None else out[:n].zero_()
     x64 = pool.buffer("x64", n, torch.float64)  # mixed-dtype arithmetic is 5× slower than a copy
     for i in range(pool.n):
-        total.add_(x64.copy_(pool.read(i, chunk, out=x32)), alpha=weights[i])
+        total.add_(x64.copy_(pool.read(i, chunk, out=x32, view=True)), alpha=weights[i])
     return total.div_(sum(weights))
