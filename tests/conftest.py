@@ -89,6 +89,25 @@ def run_cli(args: list[str], tmp_path: Path, out: str = "out", check: bool = Tru
     return proc
 
 
+def run_pipeline(args: list[str], tmp_path: Path, out: str = "out", cache: Path | None = None) -> dict:
+    """``ame.pipeline.run`` in this process on ``args`` composed as ``run.py`` composes them (no
+    interpreter or torch start-up): outputs under ``tmp_path/out``, cache under ``cache`` (default
+    ``tmp_path/cache``); returns the results."""
+    from ame.pipeline import run
+
+    return run(compose_cfg([*args, f"paths.output_dir={tmp_path / out}", f"paths.cache_dir={cache or tmp_path / 'cache'}"],
+                           tmp_path))
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The bare ``python run.py`` (W&B logger, offline), shrunk only in eval and epochs: one run.py
+    process whose outputs and cache many end-to-end tests read (none changes them)."""
+    tmp = tmp_path_factory.mktemp("default")
+    proc = run_cli([a for a in FAST if a != "logger=none"], tmp)
+    return tmp, proc
+
+
 def read_results(path: Path) -> dict:
     return json.loads((path / "results.json").read_text())
 

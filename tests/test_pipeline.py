@@ -10,17 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from ame.io import save_state_dict
-from tests.conftest import FAST, read_results, run_cli
+from ame.errors import AMEError
+from tests.conftest import FAST, compose_cfg, read_results, run_cli, run_pipeline
 
 METRIC_KEYS = {"id/acc", "id/nll", "ood/acc", "ood/gaussian_noise/acc", "ood/contrast/acc"}
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """The bare ``python run.py`` (W&B logger, offline), shrunk only in eval and epochs."""
-    tmp = tmp_path_factory.mktemp("default")
-    proc = run_cli([a for a in FAST if a != "logger=none"], tmp)
-    return tmp, proc
 
 
 def test_default_run_writes_the_results_contract(default_run):
@@ -70,8 +63,7 @@ def test_results_say_where_they_came_from(default_run):
 def test_a_run_reusing_the_cache_says_which_run_made_its_experts_and_base(default_run, tmp_path):
     tmp, _ = default_run
     first = read_results(tmp / "out")
-    run_cli(FAST, tmp_path, env={"AME_CACHE_DIR": str(tmp / "cache")})  # default_run's cache
-    r = read_results(tmp_path / "out")
+    r = run_pipeline(FAST, tmp_path, cache=tmp / "cache")  # default_run's cache, in this process
     p, made = r["provenance"], {k: v for k, v in first["provenance"].items() if not k.endswith("_made_by")}
     assert r["experts_cached"] is True and p["run_id"] != made["run_id"]
     assert p["experts_made_by"] == [made] * 3 and p["base_made_by"] == made and p["reference_metrics_made_by"] == made
@@ -83,8 +75,7 @@ def test_the_same_config_on_the_same_machine_gives_the_same_results(default_run,
     cache: the base and the experts are trained again, everything is evaluated again."""
     tmp, _ = default_run
     first = read_results(tmp / "out")
-    run_cli(FAST, tmp_path)
-    r = read_results(tmp_path / "out")
+    r = run_pipeline(FAST, tmp_path)  # in this process (default_run: a run.py process)
     assert r["experts_cached"] is False and r["provenance"]["run_id"] != first["provenance"]["run_id"]
     for key in ("metrics", "soup", "base", "ensemble", "data"):
         assert r[key] == first[key], key
@@ -165,29 +156,31 @@ def test_wandb_runs_of_a_sweep_share_a_group_and_are_named_by_their_overrides(tm
                for r in runs)
 
 
-def test_an_unknown_wandb_setting_is_one_clear_line(tmp_path):
-    proc = run_cli(["debug=fast", "+logger.colour=blue"], tmp_path, check=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 1 and len(errors) == 1 and "logger: wandb.init does not take" in errors[0], proc.stderr
+def test_an_unknown_wandb_setting_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(AMEError, match="logger: wandb.init does not take") as err:
+        run_pipeline(["debug=fast", "+logger.colour=blue"], tmp_path)
+    assert "\n" not in str(err.value) and not (tmp_path / "out" / "results.json").exists()
 
 
 def test_greedy_soup_uses_a_validation_split_and_says_it_is_not_data_free(tmp_path):
-    run_cli([*FAST, "aggregator=greedy_soup", "data.val_size=120"], tmp_path)
-    r = read_results(tmp_path / "out")
+    r = run_pipeline([*FAST, "aggregator=greedy_soup", "data.val_size=120"], tmp_path)
     assert r["data_free"] is False and r["data"]["val_size"] == 120
     assert r["aggregator_info"]["chosen"] and len(r["aggregator_info"]["tried"]) == 3
 
 
-def test_wandb_online_without_a_server_falls_back_to_offline_within_seconds(tmp_path):
+def test_wandb_online_without_a_server_falls_back_to_offline_within_seconds(default_run, tmp_path, monkeypatch, caplog):
     import time
 
     from ame.report import _reachable
 
     t0 = time.time()  # the probe decides within seconds (not the whole run: its time depends on the machine's load)
     assert not _reachable("http://127.0.0.1:9") and time.time() - t0 < 10
-    proc = run_cli([a for a in FAST if a != "logger=none"] + ["train.epochs=1", "train.warm_epochs=1"], tmp_path,
-                   env={"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"})
-    assert "logging offline instead" in proc.stdout + proc.stderr
+    for key, value in {"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
+                       "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(key, value)
+    run_pipeline(["debug=fast"], tmp_path, cache=default_run[0] / "cache")  # its experts: the logger is tested
+    assert "logging offline instead" in caplog.text
     assert (tmp_path / "out" / "results.json").exists() and list((tmp_path / "out" / "wandb").glob("offline-run-*"))
 
 
@@ -202,15 +195,17 @@ def test_multirun_over_aggregators_trains_experts_once(tmp_path):
     assert [e["path"] for e in results[0]["experts"]] == [e["path"] for e in results[2]["experts"]]
 
 
-def test_base_seed_trains_one_base_for_every_seed(tmp_path):
-    run_cli(["-m", *FAST, "aggregator=soup", "seed=0,1", "base_seed=0"], tmp_path)
-    a, b = (read_results(tmp_path / "out" / str(i)) for i in range(2))
+def test_base_seed_trains_one_base_for_every_seed(tmp_path, caplog):
+    caplog.set_level("INFO", logger="ame")
+    a = run_pipeline([*FAST, "aggregator=soup", "seed=0", "base_seed=0"], tmp_path, out="out/0")
+    assert "warm base epoch" in caplog.text
+    caplog.clear()
+    b = run_pipeline([*FAST, "aggregator=soup", "seed=1", "base_seed=0"], tmp_path, out="out/1")
     same = [k for k in a["base"] if not k.startswith("shard/")]  # the worst shard depends on the shards
     assert [a["base"][k] for k in same] == [b["base"][k] for k in same]
     assert len([p for p in (tmp_path / "cache" / "bases").iterdir() if p.is_dir()]) == 1
     assert a["experts"][0]["path"] != b["experts"][0]["path"] and a["soup"] != b["soup"]  # other shards, other experts
-    log = (tmp_path / "out" / "1" / "run.log").read_text()
-    assert "warm base epoch" not in log  # the second seed read the first one's base from the cache
+    assert "warm base epoch" not in caplog.text  # the second seed read the first one's base from the cache
     # the base's public images (one split, drawn by base_seed) are in no seed's shards
     splits = [load_file(str(Path(r["experts"][0]["path"]).parent / "shards.safetensors")) for r in (a, b)]
     assert torch.equal(splits[0]["public"], splits[1]["public"])
@@ -225,8 +220,7 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     files = tmp / "cache" / "experts"
     pattern = next(p for p in files.iterdir() if p.is_dir()).as_posix() + "/expert_*.safetensors"
     init = next((tmp / "cache" / "bases").glob("*/init.safetensors"))
-    run_cli([*FAST, "experts=files", f"experts.paths='{pattern}'", f"experts.init={init}"], tmp_path)
-    r = read_results(tmp_path / "out")
+    r = run_pipeline([*FAST, "experts=files", f"experts.paths='{pattern}'", f"experts.init={init}"], tmp_path)
     assert r["metrics"]["id/acc"] == trained["metrics"]["id/acc"]
     assert [e["shard_size"] for e in r["experts"]] == [e["shard_size"] for e in trained["experts"]]
 
@@ -260,28 +254,31 @@ def test_bring_your_own_experts_reproduces_the_training_run(default_run, tmp_pat
     (["bn_reset=true", "data.val_size=100"], "has no BatchNorm statistics"),
 ])
 def test_bad_input_is_one_clear_line_and_nothing_is_written(args, message, tmp_path):
-    proc = run_cli([*FAST, *args], tmp_path, check=False)
-    assert proc.returncode == 1
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    """In process: the pipeline raises one AMEError line (run.py prints it as ``error: ...`` and
+    exits 1: tests/test_probe.py, through run.py)."""
+    from ame.pipeline import run
+
+    with pytest.raises(AMEError) as err:
+        run(compose_cfg([*FAST, *args], tmp_path))
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert not (tmp_path / "out" / "results.json").exists()
     assert not (tmp_path / "out" / "aggregate.safetensors").exists()
 
 
 def test_unknown_aggregator_lists_the_options(tmp_path):
-    proc = run_cli([*FAST, "aggregator=ame_lion"], tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "Could not find 'aggregator/ame_lion'" in proc.stderr and "ame_adam" in proc.stderr
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:  # Hydra's message, as run.py prints it
+        compose_cfg([*FAST, "aggregator=ame_lion"], tmp_path)
+    assert "Could not find 'aggregator/ame_lion'" in str(err.value) and "ame_adam" in str(err.value)
 
 
 def test_experts_that_do_not_fit_the_model_are_refused(default_run, tmp_path):
     tmp, _ = default_run
     pattern = next(p for p in (tmp / "cache" / "experts").iterdir() if p.is_dir()).as_posix() + "/expert_*.safetensors"
-    proc = run_cli([*FAST, "experts=files", f"experts.paths={pattern}", "aggregator.pivot=soup", "model=cnn"],
-                   tmp_path, check=False)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 1 and len(errors) == 1 and "does not match model=CNN" in errors[0], proc.stderr
+    with pytest.raises(AMEError, match="does not match model=CNN") as err:
+        run_pipeline([*FAST, "experts=files", f"experts.paths={pattern}", "aggregator.pivot=soup", "model=cnn"], tmp_path)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("bad", ["nan", "shape"])
@@ -298,11 +295,11 @@ def test_bad_expert_files_are_refused(bad, default_run, tmp_path):
             else:
                 sd[key] = torch.zeros(3, 3)
         save_state_dict(sd, tmp_path / "mine" / f"e{i}.safetensors")
-    proc = run_cli([*FAST, "experts=files", f"experts.paths={tmp_path}/mine/*.safetensors",
-                    "aggregator.pivot=soup"], tmp_path, check=False)
-    assert proc.returncode == 1
+    with pytest.raises(AMEError) as err:
+        run_pipeline([*FAST, "experts=files", f"experts.paths={tmp_path}/mine/*.safetensors", "aggregator.pivot=soup"],
+                     tmp_path)
     expected = "NaN/Inf" if bad == "nan" else "does not match the first expert"
-    assert expected in proc.stderr and "e1.safetensors" in proc.stderr
+    assert expected in str(err.value) and "e1.safetensors" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_help_lists_the_config_groups(tmp_path):
@@ -319,7 +316,8 @@ def test_batchnorm_statistics_follow_the_weights_in_process(tmp_path):
     from ame.pipeline import run
     from tests.conftest import compose_cfg
 
-    args = [*FAST, "model=cnn", "model.norm=batch", "model.widths=[8,16]", "aggregator=ame_sgd",
+    args = [*FAST, "model=cnn", "model.norm=batch", "model.widths=[4]", "train.epochs=1", "train.warm_epochs=1",
+            "aggregator=ame_sgd",
             "aggregator.optimizer.lr=0", "aggregator.lr_schedule=constant", "data.val_size=100"]
     r = run(compose_cfg(args, tmp_path))
     agg = load_file(str(tmp_path / "out" / "aggregate.safetensors"))
@@ -370,8 +368,9 @@ def test_test_subsample_scores_a_fixed_subset_and_leaves_the_corrupted_sets_alon
 
 
 def test_aggregator_ensemble_reports_the_ensemble_and_writes_no_weights(default_run, tmp_path):
-    run_cli([*FAST, "aggregator=ensemble"], tmp_path)  # the same experts as default_run, from its cache?
-    r = read_results(tmp_path / "out")
+    tmp, _ = default_run
+    r = run_pipeline([*FAST, "aggregator=ensemble"], tmp_path, cache=tmp / "cache")  # default_run's experts
+    assert r["experts_cached"] is True
     assert r["aggregator"] == "ensemble" and r["single_network"] is False and r["data_free"] is True
     assert r["metrics"] == {k: v for k, v in r["ensemble"].items() if k != "single_network"}
     assert not (tmp_path / "out" / "aggregate.safetensors").exists()

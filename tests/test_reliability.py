@@ -15,7 +15,7 @@ import torch
 
 from ame.data import load_cifar
 from ame.errors import AMEError
-from tests.conftest import FAST, ROOT, read_results, run_cli
+from tests.conftest import FAST, ROOT, read_results, run_cli, run_pipeline
 from tests.test_data import make_image_folder
 
 
@@ -65,9 +65,13 @@ def test_parallel_joblib_jobs_train_shared_experts_once_and_both_succeed(tmp_pat
     assert results[0]["soup"] == results[1]["soup"]
 
 
-def test_slurm_launcher_config_composes(tmp_path):
-    proc = run_cli(["--cfg", "hydra", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], tmp_path)
-    assert "SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.partition == "gpu"
 
 
 def test_truncated_dataset_cache_is_detected_and_rebuilt(tmp_path):
@@ -91,6 +95,11 @@ def test_corrupt_image_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("key", ["hydra.run.dir", "paths.cache_dir"])
 def test_unwritable_output_or_cache_is_one_clear_line(key, tmp_path):
     (tmp_path / "blocker").write_text("")
+    if key == "paths.cache_dir":  # the pipeline's check, in this process (the output directory: run.py's callback)
+        with pytest.raises(AMEError, match="cache_dir") as err:
+            run_pipeline(FAST, tmp_path, cache=tmp_path / "blocker" / "cache")
+        assert "\n" not in str(err.value)
+        return
     where = {"hydra.run.dir": [], "paths.cache_dir": [f"paths.cache_dir={tmp_path / 'blocker' / 'cache'}"]}[key]
     cmd = [sys.executable, str(ROOT / "run.py"), *FAST, *where,
            f"hydra.run.dir={tmp_path / ('blocker' if key == 'hydra.run.dir' else 'ok') / 'out'}"]
@@ -110,8 +119,9 @@ def _sweep_outcome(tmp_path, proc, jobs):
     return failed, done, errors
 
 
-def test_a_bad_job_does_not_stop_the_sweep_and_the_sweep_names_it(tmp_path):
-    proc = run_cli(["-m", *FAST, "aggregator.optimizer.lr=0.001,-1,0.01"], tmp_path, check=False)
+def test_a_bad_job_does_not_stop_the_sweep_and_the_sweep_names_it(default_run, tmp_path):
+    proc = run_cli(["-m", *FAST, "aggregator.optimizer.lr=0.001,-1,0.01"], tmp_path, check=False,
+                   env={"AME_CACHE_DIR": str(default_run[0] / "cache")})  # its experts: the sweep is tested
     failed, done, errors = _sweep_outcome(tmp_path, proc, 3)
     assert proc.returncode == 1 and failed == [1] and done == [0, 2], proc.stderr
     assert "Traceback" not in proc.stderr
@@ -140,10 +150,10 @@ def test_a_sweep_without_failures_ends_zero_even_after_a_failed_sweep_in_the_sam
 
 # -- damaged cache entries, end to end ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cached_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cached")
-    run_cli(FAST, tmp)
+@pytest.fixture
+def cached_run(default_run):
+    """default_run (the bare run.py with its W&B logger; these runs log nothing): its folder and results."""
+    tmp, _ = default_run
     return tmp, read_results(tmp / "out")
 
 
@@ -169,7 +179,7 @@ FAST_DAMAGES = ("expert: one byte flipped, same size and mtime", "reference metr
 
 
 @pytest.mark.parametrize("damage", [d if d in FAST_DAMAGES else pytest.param(d, marks=pytest.mark.slow) for d in DAMAGES])
-def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached_run, tmp_path):
+def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached_run, tmp_path, capsys):
     import shutil
 
     tmp, clean = cached_run
@@ -177,15 +187,14 @@ def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached
     pattern, hurt = DAMAGES[damage]
     (path,) = (tmp_path / "cache").glob(pattern)
     hurt(path)
-    proc = run_cli(FAST, tmp_path)  # exit 0: rebuilt, no manual deletion
-    r = read_results(tmp_path / "out")
+    r = run_pipeline(FAST, tmp_path)  # no error: rebuilt, no manual deletion (in this process)
     assert r["metrics"] == clean["metrics"] and r["soup"] == clean["soup"] and r["experts"] == [
         {**e, "path": e["path"].replace(str(tmp), str(tmp_path))} for e in clean["experts"]]
     if "manifest" not in damage:
-        assert "rebuilding" in proc.stderr and str(path.name) in proc.stderr
-    if damage.startswith("expert:"):
-        run_cli(FAST, tmp_path, out="again")  # and the rebuilt entry serves the next run
-        assert read_results(tmp_path / "again")["experts_cached"] is True
+        stderr = capsys.readouterr().err
+        assert "rebuilding" in stderr and str(path.name) in stderr
+    if damage.startswith("expert:"):  # and the rebuilt entry serves the next run
+        assert run_pipeline(FAST, tmp_path, out="again")["experts_cached"] is True
 
 
 # -- outputs -----------------------------------------------------------------------------------------
