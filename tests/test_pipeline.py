@@ -197,10 +197,10 @@ def test_multirun_over_aggregators_trains_experts_once(tmp_path):
 
 def test_base_seed_trains_one_base_for_every_seed(tmp_path, caplog):
     caplog.set_level("INFO", logger="ame")
-    a = run_pipeline([*FAST, "aggregator=soup", "seed=0", "base_seed=0"], tmp_path, out="out/0")
+    a = run_pipeline([*FAST, "aggregator=soup", "seed=0", "base_seed=0", "train.epochs=1"], tmp_path, out="out/0")
     assert "warm base epoch" in caplog.text
     caplog.clear()
-    b = run_pipeline([*FAST, "aggregator=soup", "seed=1", "base_seed=0"], tmp_path, out="out/1")
+    b = run_pipeline([*FAST, "aggregator=soup", "seed=1", "base_seed=0", "train.epochs=1"], tmp_path, out="out/1")
     same = [k for k in a["base"] if not k.startswith("shard/")]  # the worst shard depends on the shards
     assert [a["base"][k] for k in same] == [b["base"][k] for k in same]
     assert len([p for p in (tmp_path / "cache" / "bases").iterdir() if p.is_dir()]) == 1
@@ -422,12 +422,12 @@ def test_a_sweep_with_a_data_root_keeps_its_job_folders_one_level_deep(tmp_path)
     root = tmp_path / "data" / "deep"
     make_image_folder(root / "cifar10-jpeg", per_class=(20, 4))
     run_cli(["-m", "experiment=table", "regime=small_cnn", *FAST, f"data.root={root}", "data.download=false",
-             "data.public_size=12", "data.val_size=6", "data.shards.min_size=2", "~hydra.sweeper.params.seed",
+             "data.public_size=12", "data.val_size=6", "data.shards.min_size=2", "train.epochs=1", "~hydra.sweeper.params.seed",
              "~hydra.sweeper.params.aggregator", "seed=0", "aggregator=soup"], tmp_path, out="sweep")
     jobs = [p.parent for p in (tmp_path / "sweep").rglob("results.json")]
     assert [j.parent for j in jobs] == [tmp_path / "sweep"], jobs
     assert jobs[0].name == "aggregator=soup,data.download=False,data.public_size=12,data.shards.min_size=2," \
-                           "data.val_size=6,debug=fast,seed=0"
+                           "data.val_size=6,debug=fast,seed=0,train.epochs=1"
     assert read_results(jobs[0])["data"]["name"] == "cifar10"
 
 

@@ -49,6 +49,9 @@ def test_python_api_merge_loads_in_transformers(gpt2_experts, tmp_path):
     assert torch.allclose(merged[key], torch.stack([e[key] for e in experts]).mean(0), atol=1e-6)
 
 
+# slow: an interpreter's start-up; the fast suite merges GPT-2s through the API (above) and runs the
+# command line on safetensors files (tests/test_checkpoints.py)
+@pytest.mark.slow
 def test_command_line_merge_with_ame_adam_loads_in_transformers(gpt2_experts, tmp_path):
     root, paths = gpt2_experts
     out = tmp_path / "adam"

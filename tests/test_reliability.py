@@ -205,7 +205,9 @@ def test_a_failed_run_in_a_used_output_dir_leaves_no_earlier_results_looking_lik
     tmp, _ = cached_run
     shutil.copytree(tmp / "out", tmp_path / "out")
     proc = run_cli([*FAST, "eval.batch_size=0"], tmp_path, check=False)
-    assert proc.returncode == 1 and "eval.batch_size must be an integer" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # run.py: one line, exit 1
+    assert proc.returncode == 1 and len(errors) == 1 and "eval.batch_size must be an integer" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out" / "aggregate.safetensors").exists()
     assert (tmp_path / "out" / "results.previous.json").exists()  # kept, under a name that says what it is
 
