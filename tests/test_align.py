@@ -10,7 +10,6 @@ from ame.aggregators import average
 from ame.align import WeightMatching, permutation_spec, weight_matching
 from ame.errors import AMEError
 from ame.models import CNN, MLP, ResNet
-from tests.conftest import FAST, read_results, run_cli
 
 MODELS = {
     "mlp": (lambda: MLP(1, 8, 10, hidden=(32, 16)), (1, 8, 8)),
@@ -81,10 +80,10 @@ def test_weight_matching_records_how_much_closer_the_experts_moved():
 
 
 @pytest.mark.slow
-def test_aligned_soup_of_independent_experts_beats_the_unaligned_soup(tmp_path):
+def test_aligned_soup_of_independent_experts_beats_the_unaligned_soup(tmp_path, fast, read_results, run_cli):
     """End to end on digits (iid shards; the default Dirichlet shards of 1,800 images leave some experts
     too weak to tell): init=independent, the soup with and without weight matching."""
-    args = [*FAST, "aggregator=soup", "train.init=independent", "train.epochs=10", "data/shards=iid"]
+    args = [*fast, "aggregator=soup", "train.init=independent", "train.epochs=10", "data/shards=iid"]
     run_cli([*args, "align=none"], tmp_path, out="plain")
     run_cli([*args, "align=weight_matching"], tmp_path, out="aligned")
     plain, aligned = read_results(tmp_path / "plain"), read_results(tmp_path / "aligned")

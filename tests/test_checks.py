@@ -9,7 +9,6 @@ import torch
 
 from ame.errors import AMEError
 from ame.io import finite_json, save_state_dict, write_json
-from tests.conftest import FAST, compose_cfg
 
 CONFIG_VALUES = [
     ("seed=-1", "seed must be an integer ≥ 0"),
@@ -48,10 +47,10 @@ CONFIG_VALUES = [
 
 
 @pytest.mark.parametrize("override, message", CONFIG_VALUES, ids=[o for o, _ in CONFIG_VALUES])
-def test_bad_config_value_is_one_line_before_any_work(override, message, tmp_path):
+def test_bad_config_value_is_one_line_before_any_work(override, message, tmp_path, compose_cfg, fast):
     from ame.pipeline import _check
 
-    cfg = compose_cfg([*FAST, *override.split()], tmp_path)
+    cfg = compose_cfg([*fast, *override.split()], tmp_path)
     with pytest.raises(AMEError) as err:
         _check(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)

@@ -10,7 +10,6 @@ from ame.data.corruptions import FAMILIES, STANDARD, corrupt
 from ame.data.ood import PUBLISHED, generated_sets, published_sets
 from ame.errors import AMEError
 from ame.evaluate import ood_metrics
-from tests.conftest import FAST, read_results, run_cli
 
 
 @pytest.fixture
@@ -119,7 +118,7 @@ def test_ood_metrics_report_as_the_literature_does():
 
 
 @pytest.mark.slow
-def test_a_run_on_published_arrays_reports_the_same_keys_as_a_generated_run(tmp_path):
+def test_a_run_on_published_arrays_reports_the_same_keys_as_a_generated_run(tmp_path, fast, read_results, run_cli):
     from ame.data import load_digits
     d = load_digits()
     folder = tmp_path / "digits-c"
@@ -130,7 +129,7 @@ def test_a_run_on_published_arrays_reports_the_same_keys_as_a_generated_run(tmp_
         sets = [corrupt(d.test_x, name, s).permute(0, 2, 3, 1).numpy() for s in range(1, 6)]
         np.save(folder / f"{name}.npy", np.concatenate(sets))
     assert np.load(folder / "contrast.npy").shape == (5 * n, 8, 8, 1)
-    args = [*FAST, "eval.extras=[saturate]", "eval.ood_subsample=null"]
+    args = [*fast, "eval.extras=[saturate]", "eval.ood_subsample=null"]
     run_cli(args, tmp_path, out="gen")
     run_cli([*args, f"eval.source={folder}"], tmp_path, out="pub")
     gen, pub = read_results(tmp_path / "gen")["metrics"], read_results(tmp_path / "pub")["metrics"]

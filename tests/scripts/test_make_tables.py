@@ -9,12 +9,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository (the `root` fixture, at module level)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's ame, as an installed package would be
 
 
