@@ -80,13 +80,12 @@ def test_weight_matching_records_how_much_closer_the_experts_moved():
 
 
 @pytest.mark.slow
-def test_aligned_soup_of_independent_experts_beats_the_unaligned_soup(tmp_path, fast, read_results, run_cli):
+def test_aligned_soup_of_independent_experts_beats_the_unaligned_soup(tmp_path, fast, run_pipeline):
     """End to end on digits (iid shards; the default Dirichlet shards of 1,800 images leave some experts
     too weak to tell): init=independent, the soup with and without weight matching."""
     args = [*fast, "aggregator=soup", "train.init=independent", "train.epochs=10", "data/shards=iid"]
-    run_cli([*args, "align=none"], tmp_path, out="plain")
-    run_cli([*args, "align=weight_matching"], tmp_path, out="aligned")
-    plain, aligned = read_results(tmp_path / "plain"), read_results(tmp_path / "aligned")
+    plain = run_pipeline([*args, "align=none"], tmp_path, out="plain")  # in process; the second reads the experts
+    aligned = run_pipeline([*args, "align=weight_matching"], tmp_path, out="aligned")  # from the cache
     assert plain["align"] is None and aligned["align"]["method"] == "weight_matching"
     assert [e["id/acc"] for e in plain["experts"]] == [e["id/acc"] for e in aligned["experts"]]  # same functions
     assert aligned["metrics"]["id/acc"] > plain["metrics"]["id/acc"] + 0.1  # measured: 0.63 → 0.94
