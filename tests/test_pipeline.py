@@ -1,5 +1,7 @@
-"""End to end through ``run.py``: the results contract, cached experts across a multirun, the W&B
-offline run, bring-your-own experts, and one clear line for each bad input."""
+"""End to end: the results contract, cached experts across a multirun, the W&B offline run,
+bring-your-own experts, and one clear line for each bad input. ``run.py`` runs in a subprocess
+where the test is about the command line (the shared ``default_run``, multiruns, sweepers,
+``--help``); elsewhere the pipeline runs in process (``run_pipeline``)."""
 from __future__ import annotations
 
 
@@ -9,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ame.io import save_state_dict
 from ame.errors import AMEError
+from ame.io import save_state_dict
 
 METRIC_KEYS = {"id/acc", "id/nll", "ood/acc", "ood/gaussian_noise/acc", "ood/contrast/acc"}
 
@@ -59,7 +61,8 @@ def test_results_say_where_they_came_from(default_run, read_results):
     assert len(r["data"]["fingerprint"]) == 16
 
 
-def test_a_run_reusing_the_cache_says_which_run_made_its_experts_and_base(default_run, tmp_path, fast, read_results, run_pipeline):
+def test_a_run_reusing_the_cache_says_which_run_made_its_experts_and_base(default_run, tmp_path, fast, read_results,
+                                                                          run_pipeline):
     tmp, _ = default_run
     first = read_results(tmp / "out")
     r = run_pipeline(fast, tmp_path, cache=tmp / "cache")  # default_run's cache, in this process
@@ -69,7 +72,8 @@ def test_a_run_reusing_the_cache_says_which_run_made_its_experts_and_base(defaul
     assert r["metrics"] == first["metrics"]
 
 
-def test_the_same_config_on_the_same_machine_gives_the_same_results(default_run, tmp_path, fast, read_results, run_pipeline):
+def test_the_same_config_on_the_same_machine_gives_the_same_results(default_run, tmp_path, fast, read_results,
+                                                                    run_pipeline):
     """README, Reproducibility: bit-exact on one machine and set of versions. Here from an empty
     cache: the base and the experts are trained again, everything is evaluated again."""
     tmp, _ = default_run
@@ -168,7 +172,8 @@ def test_greedy_soup_uses_a_validation_split_and_says_it_is_not_data_free(tmp_pa
     assert r["aggregator_info"]["chosen"] and len(r["aggregator_info"]["tried"]) == 3
 
 
-def test_wandb_online_without_a_server_falls_back_to_offline_within_seconds(default_run, tmp_path, monkeypatch, caplog, run_pipeline):
+def test_wandb_online_without_a_server_falls_back_to_offline_within_seconds(default_run, tmp_path, monkeypatch,
+                                                                            caplog, run_pipeline):
     import time
 
     from ame.report import _reachable
@@ -362,7 +367,8 @@ def test_results_report_the_output_ensemble(default_run, read_results):
     assert "output ensemble (N networks)" in proc.stdout
 
 
-def test_a_sweep_with_a_data_root_keeps_its_job_folders_one_level_deep(tmp_path, fast, make_image_folder, read_results, run_cli):
+def test_a_sweep_with_a_data_root_keeps_its_job_folders_one_level_deep(tmp_path, fast, make_image_folder,
+                                                                       read_results, run_cli):
     """Issue 25: data.root=/a/path on an experiment's command line made nested job folders."""
 
     root = tmp_path / "data" / "deep"

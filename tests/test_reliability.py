@@ -33,7 +33,7 @@ def test_same_command_twice_gives_identical_results_and_bytes(tmp_path, fast, re
 
 @pytest.mark.slow
 def test_run_killed_while_training_experts_resumes_to_the_same_result(tmp_path, fast, read_results, root, run_cli):
-    args = [*fast, "data.shards.num_shards=4", "train.epochs=150"]
+    args = [*fast, "data.shards.num_shards=4", "train.epochs=20"]  # an expert takes seconds: the kill lands mid-set
     env = {**os.environ, "AME_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
     cmd = [sys.executable, str(root / "run.py"), *args, f"hydra.run.dir={tmp_path / 'killed'}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -177,7 +177,8 @@ FAST_DAMAGES = ("expert: one byte flipped, same size and mtime", "reference metr
 
 
 @pytest.mark.parametrize("damage", [d if d in FAST_DAMAGES else pytest.param(d, marks=pytest.mark.slow) for d in DAMAGES])
-def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached_run, tmp_path, capsys, fast, run_pipeline):
+def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached_run, tmp_path, capsys, fast,
+                                                                  run_pipeline):
     import shutil
 
     tmp, clean = cached_run
@@ -197,7 +198,8 @@ def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached
 
 # -- outputs -----------------------------------------------------------------------------------------
 
-def test_a_failed_run_in_a_used_output_dir_leaves_no_earlier_results_looking_like_its_own(cached_run, tmp_path, fast, run_cli):
+def test_a_failed_run_in_a_used_output_dir_leaves_no_earlier_results_looking_like_its_own(cached_run, tmp_path, fast,
+                                                                                          run_cli):
     import shutil
 
     tmp, _ = cached_run

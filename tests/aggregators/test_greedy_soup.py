@@ -36,7 +36,8 @@ def test_greedy_soup_without_validation_data_says_what_to_set(tiny_experts):
         GreedySoup()(tiny_experts(2), [1, 1])
 
 
-def test_greedy_soup_reads_each_expert_twice_at_most_and_returns_the_soup_of_the_chosen(monkeypatch, buffers, tiny_experts):
+def test_greedy_soup_reads_each_expert_twice_at_most_and_returns_the_soup_of_the_chosen(monkeypatch, buffers,
+                                                                                        tiny_experts):
     from ame.aggregators import GreedySoup
     from ame.pool import ExpertPool
 
