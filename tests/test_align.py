@@ -10,7 +10,6 @@ from ame.aggregators import average
 from ame.align import WeightMatching, permutation_spec, weight_matching
 from ame.errors import AMEError
 from ame.models import CNN, MLP, ResNet
-from tests.conftest import FAST, read_results, run_cli
 
 MODELS = {
     "mlp": (lambda: MLP(1, 8, 10, hidden=(32, 16)), (1, 8, 8)),
@@ -81,13 +80,12 @@ def test_weight_matching_records_how_much_closer_the_experts_moved():
 
 
 @pytest.mark.slow
-def test_aligned_soup_of_independent_experts_beats_the_unaligned_soup(tmp_path):
+def test_aligned_soup_of_independent_experts_beats_the_unaligned_soup(tmp_path, fast, run_pipeline):
     """End to end on digits (iid shards; the default Dirichlet shards of 1,800 images leave some experts
     too weak to tell): init=independent, the soup with and without weight matching."""
-    args = [*FAST, "aggregator=soup", "train.init=independent", "train.epochs=10", "data/shards=iid"]
-    run_cli([*args, "align=none"], tmp_path, out="plain")
-    run_cli([*args, "align=weight_matching"], tmp_path, out="aligned")
-    plain, aligned = read_results(tmp_path / "plain"), read_results(tmp_path / "aligned")
+    args = [*fast, "aggregator=soup", "train.init=independent", "train.epochs=10", "data/shards=iid"]
+    plain = run_pipeline([*args, "align=none"], tmp_path, out="plain")  # in process; the second reads the experts
+    aligned = run_pipeline([*args, "align=weight_matching"], tmp_path, out="aligned")  # from the cache
     assert plain["align"] is None and aligned["align"]["method"] == "weight_matching"
     assert [e["id/acc"] for e in plain["experts"]] == [e["id/acc"] for e in aligned["experts"]]  # same functions
     assert aligned["metrics"]["id/acc"] > plain["metrics"]["id/acc"] + 0.1  # measured: 0.63 → 0.94

@@ -25,15 +25,14 @@ import pytest
 
 from ame.cache import Entry
 from ame.errors import AMEError
-from conftest import FAST, read_results, run_cli
 
 # Two data-free aggregators over the same experts, and greedy_soup, which stops at its config check
 # (it needs a validation split); one epoch each for the base and the experts: the launcher is tested.
-SWEEP = ["-m", *FAST, "train.epochs=1", "train.warm_epochs=1", "aggregator=soup,ame_sgd,greedy_soup"]
+SWEEP = ["train.epochs=1", "train.warm_epochs=1", "aggregator=soup,ame_sgd,greedy_soup"]  # after -m and `fast`
 LAUNCHER = ["hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=1", "hydra.launcher.tasks_per_node=1"]
 
 
-def check_sweep(tmp_path: Path, proc) -> None:
+def check_sweep(tmp_path: Path, proc, read_results) -> None:
     sweep = tmp_path / "sweep"
     # the summary at the end of the sweep: exit code 1, one line naming the failed job and why
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -73,18 +72,18 @@ def check_sweep(tmp_path: Path, proc) -> None:
 
 
 @pytest.mark.slow  # four processes (the sweep, and one per job) each importing torch: 67 CPU-s, 2.5 min at load 10
-def test_submitit_local_sweep_shares_the_cache_and_summarises_the_sweep(tmp_path):
-    proc = run_cli([*SWEEP, "hydra/launcher=submitit_local", *LAUNCHER], tmp_path, out="sweep", check=False,
+def test_submitit_local_sweep_shares_the_cache_and_summarises_the_sweep(tmp_path, fast, read_results, run_cli):
+    proc = run_cli(["-m", *fast, *SWEEP, "hydra/launcher=submitit_local", *LAUNCHER], tmp_path, out="sweep", check=False,
                    timeout=420)
-    check_sweep(tmp_path, proc)
+    check_sweep(tmp_path, proc, read_results)
 
 
 @pytest.mark.slow
 @pytest.mark.needs_slurm
-def test_submitit_slurm_sweep_runs_on_a_slurm_cluster(tmp_path):
-    proc = run_cli([*SWEEP, "hydra/launcher=submitit_slurm", *LAUNCHER], tmp_path, out="sweep", check=False,
+def test_submitit_slurm_sweep_runs_on_a_slurm_cluster(tmp_path, fast, read_results, run_cli):
+    proc = run_cli(["-m", *fast, *SWEEP, "hydra/launcher=submitit_slurm", *LAUNCHER], tmp_path, out="sweep", check=False,
                    timeout=900)
-    check_sweep(tmp_path, proc)
+    check_sweep(tmp_path, proc, read_results)
     # SLURM ran them: an array job, one folder per task (<array id>_<index>), and its sbatch script
     assert len(list(tmp_path.glob("sweep/.submitit/*/*_submission.sh"))) == 1
     assert sorted(p.name.split("_")[1] for p in tmp_path.glob("sweep/.submitit/*_*") if p.is_dir()) == ["0", "1", "2"]

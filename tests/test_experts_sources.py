@@ -6,7 +6,6 @@ import pytest
 
 from ame.data import load_digits
 from ame.experts import base_key, cache_key, shared_seed
-from tests.conftest import compose_cfg
 
 # (overrides, expert key with base sha "abc", expert key without a base, base key): computed by the
 # code of main at bd0cfec, before the expert sources took sub-configs instead of the root config
@@ -25,7 +24,7 @@ def digits():
 
 
 @pytest.mark.parametrize("overrides, with_base, without_base, base", PINNED)
-def test_cache_keys_are_pinned(overrides, with_base, without_base, base, digits, tmp_path):
+def test_cache_keys_are_pinned(overrides, with_base, without_base, base, digits, tmp_path, compose_cfg):
     cfg = compose_cfg(overrides, tmp_path)
     settings = cfg.train, cfg.data, cfg.model
     assert cache_key(*settings, cfg.seed, cfg.base_seed, digits, "abc")[0] == with_base
@@ -33,7 +32,7 @@ def test_cache_keys_are_pinned(overrides, with_base, without_base, base, digits,
     assert base_key(*settings, shared_seed(cfg.seed, cfg.base_seed), digits)[0] == base
 
 
-def test_the_sources_say_what_the_pipeline_checks_before_any_work(tmp_path):
+def test_the_sources_say_what_the_pipeline_checks_before_any_work(tmp_path, compose_cfg):
     from ame.config import instantiate
     from ame.errors import AMEError
     from ame.experts import ExpertSource, FileExperts

@@ -10,8 +10,6 @@ from ame.aggregators import AME, average
 from ame.aggregators.base import Callback
 from ame.pipeline import _ReportDistances
 from ame.progress import Timer, listening, report, wanted
-from ame.report import flat_scalars, format_table, table_rows
-from tests.conftest import tiny_experts
 
 
 def test_report_logs_a_line_and_reaches_listeners_only_inside_the_block(caplog):
@@ -47,7 +45,7 @@ def _flat(sd):
     return torch.cat([v.reshape(-1).float() for v in sd.values()])
 
 
-def test_ame_step_hook_sees_the_pivot_then_the_iterates_and_changes_nothing():
+def test_ame_step_hook_sees_the_pivot_then_the_iterates_and_changes_nothing(tiny_experts):
     experts, init = tiny_experts(4, buffers=False), tiny_experts(1, seed=9, buffers=False)[0]
     make = functools.partial(AME, functools.partial(torch.optim.Adam, lr=0.1), epochs=2, pivot="init")
     plain = make()(experts, [1] * 4, init)
@@ -69,7 +67,7 @@ def test_ame_step_hook_sees_the_pivot_then_the_iterates_and_changes_nothing():
     assert abs(seen[-1][1]["dist_soup_l2"] - float((_flat(hooked) - soup).norm())) < 1e-5
 
 
-def test_distance_trace_matches_a_direct_computation():
+def test_distance_trace_matches_a_direct_computation(tiny_experts):
     experts, init = tiny_experts(3, buffers=False), tiny_experts(1, seed=5, buffers=False)[0]
     soup = _flat(average(experts))
     out = []
@@ -82,18 +80,6 @@ def test_distance_trace_matches_a_direct_computation():
     last = out[-1][3]  # GD with lr 1/k over one epoch is the soup
     assert last["dist_soup"] < 1e-5 and abs(last["dist_pivot_l2"] - scale) < 1e-4
     assert abs(last["dist_pivot"] - float((_flat(result) - _flat(init)).norm()) / scale) < 1e-5
-
-
-def test_results_table_in_percent_without_a_repeated_soup_and_every_scalar_flattened():
-    m = {"id/acc": 0.5, "id/nll": 1.25, "ood/acc": 0.25}
-    results = {"aggregator": "soup", "metrics": m, "soup": m, "base": None, "ensemble": None, "seed": 3,
-               "experts": [{"shard_size": 5, "path": "a", **m}], "timings_s": {"data": 0.5}}
-    assert [name for name, _ in table_rows(results)] == ["expert 0 (n=5)", "soup (aggregate)"]
-    table = format_table(results)
-    assert "50.00" in table and "1.25" in table and "0.50" not in table
-    flat = flat_scalars(results)
-    assert flat["aggregate/id/acc"] == 0.5 and flat["expert_0/ood/acc"] == 0.25 and flat["timings_s/data"] == 0.5
-    assert flat["seed"] == 3 and "base" not in flat and flat["expert_0/shard_size"] == 5
 
 
 def test_meter_logs_rate_and_eta_off_a_terminal_and_is_silent_when_quiet(caplog):

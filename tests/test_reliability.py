@@ -15,13 +15,11 @@ import torch
 
 from ame.data import load_cifar
 from ame.errors import AMEError
-from tests.conftest import FAST, ROOT, read_results, run_cli
-from tests.test_data import make_image_folder
 
 
 @pytest.mark.slow
-def test_same_command_twice_gives_identical_results_and_bytes(tmp_path):
-    args = [*FAST, "aggregator=ame_adagrad", "aggregator.order=shuffle"]
+def test_same_command_twice_gives_identical_results_and_bytes(tmp_path, fast, read_results, run_cli):
+    args = [*fast, "aggregator=ame_adagrad", "aggregator.order=shuffle"]
     run_cli(args, tmp_path / "a")
     run_cli(args, tmp_path / "b")  # its own cache: the experts are trained again
     a, b = read_results(tmp_path / "a" / "out"), read_results(tmp_path / "b" / "out")
@@ -34,10 +32,10 @@ def test_same_command_twice_gives_identical_results_and_bytes(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_killed_while_training_experts_resumes_to_the_same_result(tmp_path):
-    args = [*FAST, "data.shards.num_shards=4", "train.epochs=150"]
+def test_run_killed_while_training_experts_resumes_to_the_same_result(tmp_path, fast, read_results, root, run_cli):
+    args = [*fast, "data.shards.num_shards=4", "train.epochs=20"]  # an expert takes seconds: the kill lands mid-set
     env = {**os.environ, "AME_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
-    cmd = [sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={tmp_path / 'killed'}"]
+    cmd = [sys.executable, str(root / "run.py"), *args, f"hydra.run.dir={tmp_path / 'killed'}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 120
@@ -58,19 +56,23 @@ def test_run_killed_while_training_experts_resumes_to_the_same_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_parallel_joblib_jobs_train_shared_experts_once_and_both_succeed(tmp_path):
-    run_cli(["-m", *FAST, "hydra/launcher=local", "aggregator=soup,ame_adam"], tmp_path)  # the shipped config: 2 jobs
+def test_parallel_joblib_jobs_train_shared_experts_once_and_both_succeed(tmp_path, fast, read_results, run_cli):
+    run_cli(["-m", *fast, "hydra/launcher=local", "aggregator=soup,ame_adam"], tmp_path)  # the shipped config: 2 jobs
     results = [read_results(tmp_path / "out" / str(i)) for i in range(2)]
     assert sorted(r["experts_cached"] for r in results) == [False, True]
     assert results[0]["soup"] == results[1]["soup"]
 
 
-def test_slurm_launcher_config_composes(tmp_path):
-    proc = run_cli(["--cfg", "hydra", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], tmp_path)
-    assert "SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout
+def test_slurm_launcher_config_composes(root):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.partition == "gpu"
 
 
-def test_truncated_dataset_cache_is_detected_and_rebuilt(tmp_path):
+def test_truncated_dataset_cache_is_detected_and_rebuilt(tmp_path, make_image_folder):
     make_image_folder(tmp_path / "cifar10-jpeg")
     first = load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache"))
     entry = next((tmp_path / "cache" / "datasets").glob("*/data.safetensors"))
@@ -81,7 +83,7 @@ def test_truncated_dataset_cache_is_detected_and_rebuilt(tmp_path):
         == first.fingerprint()
 
 
-def test_corrupt_image_is_one_clear_error(tmp_path):
+def test_corrupt_image_is_one_clear_error(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "cifar10-jpeg")
     (root / "train" / "dog" / "0001.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(AMEError, match="cannot decode image .*0001.jpg"):
@@ -89,10 +91,15 @@ def test_corrupt_image_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["hydra.run.dir", "paths.cache_dir"])
-def test_unwritable_output_or_cache_is_one_clear_line(key, tmp_path):
+def test_unwritable_output_or_cache_is_one_clear_line(key, tmp_path, fast, root, run_pipeline):
     (tmp_path / "blocker").write_text("")
+    if key == "paths.cache_dir":  # the pipeline's check, in this process (the output directory: run.py's callback)
+        with pytest.raises(AMEError, match="cache_dir") as err:
+            run_pipeline(fast, tmp_path, cache=tmp_path / "blocker" / "cache")
+        assert "\n" not in str(err.value)
+        return
     where = {"hydra.run.dir": [], "paths.cache_dir": [f"paths.cache_dir={tmp_path / 'blocker' / 'cache'}"]}[key]
-    cmd = [sys.executable, str(ROOT / "run.py"), *FAST, *where,
+    cmd = [sys.executable, str(root / "run.py"), *fast, *where,
            f"hydra.run.dir={tmp_path / ('blocker' if key == 'hydra.run.dir' else 'ok') / 'out'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "AME_CACHE_DIR": str(tmp_path / "cache")})
@@ -110,8 +117,9 @@ def _sweep_outcome(tmp_path, proc, jobs):
     return failed, done, errors
 
 
-def test_a_bad_job_does_not_stop_the_sweep_and_the_sweep_names_it(tmp_path):
-    proc = run_cli(["-m", *FAST, "aggregator.optimizer.lr=0.001,-1,0.01"], tmp_path, check=False)
+def test_a_bad_job_does_not_stop_the_sweep_and_the_sweep_names_it(default_run, tmp_path, fast, run_cli):
+    proc = run_cli(["-m", *fast, "aggregator.optimizer.lr=0.001,-1,0.01"], tmp_path, check=False,
+                   env={"AME_CACHE_DIR": str(default_run[0] / "cache")})  # its experts: the sweep is tested
     failed, done, errors = _sweep_outcome(tmp_path, proc, 3)
     assert proc.returncode == 1 and failed == [1] and done == [0, 2], proc.stderr
     assert "Traceback" not in proc.stderr
@@ -123,27 +131,27 @@ def test_a_bad_job_does_not_stop_the_sweep_and_the_sweep_names_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_bad_job_does_not_stop_the_joblib_launcher(tmp_path):
-    proc = run_cli(["-m", *FAST, "hydra/launcher=local", "aggregator.optimizer.lr=-1,0.001"], tmp_path, check=False)
+def test_a_bad_job_does_not_stop_the_joblib_launcher(tmp_path, fast, run_cli):
+    proc = run_cli(["-m", *fast, "hydra/launcher=local", "aggregator.optimizer.lr=-1,0.001"], tmp_path, check=False)
     failed, done, _ = _sweep_outcome(tmp_path, proc, 2)
     assert proc.returncode == 1 and failed == [0] and done == [1], proc.stderr
     assert "Traceback" not in proc.stderr and "job 0 (" in proc.stderr
 
 
 @pytest.mark.slow
-def test_a_sweep_without_failures_ends_zero_even_after_a_failed_sweep_in_the_same_dir(tmp_path):
-    run_cli(["-m", *FAST, "train.epochs=1", "aggregator.optimizer.lr=-1"], tmp_path, check=False)
+def test_a_sweep_without_failures_ends_zero_even_after_a_failed_sweep_in_the_same_dir(tmp_path, fast, run_cli):
+    run_cli(["-m", *fast, "train.epochs=1", "aggregator.optimizer.lr=-1"], tmp_path, check=False)
     assert (tmp_path / "out" / "0" / "error.json").exists()
-    run_cli(["-m", *FAST, "train.epochs=1", "aggregator.optimizer.lr=0.001"], tmp_path)  # check=True: exit 0
+    run_cli(["-m", *fast, "train.epochs=1", "aggregator.optimizer.lr=0.001"], tmp_path)  # check=True: exit 0
     assert not (tmp_path / "out" / "0" / "error.json").exists()
 
 
 # -- damaged cache entries, end to end ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cached_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cached")
-    run_cli(FAST, tmp)
+@pytest.fixture
+def cached_run(default_run, read_results):
+    """default_run (the bare run.py with its W&B logger; these runs log nothing): its folder and results."""
+    tmp, _ = default_run
     return tmp, read_results(tmp / "out")
 
 
@@ -169,7 +177,8 @@ FAST_DAMAGES = ("expert: one byte flipped, same size and mtime", "reference metr
 
 
 @pytest.mark.parametrize("damage", [d if d in FAST_DAMAGES else pytest.param(d, marks=pytest.mark.slow) for d in DAMAGES])
-def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached_run, tmp_path):
+def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached_run, tmp_path, capsys, fast,
+                                                                  run_pipeline):
     import shutil
 
     tmp, clean = cached_run
@@ -177,31 +186,33 @@ def test_a_damaged_cache_entry_is_reported_rebuilt_and_never_used(damage, cached
     pattern, hurt = DAMAGES[damage]
     (path,) = (tmp_path / "cache").glob(pattern)
     hurt(path)
-    proc = run_cli(FAST, tmp_path)  # exit 0: rebuilt, no manual deletion
-    r = read_results(tmp_path / "out")
+    r = run_pipeline(fast, tmp_path)  # no error: rebuilt, no manual deletion (in this process)
     assert r["metrics"] == clean["metrics"] and r["soup"] == clean["soup"] and r["experts"] == [
         {**e, "path": e["path"].replace(str(tmp), str(tmp_path))} for e in clean["experts"]]
     if "manifest" not in damage:
-        assert "rebuilding" in proc.stderr and str(path.name) in proc.stderr
-    if damage.startswith("expert:"):
-        run_cli(FAST, tmp_path, out="again")  # and the rebuilt entry serves the next run
-        assert read_results(tmp_path / "again")["experts_cached"] is True
+        stderr = capsys.readouterr().err
+        assert "rebuilding" in stderr and str(path.name) in stderr
+    if damage.startswith("expert:"):  # and the rebuilt entry serves the next run
+        assert run_pipeline(fast, tmp_path, out="again")["experts_cached"] is True
 
 
 # -- outputs -----------------------------------------------------------------------------------------
 
-def test_a_failed_run_in_a_used_output_dir_leaves_no_earlier_results_looking_like_its_own(cached_run, tmp_path):
+def test_a_failed_run_in_a_used_output_dir_leaves_no_earlier_results_looking_like_its_own(cached_run, tmp_path, fast,
+                                                                                          run_cli):
     import shutil
 
     tmp, _ = cached_run
     shutil.copytree(tmp / "out", tmp_path / "out")
-    proc = run_cli([*FAST, "eval.batch_size=0"], tmp_path, check=False)
-    assert proc.returncode == 1 and "eval.batch_size must be an integer" in proc.stderr
+    proc = run_cli([*fast, "eval.batch_size=0"], tmp_path, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # run.py: one line, exit 1
+    assert proc.returncode == 1 and len(errors) == 1 and "eval.batch_size must be an integer" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out" / "aggregate.safetensors").exists()
     assert (tmp_path / "out" / "results.previous.json").exists()  # kept, under a name that says what it is
 
 
-def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, fast, root):
     import resource
 
     def limit():  # writes beyond 50 kB fail (EFBIG), as on a full disk, for this process only
@@ -209,7 +220,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
 
     env = {**os.environ, "AME_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
-    cmd = [sys.executable, str(ROOT / "run.py"), *FAST, f"hydra.run.dir={tmp_path / 'out'}"]
+    cmd = [sys.executable, str(root / "run.py"), *fast, f"hydra.run.dir={tmp_path / 'out'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 1 and len(errors) == 1 and "cannot write" in errors[0], proc.stderr

@@ -11,7 +11,6 @@ import torch
 from ame.data import load_gld23k, split
 from ame.data.shards import iid, natural
 from ame.errors import AMEError
-from tests.conftest import read_results, run_cli
 
 USERS = {"u7": 9, "u1": 6, "u3": 5, "u9": 4, "u2": 3, "u5": 3}  # images per client
 
@@ -88,7 +87,7 @@ def test_natural_shards_keep_clients_whole_and_balance_sizes():
 
 
 @pytest.mark.slow
-def test_gld23k_with_vit_s_composes_and_runs_end_to_end(gld_root, tmp_path):
+def test_gld23k_with_vit_s_composes_and_runs_end_to_end(gld_root, tmp_path, read_results, run_cli):
     cfg = run_cli(["--cfg", "job", "data=gld23k"], tmp_path, out="cfg").stdout
     assert "vit_small_patch16_224" in cfg and "ame.data.shards.natural" in cfg and "torch.optim.AdamW" in cfg
     # fig1 runs the strong CIFAR regime by default; ~regime keeps the data config's own model (ViT-S)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository (the `root` fixture, at module level)
 transformers = pytest.importorskip("transformers")
 spec = importlib.util.spec_from_file_location("bench_merge", ROOT / "scripts" / "bench_merge.py")
 bench = sys.modules["bench_merge"] = importlib.util.module_from_spec(spec)  # dataclasses look it up

@@ -7,7 +7,6 @@ import torch
 from ame.aggregators import average
 from ame.errors import AMEError
 from ame.aggregators import TaskVectors
-from tests.conftest import BUFFERS, tiny_experts
 
 BASE = torch.ones(4)
 TAUS = [torch.tensor([3.0, -1.0, 0.5, -2.0]), torch.tensor([2.0, -4.0, 1.0, 0.2]), torch.tensor([-2.0, 0.1, 0.1, 0.5])]
@@ -19,10 +18,10 @@ def test_task_arithmetic_is_base_plus_scaled_sum():
     assert torch.allclose(out, BASE + 0.5 * sum(TAUS))
 
 
-def test_task_arithmetic_with_one_over_n_is_the_soup():
+def test_task_arithmetic_with_one_over_n_is_the_soup(buffers, tiny_experts):
     ex, init = tiny_experts(4), tiny_experts(1, seed=5)[0]
-    out = TaskVectors(scaling=0.25)(ex, [1] * 4, init, BUFFERS)
-    soup = average(ex, buffers=BUFFERS)
+    out = TaskVectors(scaling=0.25)(ex, [1] * 4, init, buffers)
+    soup = average(ex, buffers=buffers)
     assert all(torch.allclose(out[k].float(), soup[k].float(), atol=1e-6) for k in soup)
 
 

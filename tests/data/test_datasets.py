@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.io import encode_jpeg, write_file
 
 from ame.data import load_cifar, load_digits
 from ame.errors import AMEError
 
-SHARED = Path(os.environ.get("AME_SHARED_CIFAR", Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"))
+SHARED = Path(os.environ.get("AME_SHARED_CIFAR", Path(__file__).resolve().parents[3] / "shared/data/cifar10-jpeg.tar.gz"))
 
 
 def test_digits_is_a_fixed_uint8_split():
@@ -24,18 +23,7 @@ def test_digits_is_a_fixed_uint8_split():
     assert abs(float(normed.mean())) < 1e-3 and abs(float(normed.std()) - 1) < 1e-2
 
 
-def make_image_folder(root: Path, classes=("cat", "dog", "frog"), per_class=(4, 2)) -> Path:
-    g = torch.Generator().manual_seed(0)
-    for split, n in zip(("train", "test"), per_class):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)
-                write_file(str(root / split / c / f"{i:04d}.jpg"), encode_jpeg(img, quality=95))
-    return root
-
-
-def test_image_folder_is_decoded_once_and_cached(tmp_path, monkeypatch):
+def test_image_folder_is_decoded_once_and_cached(tmp_path, monkeypatch, make_image_folder):
     from ame.data import datasets
 
     root = make_image_folder(tmp_path / "cifar10-jpeg")
@@ -50,7 +38,7 @@ def test_image_folder_is_decoded_once_and_cached(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change", ["add", "remove", "replace"])
-def test_changed_image_folder_is_decoded_again(change, tmp_path):
+def test_changed_image_folder_is_decoded_again(change, tmp_path, make_image_folder):
     from torchvision.io import decode_image, encode_jpeg, write_file
 
     root = make_image_folder(tmp_path / "cifar10-jpeg")

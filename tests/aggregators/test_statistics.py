@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from ame.aggregators import AME, TaskVectors, average
-from tests.conftest import BUFFERS, tiny_experts
 
 
 def with_var(sds):
@@ -18,10 +17,13 @@ def with_var(sds):
     return sds
 
 
-EXPERTS = with_var(tiny_experts(4))
-INIT = with_var(tiny_experts(1, seed=9))[0]
-INIT["norm.num_batches_tracked"] = torch.tensor(1234)
-ALL_BUFFERS = (*BUFFERS, "norm.running_var")
+@pytest.fixture(scope="module")
+def nets(tiny_experts, buffers):
+    """Four experts and an init with a running variance too, and every buffer's name."""
+    experts = with_var(tiny_experts(4))
+    init = with_var(tiny_experts(1, seed=9))[0]
+    init["norm.num_batches_tracked"] = torch.tensor(1234)
+    return experts, init, (*buffers, "norm.running_var")
 
 
 def equal(a, b):
@@ -30,13 +32,15 @@ def equal(a, b):
 
 @pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam, torch.optim.Adagrad])
 @pytest.mark.parametrize("pivot", ["init", "first"])
-def test_ame_with_learning_rate_zero_returns_the_pivot_network_exactly(optimizer, pivot):
+def test_ame_with_learning_rate_zero_returns_the_pivot_network_exactly(optimizer, pivot, nets):
+    EXPERTS, INIT, ALL_BUFFERS = nets
     agg = AME(functools.partial(optimizer, lr=0.0), pivot=pivot, epochs=2, order="shuffle")
     out = agg(EXPERTS, [1, 2, 3, 4], INIT, ALL_BUFFERS)
     assert equal(out, INIT if pivot == "init" else EXPERTS[0])  # weights, statistics and counters
 
 
-def test_ame_gd_one_over_k_is_the_soup_statistics_included():
+def test_ame_gd_one_over_k_is_the_soup_statistics_included(nets):
+    EXPERTS, INIT, ALL_BUFFERS = nets
     out = AME(functools.partial(torch.optim.SGD, lr=1.0), pivot="init", lr_schedule="harmonic")(
         EXPERTS, [1] * 4, INIT, ALL_BUFFERS)
     soup = average(EXPERTS, buffers=ALL_BUFFERS)
@@ -45,14 +49,16 @@ def test_ame_gd_one_over_k_is_the_soup_statistics_included():
         assert torch.allclose(out[k], soup[k], atol=1e-6)
 
 
-def test_task_arithmetic_with_zero_scaling_returns_the_init_exactly():
+def test_task_arithmetic_with_zero_scaling_returns_the_init_exactly(nets):
+    EXPERTS, INIT, ALL_BUFFERS = nets
     for kind in (dict(), dict(density=0.3, sparsify="magnitude", sign_election=True, combine="mean"),
                  dict(density=0.5, sparsify="random")):
         assert equal(TaskVectors(scaling=0.0, **kind)(EXPERTS, None, INIT, ALL_BUFFERS), INIT)
 
 
-def test_statistics_take_the_same_step_as_the_weights():
+def test_statistics_take_the_same_step_as_the_weights(nets):
     """Adam from the init: each statistic moves exactly as a parameter with the same values would."""
+    EXPERTS, INIT, ALL_BUFFERS = nets
     agg = AME(functools.partial(torch.optim.Adam, lr=0.1), pivot="init")
     out = agg(EXPERTS, [1] * 4, INIT, ALL_BUFFERS)
     as_param = agg([{"w": e["norm.running_mean"]} for e in EXPERTS], [1] * 4, {"w": INIT["norm.running_mean"]})

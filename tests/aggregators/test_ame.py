@@ -8,13 +8,11 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from ame.aggregators import AME, PIVOTS, average
 from ame.errors import AMEError
 from ame.experts import Experts
 from ame.io import save_state_dict
-from tests.conftest import BUFFERS, ROOT, compose_cfg, tiny_experts
 
 
 def max_diff(a, b):
@@ -25,9 +23,9 @@ def sgd(lr=1.0):
     return functools.partial(torch.optim.SGD, lr=lr)
 
 
-def test_average_is_the_mean_and_copies_integer_buffers():
+def test_average_is_the_mean_and_copies_integer_buffers(buffers, tiny_experts):
     ex = tiny_experts(3)
-    soup = average(ex, buffers=BUFFERS)
+    soup = average(ex, buffers=buffers)
     for k in ("layer.weight", "layer.bias", "norm.running_mean"):
         assert torch.allclose(soup[k], torch.stack([e[k] for e in ex]).mean(0), atol=1e-7)
     assert soup["norm.num_batches_tracked"] == ex[0]["norm.num_batches_tracked"]
@@ -35,47 +33,47 @@ def test_average_is_the_mean_and_copies_integer_buffers():
 
 
 @pytest.mark.parametrize("pivot", PIVOTS)
-def test_ame_gd_harmonic_equals_soup_from_every_pivot(pivot):
+def test_ame_gd_harmonic_equals_soup_from_every_pivot(pivot, buffers, tiny_experts):
     ex = tiny_experts(5)
     init = tiny_experts(1, seed=99)[0]
-    agg = AME(sgd(), pivot=pivot, lr_schedule="harmonic")(ex, [1] * 5, init, BUFFERS)
-    assert max_diff(agg, average(ex, buffers=BUFFERS)) <= 1e-6
+    agg = AME(sgd(), pivot=pivot, lr_schedule="harmonic")(ex, [1] * 5, init, buffers)
+    assert max_diff(agg, average(ex, buffers=buffers)) <= 1e-6
 
 
 @pytest.mark.parametrize("pivot", PIVOTS)
-def test_pivot_form_constant_lr_one_equals_soup_from_every_pivot(pivot):
+def test_pivot_form_constant_lr_one_equals_soup_from_every_pivot(pivot, buffers, tiny_experts):
     ex = tiny_experts(5)
     init = tiny_experts(1, seed=99)[0]
-    agg = AME(sgd(), pivot=pivot, pseudogradient="pivot", lr_schedule="constant")(ex, [1] * 5, init, BUFFERS)
-    assert max_diff(agg, average(ex, buffers=BUFFERS)) <= 1e-6
+    agg = AME(sgd(), pivot=pivot, pseudogradient="pivot", lr_schedule="constant")(ex, [1] * 5, init, buffers)
+    assert max_diff(agg, average(ex, buffers=buffers)) <= 1e-6
 
 
-def test_harmonic_gd_over_several_epochs_and_shuffled_order_is_still_the_soup():
+def test_harmonic_gd_over_several_epochs_and_shuffled_order_is_still_the_soup(buffers, tiny_experts):
     ex = tiny_experts(4)
-    agg = AME(sgd(), epochs=3, pivot="zero", order="shuffle", lr_schedule="harmonic")(ex, [1] * 4, None, BUFFERS)
-    assert max_diff(agg, average(ex, buffers=BUFFERS)) <= 1e-6
+    agg = AME(sgd(), epochs=3, pivot="zero", order="shuffle", lr_schedule="harmonic")(ex, [1] * 4, None, buffers)
+    assert max_diff(agg, average(ex, buffers=buffers)) <= 1e-6
 
 
-def test_shard_size_amplification_gives_the_weighted_soup():
+def test_shard_size_amplification_gives_the_weighted_soup(buffers, tiny_experts):
     ex, sizes = tiny_experts(3), [10, 30, 60]
-    agg = AME(sgd(), pivot="first", pseudogradient="pivot", amplification="shard_size")(ex, sizes, None, BUFFERS)
+    agg = AME(sgd(), pivot="first", pseudogradient="pivot", amplification="shard_size")(ex, sizes, None, buffers)
     ref = {k: sum(s * e[k] for s, e in zip(sizes, ex)) / 100 for k in ("layer.weight", "layer.bias")}
     assert max(float((agg[k] - ref[k]).abs().max()) for k in ref) <= 1e-6
 
 
-def test_weighted_soup_weights_float_buffers_like_parameters():
+def test_weighted_soup_weights_float_buffers_like_parameters(buffers, tiny_experts):
     ex, sizes = tiny_experts(3), [10, 30, 60]
-    agg = AME(sgd(), pivot="first", pseudogradient="pivot", amplification="shard_size")(ex, sizes, None, BUFFERS)
+    agg = AME(sgd(), pivot="first", pseudogradient="pivot", amplification="shard_size")(ex, sizes, None, buffers)
     ref = sum(s * e["norm.running_mean"] for s, e in zip(sizes, ex)) / 100
     assert float((agg["norm.running_mean"] - ref).abs().max()) <= 1e-6
 
 
-def test_optimizer_that_needs_a_closure_is_one_clear_error():
+def test_optimizer_that_needs_a_closure_is_one_clear_error(buffers, tiny_experts):
     with pytest.raises(AMEError, match="LBFGS.step"):
-        AME(functools.partial(torch.optim.LBFGS, lr=1.0), pivot="zero")(tiny_experts(2), [1, 1], None, BUFFERS)
+        AME(functools.partial(torch.optim.LBFGS, lr=1.0), pivot="zero")(tiny_experts(2), [1, 1], None, buffers)
 
 
-def test_init_that_does_not_match_the_experts_is_refused():
+def test_init_that_does_not_match_the_experts_is_refused(tiny_experts):
     init = {"layer.weight": torch.zeros(5, 4), "layer.bias": torch.zeros(5)}
     with pytest.raises(AMEError, match="the initialisation"):
         AME(sgd())(tiny_experts(2, buffers=False), [1, 1], init)
@@ -100,25 +98,25 @@ def test_two_step_adam_matches_hand_computation():
     assert abs(float(out[0]) - 0.5) > 1e-3
 
 
-def test_shuffle_is_seeded_and_matters_for_adaptive_optimizers():
+def test_shuffle_is_seeded_and_matters_for_adaptive_optimizers(buffers, tiny_experts):
     ex = tiny_experts(6)
     adam = functools.partial(torch.optim.Adam, lr=0.05)
-    a = AME(adam, pivot="zero", order="shuffle", seed=1)(ex, [1] * 6, None, BUFFERS)
-    b = AME(adam, pivot="zero", order="shuffle", seed=1)(ex, [1] * 6, None, BUFFERS)
-    c = AME(adam, pivot="zero", order="fixed")(ex, [1] * 6, None, BUFFERS)
+    a = AME(adam, pivot="zero", order="shuffle", seed=1)(ex, [1] * 6, None, buffers)
+    b = AME(adam, pivot="zero", order="shuffle", seed=1)(ex, [1] * 6, None, buffers)
+    c = AME(adam, pivot="zero", order="fixed")(ex, [1] * 6, None, buffers)
     assert max_diff(a, b) == 0
     assert max_diff(a, c) > 1e-4
 
 
-def test_lazy_experts_from_files_give_the_same_aggregate(tmp_path):
+def test_lazy_experts_from_files_give_the_same_aggregate(tmp_path, buffers, tiny_experts):
     ex = tiny_experts(3)
     paths = []
     for i, sd in enumerate(ex):
         paths.append(tmp_path / f"e{i}.safetensors")
         save_state_dict(sd, paths[-1])
     adam = functools.partial(torch.optim.Adam, lr=0.01)
-    assert max_diff(AME(adam, pivot="soup")(Experts(paths), [1] * 3, None, BUFFERS),
-                    AME(adam, pivot="soup")(ex, [1] * 3, None, BUFFERS)) == 0
+    assert max_diff(AME(adam, pivot="soup")(Experts(paths), [1] * 3, None, buffers),
+                    AME(adam, pivot="soup")(ex, [1] * 3, None, buffers)) == 0
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -130,14 +128,14 @@ def test_lazy_experts_from_files_give_the_same_aggregate(tmp_path):
     (lambda sd: sd["layer.bias"].__setitem__(0, float("inf")), "NaN/Inf"),
     (lambda sd: sd["norm.running_mean"].__setitem__(1, float("nan")), "NaN/Inf values in 'norm.running_mean'"),
 ])
-def test_bad_experts_give_one_clear_error(mutate, message):
+def test_bad_experts_give_one_clear_error(mutate, message, buffers, tiny_experts):
     ex = tiny_experts(3)
     mutate(ex[2])
     adam = functools.partial(torch.optim.Adam, lr=0.1)
     for agg in (AME(sgd(), pivot="first", lr_schedule="harmonic"), AME(adam, pivot="zero", order="shuffle"),
                 lambda e, s, i, b: average(e, buffers=b)):
         with pytest.raises(AMEError, match="expert 2") as err:
-            agg(ex, [1] * 3, None, BUFFERS)
+            agg(ex, [1] * 3, None, buffers)
         assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -149,30 +147,14 @@ def test_bad_aggregator_settings_are_rejected(kwargs):
         AME(sgd(), **kwargs)
 
 
-def test_pivot_init_without_init_says_what_to_do():
+def test_pivot_init_without_init_says_what_to_do(buffers, tiny_experts):
     with pytest.raises(AMEError, match="needs the experts. shared initialisation \\(pivot=init\\)"):
-        AME(sgd())(tiny_experts(2), [1, 1], None, BUFFERS)
+        AME(sgd())(tiny_experts(2), [1, 1], None, buffers)
 
 
-def test_diverging_optimizer_is_reported():
+def test_diverging_optimizer_is_reported(buffers, tiny_experts):
     with pytest.raises(AMEError, match="diverged"):
-        AME(sgd(lr=1e30), pivot="zero", amplification=1e30)(tiny_experts(3), [1] * 3, None, BUFFERS)
-
-
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "aggregator").glob("*.yaml")))
-def test_every_aggregator_config_builds_and_soups_agree(name, tmp_path):
-    cfg = compose_cfg([f"aggregator={name}"], tmp_path)
-    agg = instantiate(cfg.aggregator)
-    assert agg.name == name and agg.data_free == (name != "greedy_soup")
-    if name == "ensemble":  # N networks: evaluated from the experts' outputs, no weights to check here
-        assert agg.single_network is False
-        return
-    ex, init = tiny_experts(4), tiny_experts(1, seed=7)[0]
-    score = {} if agg.data_free else {"score": lambda sd: -float(sd["layer.bias"].abs().sum())}
-    out = agg(ex, [5, 5, 5, 5], init, BUFFERS, **score)
-    assert all(torch.isfinite(v.float()).all() for v in out.values())
-    if name in ("soup", "ame_sgd", "weighted_soup"):
-        assert max_diff(out, average(ex, buffers=BUFFERS)) <= 1e-6
+        AME(sgd(lr=1e30), pivot="zero", amplification=1e30)(tiny_experts(3), [1] * 3, None, buffers)
 
 
 class CountingExperts(Sequence):
@@ -205,55 +187,13 @@ def test_aggregation_streams_one_expert_at_a_time(pivot):
     assert torch.isfinite(out["w"]).all() and soup["w"].shape == (1000,)
 
 
-def test_greedy_soup_never_adds_an_ingredient_that_lowers_validation_accuracy():
-    from ame.aggregators import GreedySoup
-
-    values = [1.0, -1.0, 5.0, 0.5]  # "accuracy" = −|w|: the best ingredient alone is 0.5
-    experts = [{"w": torch.tensor([v])} for v in values]
-    greedy = GreedySoup()
-    out = greedy(experts, [1] * 4, score=lambda sd: -abs(float(sd["w"][0])))
-    # 0.5 first; +1.0 → mean 0.75 (worse, rejected); −1.0 → mean −0.25 (better, kept); +5.0 → 1.5 (rejected)
-    assert greedy.info["chosen"] == [1, 3] and torch.allclose(out["w"], torch.tensor([-0.25]))
-    best = -float("inf")
-    for step in greedy.info["tried"]:
-        assert step["added"] == (step["val_acc"] >= best)
-        best = max(best, step["val_acc"]) if step["added"] else best
-    assert not greedy.data_free
-
-
-def test_greedy_soup_without_validation_data_says_what_to_set():
-    from ame.aggregators import GreedySoup
-
-    with pytest.raises(AMEError, match="data.val_size"):
-        GreedySoup()(tiny_experts(2), [1, 1])
-
-
-def test_greedy_soup_reads_each_expert_twice_at_most_and_returns_the_soup_of_the_chosen(monkeypatch):
-    from ame.aggregators import GreedySoup
-    from ame.pool import ExpertPool
-
-    reads = []  # expert reads, whole or by chunk (the soup of a subset reads by chunk)
-    whole, read = ExpertPool.whole, ExpertPool.read
-    monkeypatch.setattr(ExpertPool, "whole", lambda self, i, keys=None: reads.append(i) or whole(self, i, keys))
-    monkeypatch.setattr(ExpertPool, "read", lambda self, i, chunk, *a, **k: reads.append(i) or read(self, i, chunk, *a, **k))
-    experts = tiny_experts(8)
-    target = average(experts[2:5], buffers=BUFFERS)  # the score prefers networks near this soup
-    greedy = GreedySoup()
-    out = greedy(experts, [1] * 8, buffers=BUFFERS, score=lambda sd: -float((sd["layer.weight"] - target["layer.weight"]).norm()))
-    chosen = greedy.info["chosen"]
-    # a running sum: N reads to score them alone, N − 1 candidates, the chosen soup written once: linear
-    # (re-averaging every candidate soup from the files took 55 reads here)
-    assert len(reads) <= 4 * 8
-    assert max_diff(out, average([experts[i] for i in chosen], buffers=BUFFERS)) < 1e-6
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("optimizer", ["SGD", "Adam", "Adagrad"])
-def test_ame_on_cuda_is_the_cpu_result(optimizer):
+def test_ame_on_cuda_is_the_cpu_result(optimizer, buffers, tiny_experts):
     """The chunk's iterate and optimizer state on the GPU (aggregator.device=cuda): the same AME."""
     ex, init = tiny_experts(4), tiny_experts(1, seed=7)[0]
     opt = functools.partial(getattr(torch.optim, optimizer), lr=0.05)
-    cpu = AME(opt, pivot="init")(ex, [1, 2, 3, 4], init, BUFFERS)
-    gpu = AME(opt, pivot="init", device="cuda")(ex, [1, 2, 3, 4], init, BUFFERS)
+    cpu = AME(opt, pivot="init")(ex, [1, 2, 3, 4], init, buffers)
+    gpu = AME(opt, pivot="init", device="cuda")(ex, [1, 2, 3, 4], init, buffers)
     assert all(v.device.type == "cpu" for v in gpu.values())
     assert max_diff(cpu, gpu) <= 1e-6

@@ -9,18 +9,29 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository (the `root` fixture, at module level)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's ame, as an installed package would be
 
 
-def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+def script_process(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """``python scripts/<name> ARGS`` in a subprocess: the command line itself (its start-up costs
+    seconds, so most tests use :func:`script`)."""
     return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
                           text=True, check=check, env=ENV)
+
+
+def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """``scripts/<name> ARGS`` in this process (:func:`run_main`), exit code checked as ``check=True`` does."""
+    proc = run_main(name.removesuffix(".py"), *args)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 def write_run(d, aggregator, seed, acc, overrides, experts=("a", "b"), soup_acc=None, provenance=None):
@@ -66,7 +77,7 @@ def test_tables_group_by_setting_and_average_over_seeds(tmp_path):
     assert "| AME-Adam | 10.00 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.50 ± 0.00 | 0.25 ± 0.00 |" in paired
     assert "| experts (best ID) | 20.00 ± 0.00 |" in first
     assert "mean ± std over 1–2 seeds" in first  # what ± means, and over how many
-    assert script("make_tables.py", tmp_path).stdout == out
+    assert script_process("make_tables.py", tmp_path).stdout == out  # the command line prints the same
 
 
 def test_out_writes_markdown_latex_and_csv_with_the_same_numbers(tmp_path):
@@ -309,7 +320,7 @@ def test_compare_results_takes_a_summary_csv_and_names_rows_on_one_side_only(tmp
            "spread" in out.stdout
     assert "soup, mean of 3/1 runs, ID acc: 51.00 → 50.00 (Δ -1.000; seed std 1.00): within" in out.stdout
     assert "only in B: default settings: AME-Adagrad" in out.stdout
-    bad = script("compare_results.py", tmp_path / "t.csv", tmp_path / "nowhere", check=False)  # the command line
+    bad = script_process("compare_results.py", tmp_path / "t.csv", tmp_path / "nowhere", check=False)  # the command line
     errors = [x for x in bad.stderr.splitlines() if x.startswith("error: ")]
     assert bad.returncode == 2 and len(errors) == 1 and "no results.json under" in errors[0], bad.stderr
 

@@ -15,7 +15,6 @@ from ame.aggregators import average
 from ame.io import Checkpoint, save
 from ame.errors import AMEError
 from ame.pool import ExpertPool
-from tests.conftest import ROOT
 
 
 def net(seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -64,14 +63,15 @@ def test_every_layout_reads_the_same_tensors(tmp_path):
         assert same(dict(ck), sd), path
 
 
-def test_rows_are_views_of_the_file_and_release_keeps_them_valid(tmp_path):
+def test_rows_are_read_from_the_file_into_the_callers_buffer(tmp_path):
     sd = net(2)
     save_file(sd, str(tmp_path / "e.safetensors"))
     ck = Checkpoint(tmp_path / "e.safetensors")
-    rows = ck.rows("embed.weight", 10, 20)
-    assert torch.equal(rows, sd["embed.weight"][10:20].reshape(-1))
-    ck.release()  # pages dropped from the process, not the data
-    assert torch.equal(ck.rows("embed.weight", 10, 20), sd["embed.weight"][10:20].reshape(-1))
+    want = sd["embed.weight"][10:20].reshape(-1)
+    assert torch.equal(ck.rows("embed.weight", 10, 20), want)
+    out = torch.full_like(want, float("nan"))  # a buffer the caller reuses: filled in place
+    assert ck.reads_into and ck.rows("embed.weight", 10, 20, out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, want) and torch.equal(ck.rows("embed.weight"), sd["embed.weight"].reshape(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -156,15 +156,15 @@ def test_merge_defaults_soup_pivot_without_init_and_finds_buffers(tmp_path):
     assert pool.buffers == {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"}
 
 
-def test_command_line_merge_of_safetensors_files(tmp_path):
+def test_command_line_merge_of_safetensors_files(tmp_path, root):
     for i in range(3):
         save_file(net(i), str(tmp_path / f"e{i}.safetensors"))
     proc = subprocess.run([sys.executable, "-m", "ame.merge", "aggregator=soup", f"experts.paths={tmp_path}/e*.safetensors",
-                           f"out={tmp_path / 'soup.safetensors'}"], cwd=ROOT, capture_output=True, text=True)
+                           f"out={tmp_path / 'soup.safetensors'}"], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert close(load_file(str(tmp_path / "soup.safetensors")), average([net(i) for i in range(3)]))
-    assert not list(tmp_path.glob("*.log")) and not (ROOT / "merge.log").exists()
+    assert not list(tmp_path.glob("*.log")) and not (root / "merge.log").exists()
     bad = subprocess.run([sys.executable, "-m", "ame.merge", "aggregator=soup", f"experts.paths=[{tmp_path}/nope]",
-                          f"out={tmp_path / 'x.safetensors'}"], cwd=ROOT, capture_output=True, text=True)
+                          f"out={tmp_path / 'x.safetensors'}"], cwd=root, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: ") and "does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

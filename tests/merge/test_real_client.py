@@ -10,7 +10,6 @@ import torch
 
 import ame
 from ame.io import Checkpoint
-from tests.conftest import ROOT
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,11 +48,14 @@ def test_python_api_merge_loads_in_transformers(gpt2_experts, tmp_path):
     assert torch.allclose(merged[key], torch.stack([e[key] for e in experts]).mean(0), atol=1e-6)
 
 
-def test_command_line_merge_with_ame_adam_loads_in_transformers(gpt2_experts, tmp_path):
-    root, paths = gpt2_experts
+# slow: an interpreter's start-up; the fast suite merges GPT-2s through the API (above) and runs the
+# command line on safetensors files (tests/io/test_checkpoint.py)
+@pytest.mark.slow
+def test_command_line_merge_with_ame_adam_loads_in_transformers(gpt2_experts, tmp_path, root):
+    _, paths = gpt2_experts
     out = tmp_path / "adam"
     proc = subprocess.run([sys.executable, "-m", "ame.merge", "aggregator=ame_adam", "aggregator.optimizer.lr=1e-3",
-                           f"experts.paths=[{','.join(map(str, paths))}]", f"out={out}"], cwd=ROOT,
+                           f"experts.paths=[{','.join(map(str, paths))}]", f"out={out}"], cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     _forward(out)

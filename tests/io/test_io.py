@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -310,7 +311,11 @@ runpy.run_module("ame.merge", run_name="__main__", alter_sys=True)
 def test_ctrl_c_or_sigterm_mid_write_is_one_line_and_leaves_nothing(sig, code, message, tmp_path):
     _experts(tmp_path / "in", folders=True)
     _one_line(_cli(["aggregator=soup", "experts.paths=[e0,e1]", "out=."], tmp_path / "in"), "contains the input")
-    proc = _cli([sig, "aggregator=soup", "experts.paths=[in/e0,in/e1]", "out=merged"], tmp_path, code=INTERRUPT)
+    # SIGINT as a terminal sends it, even where this test runs in the background (`nohup pytest &`
+    # starts it with SIGINT ignored, which the merge would inherit and never see the interrupt)
+    reset = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = _cli([sig, "aggregator=soup", "experts.paths=[in/e0,in/e1]", "out=merged"], tmp_path, preexec=reset,
+                code=INTERRUPT)
     _one_line(proc, message, code)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 

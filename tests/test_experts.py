@@ -1,18 +1,14 @@
-"""Models and expert training: shapes, batched augmentation, determinism, the expert cache."""
+"""ame.experts: trained experts (deterministic, cached by content, with the provenance of the run that
+made them, one warm base for many sweeps) and experts from files."""
 from __future__ import annotations
 
 import pytest
 import torch
-
 from hydra.utils import instantiate
 
 from ame.data import load_digits, split
 from ame.errors import AMEError
 from ame.experts import base_key as _base_key, cache_key as _cache_key, shared_seed
-from ame.models import CNN, MLP, ResNet
-from ame.models import buffer_names, build_model
-from ame.train import augment
-from tests.conftest import compose_cfg
 
 
 def trained_experts(cfg, data, shards, device, made_by=None):
@@ -28,37 +24,7 @@ def base_key(cfg, data):
     return _base_key(cfg.train, cfg.data, cfg.model, shared_seed(cfg.seed, cfg.base_seed), data)
 
 
-@pytest.mark.parametrize("make, shape", [
-    (lambda: MLP(3, 32, 10), (3, 32, 32)), (lambda: CNN(3, 32, 10, norm="group"), (3, 32, 32)),
-    (lambda: ResNet(3, 32, 10, norm="batch"), (3, 32, 32)), (lambda: CNN(1, 8, 10), (1, 8, 8)),
-    (lambda: ResNet(1, 8, 10), (1, 8, 8))])
-def test_models_map_images_to_logits(make, shape):
-    assert make()(torch.randn(2, *shape)).shape == (2, 10)
-
-
-def test_resnet20_has_the_paper_size_and_batchnorm_buffers():
-    m = ResNet(3, 32, 10, depth=20, norm="batch")
-    assert 0.26e6 < sum(p.numel() for p in m.parameters()) < 0.28e6  # He et al.: 0.27M
-    assert any(k.endswith("running_mean") for k in buffer_names(m))
-    assert buffer_names(ResNet(3, 32, 10, norm="group")) == []
-
-
-def test_augment_crops_and_flips_each_image_independently():
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(augment(x, 0, False, g), x)
-    flipped = augment(x, 0, True, torch.Generator().manual_seed(0))
-    assert all(torch.equal(f, o) or torch.equal(f, o.flip(-1)) for f, o in zip(flipped, x))
-    big = torch.randn(64, 3, 8, 8)
-    out = augment(big, 2, False, torch.Generator().manual_seed(1))
-    assert out.shape == big.shape
-    for o, b in zip(out, big):  # each crop is a window of the zero-padded image
-        padded = torch.nn.functional.pad(b, (2, 2, 2, 2))
-        assert any(torch.equal(o, padded[:, i:i + 8, j:j + 8]) for i in range(5) for j in range(5))
-    assert len({tuple(o.flatten()[:5].tolist()) for o in out - big}) > 1  # not all the same shift
-
-
-def test_expert_training_is_deterministic_and_cached(tmp_path):
+def test_expert_training_is_deterministic_and_cached(tmp_path, compose_cfg):
     cfg = compose_cfg(["train.epochs=1", "train.warm_epochs=1", "data.shards.num_shards=2"], tmp_path)
     data = load_digits()
     shards = split(data.train_y.numpy(), instantiate(cfg.data.shards), seed=0, public_size=250)
@@ -79,7 +45,7 @@ def test_expert_training_is_deterministic_and_cached(tmp_path):
                                   "train.device=cpu"], tmp_path), data)[0] == cache_key(cfg, data)[0]
 
 
-def test_cached_experts_and_base_keep_the_provenance_of_the_run_that_made_them(tmp_path):
+def test_cached_experts_and_base_keep_the_provenance_of_the_run_that_made_them(tmp_path, compose_cfg):
     import json
 
     cfg = compose_cfg(["train.epochs=1", "train.warm_epochs=1", "data.shards.num_shards=2"], tmp_path)
@@ -109,7 +75,7 @@ def test_cached_experts_and_base_keep_the_provenance_of_the_run_that_made_them(t
     assert trained_experts(cfg, data, shards, cpu).made_by == [None, third]
 
 
-def test_one_warm_base_serves_sweeps_over_shards_and_expert_epochs(tmp_path):
+def test_one_warm_base_serves_sweeps_over_shards_and_expert_epochs(tmp_path, compose_cfg):
     data = load_digits()
     keys = {base_key(compose_cfg(o, tmp_path), data)[0] for o in (
         [], ["data.shards.num_shards=7"], ["data/shards=iid"], ["train.epochs=9"])}
@@ -118,45 +84,8 @@ def test_one_warm_base_serves_sweeps_over_shards_and_expert_epochs(tmp_path):
     assert base_key(compose_cfg(["seed=1"], tmp_path), data)[0] not in keys
 
 
-def test_build_model_reports_bad_architecture_settings(tmp_path):
-    cfg = compose_cfg(["model=resnet20", "model.depth=21"], tmp_path)
-    with pytest.raises(AMEError, match="6n\\+2"):
-        build_model(cfg.model, load_digits(), 0)
-
-
-@pytest.mark.parametrize("model", [["model=cnn", "model.widths=[8,16]", "model.norm=group"], ["model=mlp"]])
-def test_parallel_experts_are_the_sequential_experts(model, tmp_path):
-    from ame.train import expert_seed, initial_state, train_experts
-
-    cfg = compose_cfg([*model, "train.epochs=2", "train.batch_size=48", "train.augment.crop_padding=1",
-                       "train.augment.flip=true", "train.label_smoothing=0.1", "train.init=shared"], tmp_path)
-    data = load_digits()
-    shards = split(data.train_y.numpy(), instantiate(cfg.data.shards), seed=0, public_size=250)
-    assert len(set(shards.sizes)) > 1  # unequal shards: experts finish at different steps
-    init = initial_state(cfg.model, cfg.train, data, shards.public, 0, torch.device("cpu"))
-    seeds = [expert_seed(0, i) for i in range(len(shards.shards))]
-    seq = list(train_experts(cfg.model, cfg.train, data, shards.shards, init, seeds, torch.device("cpu")))
-    cfg.train.parallel_experts = True
-    par = list(train_experts(cfg.model, cfg.train, data, shards.shards, init, seeds, torch.device("cpu")))
-    for a, b in zip(seq, par):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-        assert any(not torch.equal(a[k], init[k]) for k in a)  # they did train
-
-
-def test_parallel_training_refuses_batchnorm(tmp_path):
-    from ame.train import train_experts
-
-    cfg = compose_cfg(["model=cnn", "model.widths=[8]", "model.norm=batch", "train.parallel_experts=true"], tmp_path)
-    data = load_digits()
-    shards = split(data.train_y.numpy(), instantiate(cfg.data.shards), seed=0)
-    with pytest.raises(AMEError, match="parallel_experts=true needs a model without buffers"):
-        list(train_experts(cfg.model, cfg.train, data, shards.shards, None, [1, 2, 3, 4], torch.device("cpu")))
-
-
 @pytest.mark.parametrize("init", ["independent", "shared"])
-def test_expert_cache_key_depends_on_the_data_content_not_only_its_config(init, tmp_path):
+def test_expert_cache_key_depends_on_the_data_content_not_only_its_config(init, tmp_path, compose_cfg):
     cfg = compose_cfg([f"train.init={init}"], tmp_path)
     a, b = load_digits(), load_digits()
     b.train_x[0] = 255 - b.train_x[0]  # same config, different pixels
@@ -173,3 +102,42 @@ def test_pretrained_weights_are_keyed_by_content_not_path(tmp_path):
     assert spec("w.safetensors") == spec("v.safetensors") and spec("w.safetensors")["pretrained"].startswith("sha256:")
     (tmp_path / "w.safetensors").write_bytes(b"two")
     assert spec("w.safetensors") != spec("v.safetensors")
+
+
+# -- experts from files (experts=files) -------------------------------------------------------------------
+
+def _files(tmp_path, metadata):
+    from ame.io import save_state_dict
+
+    for i, meta in enumerate(metadata):
+        save_state_dict({"w": torch.full((3,), float(i)), "n": torch.tensor(i)}, tmp_path / f"e{i}.safetensors", meta)
+    save_state_dict({"w": torch.zeros(3), "n": torch.tensor(0)}, tmp_path / "init.safetensors")
+
+
+def _file_experts(paths=None, init=None, sizes=None):
+    from ame.experts import FileExperts
+
+    return FileExperts(paths, init, None, sizes).experts()
+
+
+def test_expert_files_bring_their_shard_sizes_and_class_mixes_and_are_read_on_access(tmp_path):
+    _files(tmp_path, [{"shard_size": "10", "class_counts": "[4, 6]"}, {"shard_size": "30", "class_counts": "[25, 5]"}])
+    ex = _file_experts(paths=str(tmp_path / "e*.safetensors"), init=str(tmp_path / "init.safetensors"))
+    assert ex.sizes == [10, 30] and ex.class_counts.tolist() == [[4, 6], [25, 5]] and ex.cached
+    assert [p.name for p in ex.experts.paths] == ["e0.safetensors", "e1.safetensors"] and len(ex.experts) == 2
+    assert torch.equal(ex.experts[1]["w"], torch.full((3,), 1.0)) and torch.equal(ex.init["w"], torch.zeros(3))
+    assert ex.fingerprint is None  # not from the cache: nothing derived from them is cached
+    pool = ex.experts.pool(ex.sizes, ex.init)
+    assert pool.n == 2 and pool.sizes == [10, 30] and pool.buffers == {"n"}
+
+
+def test_expert_files_without_metadata_count_as_equal_shards_unless_sizes_are_given(tmp_path):
+    _files(tmp_path, [{}, {"shard_size": "5"}])  # only some record it: all equal (with a warning)
+    pattern = str(tmp_path / "e*.safetensors")
+    ex = _file_experts(paths=pattern)
+    assert ex.sizes == [1, 1] and ex.class_counts is None and ex.init is None
+    assert _file_experts(paths=pattern, sizes=[2, 3.5]).sizes == [2, 3.5]
+    with pytest.raises(AMEError, match="experts.sizes must be a list of 2 positive numbers"):
+        _file_experts(paths=pattern, sizes=[2])
+    with pytest.raises(AMEError, match="experts=files needs experts.paths"):
+        _file_experts(paths=None)
