@@ -30,6 +30,7 @@ PSEUDOGRADIENTS = ("iterate", "pivot")
 ORDERS = ("fixed", "shuffle")
 LR_SCHEDULES = ("constant", "harmonic")
 HOLD_BYTES = 256 << 20  # an expert's slices read once and kept for a second use (pivot=soup, epochs > 1), all N
+KEEP_BYTES = 512 << 20  # on the CPU: the N experts' slices of a chunk kept as float32 (read and converted once)
 
 
 def _step(opt: torch.optim.Optimizer) -> None:
@@ -136,16 +137,16 @@ class AME(Aggregator):
         return [torch.randperm(n, generator=gen).tolist() if self.order == "shuffle" else list(range(n))
                 for _ in range(self.epochs)]
 
-    def _pivot_chunk(self, pool: ExpertPool, chunk, out: Tensor, acc: dict) -> Tensor:
-        """The pivot's slice of ``chunk``, written into ``out`` (float32)."""
+    def _pivot_chunk(self, pool: ExpertPool, chunk, out: Tensor, acc: dict, read=None) -> Tensor:
+        """The pivot's slice of ``chunk``, written into ``out`` (float32); ``read(i)``: expert i's slice."""
         if self.pivot_kind == "init":
             return pool.read(INIT, chunk, out=out)
         if self.pivot_kind == "first":
-            return pool.read(0, chunk, out=out)
+            return out.copy_(read(0)) if read is not None else pool.read(0, chunk, out=out)
         if self.pivot_kind == "soup":
             if "soup" not in acc:
-                acc["soup"] = torch.empty(max(c.numel for c in pool.chunks(self.chunk_bytes)), dtype=torch.float64)
-            return out.copy_(average_chunk(pool, chunk, [1.0] * pool.n, out=acc["soup"]))
+                acc["soup"] = torch.empty(acc["pivot"].numel(), dtype=torch.float64)
+            return out.copy_(average_chunk(pool, chunk, [1.0] * pool.n, out=acc["soup"], read=read))
         return out.zero_()
 
     def pivot(self, pool: ExpertPool) -> dict[str, Tensor] | None:
@@ -163,7 +164,8 @@ class AME(Aggregator):
         on_gpu = device.type == "cuda"
         zeta = self._zeta(pool.sizes, n)
         orders = self._orders(n)
-        chunks = pool.chunks(self._chunk_bytes(pool))
+        keep = not on_gpu and (self.pivot_kind == "soup" or self.epochs > 1)
+        chunks = pool.chunks(self._chunk_bytes(pool, keep))
         size = max(c.numel for c in chunks)
         # workspaces reused from chunk to chunk (fresh pages cost a fault each): the pivot, the
         # iterate, the pseudogradient (and the CUDA staging buffers, and the soup's accumulator)
@@ -171,13 +173,15 @@ class AME(Aggregator):
                 "g": torch.empty(size, device=device)}
         if on_gpu:
             work |= {"staging": torch.empty(size, pin_memory=True), "x": torch.empty(size, device=device)}
+        if keep:  # every expert's slice, read and converted once per chunk, for the soup and every step
+            work["kept"] = torch.empty(n, size)
         total = self.epochs * n
         # each callback's steps (None: about 32 points, so the two distances, one pass each, stay a small cost)
         everies = {id(cb): max(1, int(cb.every) if cb.every else math.ceil(total / 32)) for cb in callbacks}
         wanted = {s for cb in callbacks for s in range(total + 1) if s % everies[id(cb)] == 0 or s == total}
         trace = {s: [0.0, 0.0] for s in sorted(wanted)} if callbacks else None
         try:
-            with pool.ahead(step for c in chunks for step in self._reads(pool, c, orders, trace is not None)):
+            with pool.ahead(step for c in chunks for step in self._reads(pool, c, orders, trace is not None, keep)):
                 for chunk in progress(chunks, f"{self.name} chunks") if len(chunks) > 1 else chunks:
                     w = self._chunk(pool, chunk, zeta, orders, device, on_gpu, work, trace)
                     self._finish_chunk(pool, chunk, w, out, "the aggregate has NaN/Inf weights: the AME optimizer "
@@ -196,20 +200,28 @@ class AME(Aggregator):
                         cb.on_step(self, step, m)
         return self._end(out)
 
-    def _chunk_bytes(self, pool: ExpertPool) -> int:
-        """The chunk size: ``chunk_mb``, made smaller when every expert's slice of a chunk is read
-        more than once (pivot=soup, several epochs) so that the N slices, read once and kept for
-        their second use, stay within HOLD_BYTES."""
+    def _chunk_bytes(self, pool: ExpertPool, keep: bool) -> int:
+        """The chunk size: ``chunk_mb``, made smaller when every expert's slice of a chunk is used
+        more than once (pivot=soup, several epochs) so that the N slices stay within KEEP_BYTES as
+        float32 (``keep``: on the CPU) or HOLD_BYTES as read (on a GPU, read once and kept raw)."""
         if self.pivot_kind != "soup" and self.epochs == 1:
             return self.chunk_bytes
+        if keep:
+            return min(self.chunk_bytes, max(1 << 20, KEEP_BYTES // pool.n))
         itemsize = max((d.itemsize for _, d in pool.infos.values() if d.is_floating_point), default=4)
         return min(self.chunk_bytes, max(1 << 20, 4 * HOLD_BYTES // (pool.n * itemsize)))
 
-    def _reads(self, pool: ExpertPool, chunk, orders: list[list[int]], traced: bool) -> list[tuple[int, object]]:
-        """The slices :meth:`_chunk` reads for ``chunk``, in order (the read-ahead's plan)."""
+    def _reads(self, pool: ExpertPool, chunk, orders: list[list[int]], traced: bool,
+               keep: bool = False) -> list[tuple[int, object]]:
+        """The slices :meth:`_chunk` reads for ``chunk``, in order (the read-ahead's plan); with
+        ``keep``, each expert's only at its first use."""
         pivot = {"init": [INIT], "first": [0], "soup": list(range(pool.n)), "zero": []}[self.pivot_kind]
         soup = list(range(pool.n)) if traced and self.pivot_kind != "soup" else []
-        return [(i, chunk) for i in pivot + soup + [i for order in orders for i in order]]
+        reads = pivot + soup + [i for order in orders for i in order]
+        if keep:
+            seen: set = set()
+            reads = [i for i in reads if i == INIT or not (i in seen or seen.add(i))]
+        return [(i, chunk) for i in reads]
 
     @staticmethod
     def _traced(pool: ExpertPool, chunk, w: Tensor, pivot: Tensor, soup: Tensor, into: list[float]) -> None:
@@ -227,11 +239,12 @@ class AME(Aggregator):
         # of its file), and one fused optimizer kernel. On CUDA the slice is staged through pinned
         # memory and copied once.
         n = chunk.numel
+        read = _keeper(pool, chunk, work["kept"][:, :n]) if "kept" in work else None
         if on_gpu:
             pivot = work["pivot"][:n].copy_(self._pivot_chunk(pool, chunk, torch.empty(n), work))
             staging, x = work["staging"][:n], work["x"][:n]
         else:
-            pivot = self._pivot_chunk(pool, chunk, work["pivot"][:n], work)
+            pivot = self._pivot_chunk(pool, chunk, work["pivot"][:n], work, read)
         w = torch.nn.Parameter(work["w"][:n].copy_(pivot))
         g = work["g"][:n]
         w.grad = g
@@ -240,7 +253,7 @@ class AME(Aggregator):
         step = 0
         if trace is not None:
             soup = pivot if self.pivot_kind == "soup" else \
-                average_chunk(pool, chunk, [1.0] * pool.n).to(device, torch.float32)
+                average_chunk(pool, chunk, [1.0] * pool.n, read=read).to(device, torch.float32)
             self._traced(pool, chunk, w.detach(), pivot, soup, trace[0])
         for order in orders:
             for i in order:
@@ -248,6 +261,8 @@ class AME(Aggregator):
                 if on_gpu:
                     x.copy_(pool.read(i, chunk, out=staging), non_blocking=True)
                     torch.sub(ref, x, out=g)
+                elif read is not None:
+                    torch.sub(ref, read(i), out=g)
                 else:  # one slice read (converted to float32 in one pass), one subtraction
                     torch.sub(ref, pool.read(i, chunk, out=pool.buffer("x32", n), view=True), out=g)
                 if self.pseudogradient == "pivot":
@@ -264,6 +279,19 @@ class AME(Aggregator):
                 if trace is not None and step in trace:
                     self._traced(pool, chunk, w.detach(), pivot, soup, trace[step])
         return w.detach()
+
+
+def _keeper(pool: ExpertPool, chunk, kept: Tensor) -> Callable[[int], Tensor]:
+    """``read(i)``: expert i's float32 slice of ``chunk``, read and converted at its first use, then
+    kept in row i of ``kept``."""
+    have: set[int] = set()
+
+    def read(i: int) -> Tensor:
+        if i not in have:
+            pool.read(i, chunk, out=kept[i])
+            have.add(i)
+        return kept[i]
+    return read
 
 
 def average(experts, weights: Sequence[float] | None = None, buffers=None, **pool_kwargs) -> dict[str, Tensor]:

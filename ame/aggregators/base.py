@@ -145,20 +145,31 @@ def _piece(pool: ExpertPool, i: int, p: Piece) -> Tensor:
     return pool.read(i, one)
 
 
-def average_chunk(pool: ExpertPool, chunk: Chunk, weights: Sequence[float], out: Tensor | None = None) -> Tensor:
+def average_chunk(pool: ExpertPool, chunk: Chunk, weights: Sequence[float], out: Tensor | None = None,
+                  read: Callable[[int], Tensor] | None = None) -> Tensor:
     """The weighted mean Σ w_i x_i / Σ w_i of the experts over ``chunk``, one expert at a time:
     accumulated in float32 when every entry of the chunk is 16-bit in the experts (exact inputs;
     one float32 rounding per addition), else in float64 (into ``out`` when given: a float64
-    workspace reused from chunk to chunk)."""
+    workspace reused from chunk to chunk). ``read(i)``: expert i's float32 slice, if the caller
+    holds them (default: read from the pool)."""
     n = chunk.numel
     x32 = pool.buffer("x32", n)
+
+    def slice_of(i: int, into: Tensor) -> Tensor:
+        return read(i) if read is not None else pool.read(i, chunk, out=into, view=True)
+
     if all(pool.infos[p.key][1].itemsize <= 2 for p in chunk.pieces):
-        total = pool.buffer("soup32", n).zero_()
-        for i in range(pool.n):
-            total.add_(pool.read(i, chunk, out=x32), alpha=weights[i])
+        total = pool.buffer("soup32", n)
+        first = slice_of(0, total)  # the first expert straight into the sum: no zeroing, one pass fewer
+        if first.data_ptr() != total.data_ptr():
+            total.copy_(first)
+        if weights[0] != 1.0:
+            total.mul_(weights[0])
+        for i in range(1, pool.n):
+            total.add_(slice_of(i, x32), alpha=weights[i])
         return total.div_(sum(weights))
     total = torch.zeros(n, dtype=torch.float64) if out is None else out[:n].zero_()
     x64 = pool.buffer("x64", n, torch.float64)  # mixed-dtype arithmetic is 5× slower than a copy
     for i in range(pool.n):
-        total.add_(x64.copy_(pool.read(i, chunk, out=x32, view=True)), alpha=weights[i])
+        total.add_(x64.copy_(slice_of(i, x32)), alpha=weights[i])
     return total.div_(sum(weights))
