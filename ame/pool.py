@@ -14,11 +14,12 @@ Memory is then bounded by the chunk (and the aggregator's state for it), not the
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Collection, Iterable, Iterator, Union
 
 import torch
@@ -201,7 +202,7 @@ class ExpertPool:
         return {k: (shape, self.out_dtype(k)) for k, (shape, _) in self.infos.items()}
 
     def numel(self, keys: Sequence[str] | None = None) -> int:
-        return sum(_numel(self.infos[k][0]) for k in (self.floats if keys is None else keys))
+        return sum(math.prod(self.infos[k][0]) for k in (self.floats if keys is None else keys))
 
     # -- streaming -----------------------------------------------------------------------------
     def chunks(self, max_bytes: int) -> list[Chunk]:
@@ -221,14 +222,14 @@ class ExpertPool:
 
         for k in self.floats:
             shape = self.infos[k][0]
-            numel = _numel(shape)
+            numel = math.prod(shape)
             if used + numel > max_numel:  # it does not fit in what is left: the next chunk
                 close()
             if numel <= max_numel:
                 pieces.append(Piece(k, 0, shape[0] if shape else 1, used, used + numel))
                 used += numel
                 continue
-            rows, row = shape[0], _numel(shape[1:])  # larger than a chunk: groups of rows
+            rows, row = shape[0], math.prod(shape[1:])  # larger than a chunk: groups of rows
             take = max(1, max_numel // max(row, 1))
             for start in range(0, rows, take):
                 stop = min(rows, start + take)
@@ -397,10 +398,3 @@ class ExpertPool:
         """The experts ``idx`` (same init, buffers, dtype), still lazy."""
         return ExpertPool([self.sources[i] for i in idx], [self.sizes[i] for i in idx], self.init, self.buffers,
                           [self.names[i] for i in idx], self.dtype)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from ame.aggregators.base import Aggregator, Callback, average_chunk
+from ame.aggregators.base import Aggregator, Callback, aborting, average_chunk
 from ame.io import Output
 from ame.device import resolve_device
 from ame.errors import AMEError, require
@@ -180,15 +180,12 @@ class AME(Aggregator):
         everies = {id(cb): max(1, int(cb.every) if cb.every else math.ceil(total / 32)) for cb in callbacks}
         wanted = {s for cb in callbacks for s in range(total + 1) if s % everies[id(cb)] == 0 or s == total}
         trace = {s: [0.0, 0.0] for s in sorted(wanted)} if callbacks else None
-        try:
+        with aborting(out):  # nothing half-written is left on any error
             with pool.ahead(step for c in chunks for step in self._reads(pool, c, orders, trace is not None, keep)):
                 for chunk in progress(chunks, f"{self.name} chunks") if len(chunks) > 1 else chunks:
                     w = self._chunk(pool, chunk, zeta, orders, device, on_gpu, work, trace)
                     self._finish_chunk(pool, chunk, w, out, "the aggregate has NaN/Inf weights: the AME optimizer "
                                        "diverged; lower aggregator.optimizer.lr")
-        except BaseException:
-            out.abort()
-            raise
         if trace is not None:
             scale = math.sqrt(trace[0][0])
             for step, (soup2, pivot2) in trace.items():
@@ -335,11 +332,8 @@ class Soup(Aggregator):
                 f"need {pool.n} non-negative weights with a positive sum, got {weights}")
         out = self._begin(pool, out)
         chunks = pool.chunks(self.chunk_bytes)
-        try:
+        with aborting(out):  # nothing half-written is left on any error
             with pool.ahead((i, c) for c in chunks for i in range(pool.n)):
                 for chunk in progress(chunks, f"{self.name} chunks") if len(chunks) > 1 else chunks:
                     self._finish_chunk(pool, chunk, average_chunk(pool, chunk, weights), out)
-        except BaseException:
-            out.abort()
-            raise
         return self._end(out)

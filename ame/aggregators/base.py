@@ -30,7 +30,8 @@ expert has there; the count is logged and recorded in ``info["clamped_running_va
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Callable, Mapping
 
 import torch
@@ -137,6 +138,16 @@ class Aggregator:
 
     def _end(self, out: Output) -> Mapping[str, Tensor]:
         return out.close()
+
+
+@contextmanager
+def aborting(out: Output) -> Iterator[None]:
+    """Abort ``out`` (its temporaries removed, nothing half-written left) if the block raises."""
+    try:
+        yield
+    except BaseException:
+        out.abort()
+        raise
 
 
 def _piece(pool: ExpertPool, i: int, p: Piece) -> Tensor:

@@ -44,7 +44,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from ame.aggregators.base import Aggregator
+from ame.aggregators.base import Aggregator, aborting
 from ame.io import Output
 from ame.errors import AMEError, require
 from ame.pool import INIT, Chunk, ExpertPool
@@ -258,13 +258,13 @@ class TaskVectors(Aggregator):
         split: dict[str, list[Chunk]] = {}
         for chunk in chunks:
             for p in chunk.pieces:
-                if p.hi - p.lo != _numel(pool.infos[p.key][0]):
+                if p.hi - p.lo != math.prod(pool.infos[p.key][0]):
                     split.setdefault(p.key, []).append(chunk)
         keys = list(split)
         for first in range(0, len(keys), 16):  # 16 tensors at a time: histograms of 0.5 MB per tensor and expert
             batch = keys[first:first + 16]
             group = {k: g for g, k in enumerate(batch)}
-            numels = [_numel(pool.infos[k][0]) for k in batch]
+            numels = [math.prod(pool.infos[k][0]) for k in batch]
             ranks = [[n - max(1, int(self._dens(k, i) * n)) + 1 for i in range(pool.n)] for k, n in zip(batch, numels)]
             its = [c for c in chunks if any(p.key in group for p in c.pieces)]
 
@@ -299,7 +299,7 @@ class TaskVectors(Aggregator):
         for p in chunk.pieces:
             shape = pool.infos[p.key][0]
             d = self._dens(p.key, i)
-            row = _numel(shape[1:]) if shape else 1
+            row = math.prod(shape[1:]) if shape else 1
             first, last = p.start * row, p.stop * row  # the piece's entries within its tensor
             if d >= 1:
                 keep[p.lo:p.hi] = True
@@ -307,7 +307,7 @@ class TaskVectors(Aggregator):
             for block in range(first // BLOCK, (last - 1) // BLOCK + 1 if last > first else first // BLOCK):
                 h = hashlib.sha256(f"{self.seed}/{i}/{p.key}/{block}".encode()).digest()
                 g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
-                a, b = block * BLOCK, min((block + 1) * BLOCK, _numel(shape))
+                a, b = block * BLOCK, min((block + 1) * BLOCK, math.prod(shape))
                 draw = torch.rand(b - a, generator=g) < d
                 lo, hi = max(a, first), min(b, last)
                 keep[p.lo + lo - first: p.lo + hi - first] = draw[lo - a: hi - a]
@@ -338,7 +338,7 @@ class TaskVectors(Aggregator):
         out = self._begin(pool, out, integers_from=INIT)
         # the merge pass holds the N task vectors of a chunk: keep that under MERGE_BYTES whatever N
         chunks = pool.chunks(min(self.chunk_bytes, max(1 << 20, MERGE_BYTES // (pool.n + 1))))
-        try:
+        with aborting(out):  # nothing half-written is left on any error
             global_cut = tensor_cut = factors = None
             if self.sparsify == "magnitude" and self.trim == "global":
                 if any(self._dens(pool.floats[0], i) < 1 for i in range(pool.n)):
@@ -411,17 +411,7 @@ class TaskVectors(Aggregator):
                         merged = total
                     self._finish_chunk(pool, chunk, base.add_(merged, alpha=self.scaling), out,
                                        "the aggregate has NaN/Inf values; lower aggregator.scaling")
-        except BaseException:
-            out.abort()
-            raise
         return self._end(out)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 SAMPLE = 1 << 16  # entries sampled to bracket a k-th value

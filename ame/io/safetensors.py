@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -48,13 +49,6 @@ _RANK = {n: i for i, n in enumerate(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "
 
 class Tensors(dict):
     """name → (dtype, shape, begin, end): the validated header entries of one file."""
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def parse_header(path: Path, head_and_size: tuple[bytes, int] | None = None) -> tuple[dict[str, str], Tensors, int]:
@@ -111,9 +105,9 @@ def parse_header(path: Path, head_and_size: tuple[bytes, int] | None = None) -> 
         if begin != position:
             raise bad(f"tensor {name!r} starts at byte {begin} of the data, expected {position} "
                       f"({'overlapping' if begin < position else 'a gap after'} the previous tensor)")
-        if end - begin != _numel(shape) * dtype.itemsize:
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise bad(f"tensor {name!r} has {end - begin} bytes for shape {list(shape)} of "
-                      f"{NAMES[dtype]} ({_numel(shape) * dtype.itemsize} expected)")
+                      f"{NAMES[dtype]} ({math.prod(shape) * dtype.itemsize} expected)")
         position = end
     if 8 + n + position != size:
         raise bad(f"its tensors hold {position} bytes but the file has {size - 8 - n} after the header")
@@ -134,7 +128,7 @@ def layout(infos: Mapping[str, tuple[tuple[int, ...], torch.dtype]], metadata: M
     offset, where = 0, {}
     for k in names:
         shape, dtype = infos[k]
-        nbytes = _numel(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         header[k] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         where[k] = offset
         offset += nbytes
@@ -172,7 +166,7 @@ class StreamedSafetensors:
     def write(self, key: str, start_row: int, values: Tensor) -> None:
         shape, dtype = self.infos[key]
         data = values.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
-        offset = self.offsets[key] + start_row * _numel(shape[1:]) * dtype.itemsize
+        offset = self.offsets[key] + start_row * math.prod(shape[1:]) * dtype.itemsize
         view = memoryview(data)
         while len(view):
             view = view[os.pwrite(self.fd, view, offset + (len(data) - len(view))):]
@@ -213,7 +207,7 @@ class SafetensorsFile:
     def span(self, key: str, start: int | None = None, stop: int | None = None) -> tuple[int, int]:
         """Where rows ``start:stop`` of ``key`` lie in the file: (byte offset, byte count)."""
         dtype, shape, begin, _ = self._tensors[key]
-        row = (_numel(shape[1:]) if shape else 1) * dtype.itemsize
+        row = (math.prod(shape[1:]) if shape else 1) * dtype.itemsize
         if start is None:
             start, stop = 0, (shape[0] if shape else 1)
         return self.start + begin + start * row, (stop - start) * row
@@ -222,7 +216,7 @@ class SafetensorsFile:
         """Rows ``start:stop`` (along the first axis) of ``key``, flat, read into ``out`` (a
         contiguous tensor of that many entries, of the tensor's dtype) or a new tensor."""
         dtype, shape, begin, _ = self._tensors[key]
-        row = _numel(shape[1:]) if shape else 1
+        row = math.prod(shape[1:]) if shape else 1
         if start is None:
             start, stop = 0, (shape[0] if shape else 1)
         count = (stop - start) * row

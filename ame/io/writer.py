@@ -14,6 +14,7 @@ A user's files are sacred:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -47,7 +48,7 @@ class Output:
         t = self.sd[key]
         if values.numel() == 0:
             return
-        row = _numel(t.shape[1:]) if t.dim() else 1
+        row = math.prod(t.shape[1:]) if t.dim() else 1
         t.view(-1)[start_row * row: start_row * row + values.numel()].copy_(values.reshape(-1))
 
     def close(self) -> Mapping[str, Tensor]:
@@ -125,7 +126,7 @@ class FileOutput(Output):
         self.full = {k: prefix + k for k in infos}
         self.record = json.dumps(dict(record or {"tool": "ame.merge"}), sort_keys=True)
         self.card, self.extra_files = card, extra_files
-        self.meter = Meter(f"{desc} → {self.out.name}", sum(d.itemsize * _numel(s) for s, d in infos.values()))
+        self.meter = Meter(f"{desc} → {self.out.name}", sum(d.itemsize * math.prod(s) for s, d in infos.values()))
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
@@ -207,7 +208,7 @@ class FileOutput(Output):
             else:
                 shutil.copy2(item, self.tmp / item.name)
         if t.index_name:
-            total = sum(d.itemsize * _numel(s) for s, d in self.infos.values())
+            total = sum(d.itemsize * math.prod(s) for s, d in self.infos.values())
             index = {"metadata": {"total_size": total},
                      "weight_map": {self.full[k]: self.file_of[k] for k in self.infos}}
             (self.tmp / t.index_name).write_text(json.dumps(index, indent=2) + "\n")
@@ -228,13 +229,6 @@ class FileOutput(Output):
             s.abort()
         if getattr(self, "tmp", None) is not None and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _replace(src: Path, dst: Path) -> None:
