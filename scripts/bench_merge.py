@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         load = (f"{peer.load[0]:.1f} → {peer.load[1]:.1f}; " if peer else "") + f"{ours.load[0]:.1f} → {ours.load[1]:.1f}"
         print(f"| {WORK[method]} | {peer.cell() if peer else '—'} | {ours.cell()} | {ratio} | "
               f"{ours.wall / cold.wall:.2f} | {load} |")
-    print(f"\nCells: wall time (user, system CPU time); peak resident memory. Load: mergekit's command; ours.")
+    print("\nCells: wall time (user, system CPU time); peak resident memory. Load: mergekit's command; ours.")
     status = 0
     if check is not None:
         r = check

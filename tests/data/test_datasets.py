@@ -26,7 +26,7 @@ def test_digits_is_a_fixed_uint8_split():
 def test_image_folder_is_decoded_once_and_cached(tmp_path, monkeypatch, make_image_folder):
     from ame.data import datasets
 
-    root = make_image_folder(tmp_path / "cifar10-jpeg")
+    make_image_folder(tmp_path / "cifar10-jpeg")
     data = load_cifar("cifar10", str(tmp_path), download=False, cache_dir=str(tmp_path / "cache"))
     assert data.train_x.shape == (12, 3, 32, 32) and data.test_x.shape == (6, 3, 32, 32)
     assert data.classes == ["cat", "dog", "frog"] and data.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4

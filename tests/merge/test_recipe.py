@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import ame
 from ame.io import Checkpoint
