@@ -48,11 +48,11 @@ CONFIG_VALUES = [
 
 @pytest.mark.parametrize("override, message", CONFIG_VALUES, ids=[o for o, _ in CONFIG_VALUES])
 def test_bad_config_value_is_one_line_before_any_work(override, message, tmp_path, compose_cfg, fast):
-    from ame.pipeline import _check
+    from ame.pipeline import check
 
     cfg = compose_cfg([*fast, *override.split()], tmp_path)
     with pytest.raises(AMEError) as err:
-        _check(cfg)
+        check(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()  # nothing written
 
