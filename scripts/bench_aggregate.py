@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from ame.io.readahead import drop_from_page_cache
 
 
 def make_experts(root: Path, params: int, n: int, tensors: int = 100) -> list[Path]:
@@ -144,16 +145,6 @@ def make_sharded(root: Path, shapes: dict, seed: int, shard_bytes: int = 500 << 
     return root
 
 
-def drop_cache(paths: list[Path]) -> None:
-    """Drop these files' pages from the page cache (and only theirs)."""
-    for folder in paths:
-        for f in folder.glob("*.safetensors"):
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-
-
 def read_all(paths: list[Path]) -> float:
     buf = bytearray(64 << 20)
     t0 = time.perf_counter()
@@ -180,9 +171,9 @@ def scale(params: float, n: int, root: Path, keep: bool) -> None:
     out = root / "merged"
     rows = []
     for rep in range(2):
-        drop_cache(paths)
+        drop_from_page_cache([f for folder in paths for f in folder.glob("*.safetensors")])
         t_read = read_all(paths)
-        drop_cache(paths)
+        drop_from_page_cache([f for folder in paths for f in folder.glob("*.safetensors")])
         shutil.rmtree(out, ignore_errors=True)
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()

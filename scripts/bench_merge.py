@@ -73,6 +73,8 @@ from pathlib import Path
 
 import torch
 
+from ame.io.readahead import drop_from_page_cache
+
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRIES = {  # hidden, intermediate, heads, key/value heads, vocabulary
     "tinyllama": dict(hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000),
@@ -238,17 +240,6 @@ def resident(files: list[Path]) -> float | None:
     proc = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *map(str, files)],
                           capture_output=True, text=True)
     return sum(int(x) for x in proc.stdout.split()) / 1e9 if proc.returncode == 0 else None
-
-
-def drop_cache(files: list[Path]) -> None:
-    """Drop these files' pages from the page cache (these files only; written pages flushed first)."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 @dataclass
@@ -473,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(name: str, cmd: list[str], warm: bool, discard: bool = False) -> Timing:
         """Drop the experts from the page cache (and read them once first if ``warm``), then time ``cmd``."""
-        drop_cache(files)
+        drop_from_page_cache(files)
         if warm:
             subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
         before = resident(files)
@@ -485,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def finish(out: Path, keep: bool = False) -> None:
         if out.is_dir():
-            drop_cache(sorted(out.glob("*.safetensors")))
+            drop_from_page_cache(sorted(out.glob("*.safetensors")))
             if not keep:
                 shutil.rmtree(out)
 

@@ -173,6 +173,18 @@ def _cached(fd: int, offset: int, nbytes: int) -> bool:
         _libc.munmap(addr, length)
 
 
+def drop_from_page_cache(paths: Sequence[str | os.PathLike]) -> None:
+    """Drop these files' pages from the page cache (these files only; their written pages flushed
+    first), so the next read of them goes to the disk: for benchmarks and tests of cold reads."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def _full(fd: int, dest: Tensor, offset: int, want: int) -> int:
     """Read into ``dest`` from ``offset`` until ``want`` bytes are in (the end of the file may come
     after them); an error if the file ends first."""

@@ -2,14 +2,13 @@
 changes a result, a bad file is one clear error from the consumer's thread."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import ame
 from ame.errors import AMEError
-from ame.io.readahead import ALIGN, DIRECT_MIN, Files, ReadAhead, Span, aligned, room
+from ame.io.readahead import ALIGN, DIRECT_MIN, Files, ReadAhead, Span, aligned, drop_from_page_cache, room
 from ame.io.safetensors import write_safetensors
 from ame.pool import ExpertPool
 
@@ -21,16 +20,6 @@ def _file(tmp_path, nbytes: int, seed: int = 0):
     return str(path), data
 
 
-def _evict(path: str) -> None:
-    """Out of the page cache (this file only), so a read must go to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("cached", [True, False])
 def test_every_read_path_gives_the_files_bytes(tmp_path, direct, cached):
@@ -39,7 +28,7 @@ def test_every_read_path_gives_the_files_bytes(tmp_path, direct, cached):
     size = 3 * DIRECT_MIN + 12345
     path, data = _file(tmp_path, size)
     if not cached:
-        _evict(path)
+        drop_from_page_cache([path])
     spans = [Span(path, 7, DIRECT_MIN + 5), Span(path, 7 + DIRECT_MIN + 5, 1000),  # adjacent: one read
              Span(path, 2 * DIRECT_MIN + 3, size - 2 * DIRECT_MIN - 3),  # to the end of the file
              Span(path, ALIGN, 10), Span(path, 0, 0)]
@@ -98,7 +87,7 @@ def _bf16_experts(tmp_path, n=3, rows=700):
             sd["zero"] = torch.zeros(3, dtype=torch.bfloat16)
         paths.append(tmp_path / f"e{i}.safetensors")
         write_safetensors(paths[-1], sd)
-        _evict(str(paths[-1]))
+        drop_from_page_cache([paths[-1]])
     return paths
 
 
