@@ -265,23 +265,21 @@ class ExpertPool:
             self._match({k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, self.label(i), "the first expert")
         raw = None
         for p in chunk.pieces:
-            whole = p.start == 0 and p.stop == (self.infos[p.key][0][0] if self.infos[p.key][0] else 1)
+            rows = self._rows(p)
             if getattr(src, "reads_into", False):  # a file: read into a reused buffer
                 if raw is None:
                     raw = self.buffer(f"raw{i == INIT}", chunk.numel * 8, torch.uint8)
                 dtype = src.infos[p.key][1]
-                size = dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty((), dtype=dtype).element_size()
-                dest = raw[p.lo * size:p.hi * size].view(dtype)
-                x = src.rows(p.key, None if whole else p.start, None if whole else p.stop, out=dest)
+                x = src.rows(p.key, *rows, out=raw[p.lo * dtype.itemsize:p.hi * dtype.itemsize].view(dtype))
             else:
-                x = src.rows(p.key) if whole else src.rows(p.key, p.start, p.stop)
+                x = src.rows(p.key, *rows)
             yield p.lo, p.hi, x
 
     def spans(self, i: int, chunk: Chunk) -> list[Span] | None:
         """Where expert ``i``'s (or the init's) pieces of ``chunk`` lie on disk (None: not a file read
         into buffers, e.g. a state dict or a torch file)."""
         src = self._src(i)
-        if not getattr(src, "reads_into", False) or not hasattr(src, "span"):
+        if not getattr(src, "reads_into", False):
             return None
         return [src.span(p.key, *self._rows(p)) for p in chunk.pieces]
 
@@ -358,9 +356,7 @@ class ExpertPool:
 
         for p, v in zip(chunk.pieces, views):
             dtype = src.infos[p.key][1]
-            if (run and run[3] == dtype and run[2] == p.lo and v.numel()
-                    and run[0].storage_offset() + run[4] == v.storage_offset()
-                    and run[0].untyped_storage().data_ptr() == v.untyped_storage().data_ptr()):
+            if run and run[3] == dtype and run[2] == p.lo and v.numel() and run[0].data_ptr() + run[4] == v.data_ptr():
                 run[2], run[4] = p.hi, run[4] + v.numel()
             else:
                 flush()
