@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from ame.aggregators.base import Aggregator, Callback, aborting, average_chunk
+from ame.aggregators.base import Aggregator, Callback, aborting, average_chunk, chunk_bytes
 from ame.io import Output
 from ame.device import resolve_device
 from ame.errors import AMEError, require
@@ -87,12 +87,10 @@ class AME(Aggregator):
         require(amplification == "shard_size" or (isinstance(amplification, (int, float))
                                                   and math.isfinite(amplification) and amplification > 0),
                 f"aggregator.amplification must be a positive number or 'shard_size', got {amplification!r}")
-        require(isinstance(chunk_mb, (int, float)) and not isinstance(chunk_mb, bool) and math.isfinite(chunk_mb)
-                and chunk_mb > 0, f"aggregator.chunk_mb must be a finite number > 0 (MB), got {chunk_mb!r}")
         self.optimizer, self.epochs, self.pivot_kind = optimizer, epochs, pivot
         self.pseudogradient, self.amplification, self.order = pseudogradient, amplification, order
         self.lr_schedule, self.seed, self.name, self.device = lr_schedule, seed, name, device
-        self.chunk_bytes = int(chunk_mb * 2**20)
+        self.chunk_bytes = chunk_bytes(chunk_mb)
         self._kwargs: dict | None = None
 
     @property
@@ -320,9 +318,7 @@ class Soup(Aggregator):
         require(weights is None or weights == "shard_size" or (isinstance(weights, Sequence) and not
                 isinstance(weights, str)), f"aggregator.weights must be a list of numbers, shard_size or null, "
                 f"got {weights!r}")
-        require(isinstance(chunk_mb, (int, float)) and not isinstance(chunk_mb, bool) and math.isfinite(chunk_mb)
-                and chunk_mb > 0, f"aggregator.chunk_mb must be a finite number > 0 (MB), got {chunk_mb!r}")
-        self.weights, self.name, self.chunk_bytes = weights, name, int(chunk_mb * 2**20)
+        self.weights, self.name, self.chunk_bytes = weights, name, chunk_bytes(chunk_mb)
 
     def run(self, pool: ExpertPool, out: Output | None = None, callbacks: Sequence[Callback] = (),
             score=None) -> Mapping[str, Tensor]:

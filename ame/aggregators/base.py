@@ -30,6 +30,7 @@ expert has there; the count is logged and recorded in ``info["clamped_running_va
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Callable, Mapping
@@ -138,6 +139,14 @@ class Aggregator:
 
     def _end(self, out: Output) -> Mapping[str, Tensor]:
         return out.close()
+
+
+def chunk_bytes(chunk_mb) -> int:
+    """``aggregator.chunk_mb`` checked, in bytes."""
+    if not (isinstance(chunk_mb, (int, float)) and not isinstance(chunk_mb, bool) and math.isfinite(chunk_mb)
+            and chunk_mb > 0):
+        raise AMEError(f"aggregator.chunk_mb must be a finite number > 0 (MB), got {chunk_mb!r}")
+    return int(chunk_mb * 2**20)
 
 
 @contextmanager

@@ -44,7 +44,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from ame.aggregators.base import Aggregator, aborting
+from ame.aggregators.base import Aggregator, aborting, chunk_bytes
 from ame.io import Output
 from ame.errors import AMEError, require
 from ame.pool import INIT, Chunk, ExpertPool
@@ -126,13 +126,11 @@ class TaskVectors(Aggregator):
                 "(the published TIES trims one global budget per task vector)")
         require(isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and math.isfinite(scaling),
                 f"aggregator.scaling must be a number, got {scaling!r}")
-        require(isinstance(chunk_mb, (int, float)) and not isinstance(chunk_mb, bool) and math.isfinite(chunk_mb)
-                and chunk_mb > 0, f"aggregator.chunk_mb must be a finite number > 0 (MB), got {chunk_mb!r}")
         self.scaling, self.density, self.sparsify, self.weights = float(scaling), density, sparsify, weights
         self.sign_election, self.combine, self.seed, self.name = sign_election, combine, seed, name
         require(isinstance(normalize, bool), f"aggregator.normalize must be true or false, got {normalize!r}")
         self.trim, self.zero_sign, self.rescale, self.normalize = trim, zero_sign, rescale, normalize
-        self.chunk_bytes = int(chunk_mb * 2**20)
+        self.chunk_bytes = chunk_bytes(chunk_mb)
 
     def _per_expert_check(self, n: int) -> None:
         for key, value in (("density", self.density), ("weights", self.weights)):
