@@ -201,10 +201,7 @@ class TaskVectors(Aggregator):
                     for g, bits in pick(chunk, bits_of(chunk, base, i)):
                         yield g, i, bits, torch.bitwise_right_shift(bits, 16, out=high_bits[:bits.numel()])
 
-        def plan():
-            return pool.ahead((i, c) for c in chunks for i in (INIT, *range(pool.n)))
-
-        with plan():
+        with _each_chunk(pool, chunks):
             for g, i, _, hb in streamed():  # pass 1: the high 16 bits
                 hist[g, i] += torch.bincount(hb, minlength=1 << 16)
         high = [[0] * pool.n for _ in range(groups)]
@@ -218,7 +215,7 @@ class TaskVectors(Aggregator):
                 high[g][i] = b
                 rest[g][i] -= int(cum[b - 1]) if b > 0 else 0
         hist.zero_()
-        with plan():
+        with _each_chunk(pool, chunks):
             for g, i, bits, hb in streamed():  # pass 2: the low 16 bits, among the entries in the chosen high bin
                 low = bits[hb == high[g][i]] & 0xFFFF  # few entries: the chosen bin's
                 hist[g, i] += torch.bincount(low, minlength=1 << 16)
@@ -317,16 +314,17 @@ class TaskVectors(Aggregator):
         before: dict[tuple[int, str], float] = {}
         after: dict[tuple[int, str], float] = {}
         meter = Meter(f"{self.name}: L1 norms", len(chunks), unit="chunks")
-        for chunk in chunks:
-            meter.update(1)
-            base = pool.read(INIT, chunk)
-            tau = torch.empty_like(base)
-            for i in range(pool.n):
-                self._tau(pool, i, chunk, base, tau)
-                kept = torch.where(self._dare_keep(pool, i, chunk), tau, torch.zeros_like(tau))
-                for p in chunk.pieces:
-                    before[i, p.key] = before.get((i, p.key), 0.0) + float(tau[p.lo:p.hi].abs().double().sum())
-                    after[i, p.key] = after.get((i, p.key), 0.0) + float(kept[p.lo:p.hi].abs().double().sum())
+        with _each_chunk(pool, chunks):
+            for chunk in chunks:
+                meter.update(1)
+                base = pool.read(INIT, chunk, out=pool.buffer("tv_base", chunk.numel))
+                tau = pool.buffer("tv_tau", chunk.numel)
+                for i in range(pool.n):
+                    self._tau(pool, i, chunk, base, tau)
+                    kept = torch.where(self._dare_keep(pool, i, chunk), tau, torch.zeros_like(tau))
+                    for p in chunk.pieces:
+                        before[i, p.key] = before.get((i, p.key), 0.0) + float(tau[p.lo:p.hi].abs().double().sum())
+                        after[i, p.key] = after.get((i, p.key), 0.0) + float(kept[p.lo:p.hi].abs().double().sum())
         meter.close()
         return {k: (before[k] / after[k] if before[k] >= 1e-7 and after[k] >= 1e-7 else 1.0) for k in before}
 
@@ -346,7 +344,7 @@ class TaskVectors(Aggregator):
             elif self.sparsify == "random" and self.rescale == "l1":
                 factors = self.l1_factors(pool, chunks)
 
-            with pool.ahead((i, c) for c in chunks for i in (INIT, *range(pool.n))):
+            with _each_chunk(pool, chunks):
                 for chunk in chunks:
                     m = chunk.numel
                     base = pool.read(INIT, chunk, out=pool.buffer("tv_base", m))
@@ -410,6 +408,11 @@ class TaskVectors(Aggregator):
                     self._finish_chunk(pool, chunk, base.add_(merged, alpha=self.scaling), out,
                                        "the aggregate has NaN/Inf values; lower aggregator.scaling")
         return self._end(out)
+
+
+def _each_chunk(pool: ExpertPool, chunks: list[Chunk]):
+    """The read plan of a pass over ``chunks`` that reads the base, then each expert, per chunk."""
+    return pool.ahead((i, c) for c in chunks for i in (INIT, *range(pool.n)))
 
 
 SAMPLE = 1 << 16  # entries sampled to bracket a k-th value
