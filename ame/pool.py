@@ -33,6 +33,7 @@ StateDict = dict[str, Tensor]
 BUFFER_NAMES = re.compile(r"(^|\.)(running_mean|running_var|num_batches_tracked)$")
 INIT = -1  # the index that names the initialisation in :meth:`ExpertPool.views`
 READ_AHEAD = 192 << 20  # bytes a pool reads ahead of the arithmetic (within :meth:`ExpertPool.ahead`)
+ADD_BLOCK = 1 << 14  # entries converted at a time by :meth:`ExpertPool._blocks` (64 KB of float32: the L1/L2 cache)
 
 
 @dataclass(frozen=True)
@@ -318,17 +319,64 @@ class ExpertPool:
         ``view=True``: where the slice is float32 already and lies in one piece of the buffer, that
         buffer itself is returned (no copy; read-only, valid until the next ``read``)."""
         out = torch.empty(chunk.numel, dtype=torch.float32) if out is None else out
-        spans = self.spans(i, chunk)
-        if spans is not None:
-            views = self._ahead.take((i, chunk)) if self._ahead is not None else None
-            if views is None:
-                views = self.files.read(spans, self._aligned(room(spans)))
-            return self._convert(self._src(i), chunk, views, out, view)
+        runs = self._file_runs(i, chunk)
+        if runs is not None:
+            if view and len(runs) == 1 and runs[0][2].dtype == torch.float32 and runs[0][:2] == (0, chunk.numel):
+                return runs[0][2]
+            for lo, hi, typed in runs:
+                out[lo:hi].copy_(typed)
+            return out
         for lo, hi, x in self.views(i, chunk):
             out[lo:hi].copy_(x)
         if release:
             self.release(i)
         return out
+
+    def add_to(self, total: Tensor, i: int, chunk: Chunk, alpha: float = 1.0, less: Tensor | None = None) -> Tensor:
+        """``total += alpha · x_i`` (or ``alpha · (x_i − less)``) over ``chunk`` (``total`` float32 or
+        float64), in cache-sized blocks (:meth:`_blocks`)."""
+        for lo, hi, x, scratch in self._blocks(i, chunk, total.dtype):
+            if less is not None:
+                x = x.sub_(less[lo:hi]) if scratch else x - less[lo:hi]
+            total[lo:hi].add_(x, alpha=alpha)
+        return total
+
+    def minus(self, i: int, chunk: Chunk, base: Tensor, out: Tensor) -> Tensor:
+        """``out = x_i − base`` over ``chunk`` (a task vector), in cache-sized blocks (:meth:`_blocks`)."""
+        for lo, hi, x, _ in self._blocks(i, chunk, out.dtype):
+            torch.sub(x, base[lo:hi], out=out[lo:hi])
+        return out
+
+    def _blocks(self, i: int, chunk: Chunk, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor, bool]]:
+        """Expert ``i``'s slice of ``chunk`` as ``(lo, hi, values as dtype, whether they are scratch the
+        caller may change)``: slices of another dtype
+        are converted ADD_BLOCK entries at a time into one small buffer, so the converted values
+        never travel to memory and back (a whole-chunk conversion then the arithmetic moves about
+        twice the bytes), and kernels of that size run on one thread without waiting for others."""
+        runs = self._file_runs(i, chunk)
+        if runs is None:
+            runs = [(lo, hi, x.reshape(-1)) for lo, hi, x in self.views(i, chunk)]
+        block = self.buffer("block", min(ADD_BLOCK, chunk.numel), dtype)
+        for lo, hi, typed in runs:
+            if typed.dtype == dtype:
+                yield lo, hi, typed, False
+                continue
+            for a in range(lo, hi, ADD_BLOCK):
+                b = min(a + ADD_BLOCK, hi)
+                yield a, b, block[:b - a].copy_(typed[a - lo:b - lo]), True
+        if not getattr(self._src(i), "reads_into", False):
+            self.release(i)
+
+    def _file_runs(self, i: int, chunk: Chunk) -> list[tuple[int, int, Tensor]] | None:
+        """Expert ``i``'s slice of ``chunk`` read from its file (ahead, within :meth:`ahead`) as runs
+        ``(lo, hi, typed view of the buffer)``; None if it is not read from a file."""
+        spans = self.spans(i, chunk)
+        if spans is None:
+            return None
+        views = self._ahead.take((i, chunk)) if self._ahead is not None else None
+        if views is None:
+            views = self.files.read(spans, self._aligned(room(spans)))
+        return self._runs(self._src(i), chunk, views)
 
     def _aligned(self, nbytes: int) -> Tensor:
         t = self._work.get("aligned")
@@ -337,10 +385,9 @@ class ExpertPool:
         return t
 
     @staticmethod
-    def _convert(src, chunk: Chunk, views: Sequence[Tensor], out: Tensor, view: bool = False) -> Tensor:
-        """``out[p.lo:p.hi] = view`` for each piece, one copy per run of pieces adjacent both in the
-        buffer and in ``out`` and of one dtype; returns ``out`` (with ``view``, the buffer itself when
-        one float32 run covers the chunk)."""
+    def _runs(src, chunk: Chunk, views: Sequence[Tensor]) -> list[tuple[int, int, Tensor]]:
+        """The pieces' views as ``(lo, hi, typed)``: one typed view per run of pieces adjacent both in
+        the buffer and in the chunk and of one dtype (a few large kernels rather than one per tensor)."""
         run: list = []  # [first view, lo, hi, dtype, bytes]
         typed_runs = []
 
@@ -362,12 +409,7 @@ class ExpertPool:
                 flush()
                 run = [v, p.lo, p.hi, dtype, v.numel()]
         flush()
-        if view and len(typed_runs) == 1 and typed_runs[0][2].dtype == torch.float32 and \
-                typed_runs[0][:2] == (0, chunk.numel):
-            return typed_runs[0][2]
-        for lo, hi, typed in typed_runs:
-            out[lo:hi].copy_(typed)
-        return out
+        return typed_runs
 
     def release(self, i: int) -> None:
         self._src(i).release()

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from ame.errors import AMEError
+import ame.pool as pool_module
 from ame.pool import INIT, ExpertPool
 
 
@@ -137,3 +138,24 @@ def test_a_lazy_sequence_is_read_on_access_and_checked_like_the_others():
     assert made == [0]  # the first one, for the layout
     with pytest.raises(AMEError, match="expert 1 does not match the first expert: missing keys"):
         pool.read(1, pool.chunks(10**6)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("from_files", [True, False])
+def test_blocked_add_and_minus_equal_read_then_arithmetic_exactly(dtype, from_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(pool_module, "ADD_BLOCK", 5)  # blocks that cut tensors and runs of tensors
+    experts, init = [net(i, dtype) for i in range(2)], net(9, dtype)
+    if from_files:
+        for i, sd in enumerate(experts):
+            save_file(sd, str(tmp_path / f"e{i}.safetensors"))
+        experts = sorted(tmp_path.glob("e*.safetensors"))
+    pool = ExpertPool(experts, init=init)
+    for chunk in pool.chunks(64):
+        base = pool.read(INIT, chunk)
+        for acc in (torch.float32, torch.float64):
+            start = torch.randn(chunk.numel, generator=torch.Generator().manual_seed(chunk.numel)).to(acc)
+            x = pool.read(1, chunk).to(acc)
+            assert torch.equal(pool.add_to(start.clone(), 1, chunk, 0.3), start.clone().add_(x, alpha=0.3))
+            assert torch.equal(pool.add_to(start.clone(), 1, chunk, 2.0, less=base.to(acc)),
+                               start.clone().add_(x - base.to(acc), alpha=2.0))
+        assert torch.equal(pool.minus(0, chunk, base, torch.empty(chunk.numel)), pool.read(0, chunk) - base)

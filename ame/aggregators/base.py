@@ -173,23 +173,29 @@ def average_chunk(pool: ExpertPool, chunk: Chunk, weights: Sequence[float], out:
     workspace reused from chunk to chunk). ``read(i)``: expert i's float32 slice, if the caller
     holds them (default: read from the pool)."""
     n = chunk.numel
-    x32 = pool.buffer("x32", n)
 
-    def slice_of(i: int, into: Tensor) -> Tensor:
-        return read(i) if read is not None else pool.read(i, chunk, out=into, view=True)
+    def add(total: Tensor, i: int) -> None:
+        if read is None:
+            pool.add_to(total, i, chunk, weights[i])
+        else:  # mixed-dtype arithmetic is 5× slower than a copy
+            x = read(i) if total.dtype == torch.float32 else pool.buffer("x64", n, torch.float64).copy_(read(i))
+            total.add_(x, alpha=weights[i])
 
     if all(pool.infos[p.key][1].itemsize <= 2 for p in chunk.pieces):
-        total = pool.buffer("soup32", n)
-        first = slice_of(0, total)  # the first expert straight into the sum: no zeroing, one pass fewer
-        if first.data_ptr() != total.data_ptr():
-            total.copy_(first)
+        total, rest = pool.buffer("soup32", n), range(1, pool.n)
+        if read is None:  # the first expert straight into the sum: no zeroing, one pass fewer
+            pool.read(0, chunk, out=total)
+        elif pool.n > 1 and weights[0] == 1.0:
+            torch.add(read(0), read(1), alpha=weights[1], out=total)
+            rest = range(2, pool.n)
+        else:
+            total.copy_(read(0))
         if weights[0] != 1.0:
             total.mul_(weights[0])
-        for i in range(1, pool.n):
-            total.add_(slice_of(i, x32), alpha=weights[i])
+        for i in rest:
+            add(total, i)
         return total.div_(sum(weights))
     total = torch.zeros(n, dtype=torch.float64) if out is None else out[:n].zero_()
-    x64 = pool.buffer("x64", n, torch.float64)  # mixed-dtype arithmetic is 5× slower than a copy
     for i in range(pool.n):
-        total.add_(x64.copy_(slice_of(i, x32)), alpha=weights[i])
+        add(total, i)
     return total.div_(sum(weights))

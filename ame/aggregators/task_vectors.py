@@ -158,8 +158,7 @@ class TaskVectors(Aggregator):
         return pool.whole(INIT)
 
     def _tau(self, pool: ExpertPool, i: int, chunk: Chunk, base: Tensor, out: Tensor) -> Tensor:
-        torch.sub(pool.read(i, chunk, out=out), base, out=out)
-        return out
+        return pool.minus(i, chunk, base, out)
 
     # -- TIES: top-k thresholds, streamed ---------------------------------------------------------
     @staticmethod
@@ -348,6 +347,9 @@ class TaskVectors(Aggregator):
                 for chunk in chunks:
                     m = chunk.numel
                     base = pool.read(INIT, chunk, out=pool.buffer("tv_base", m))
+                    if self.sparsify == "none" and not self.sign_election and self.combine == "sum":
+                        self._sum_chunk(pool, chunk, base, out)  # task arithmetic: no task vector held
+                        continue
                     mask = self._buffer_mask(pool, chunk) if global_cut is not None else None
                     # the N sparsified, weighted task vectors of this chunk, each read once (workspaces reused)
                     taus = pool.buffer("tv_taus", pool.n * m).view(pool.n, m)
@@ -405,6 +407,26 @@ class TaskVectors(Aggregator):
                     self._finish_chunk(pool, chunk, base.add_(merged, alpha=self.scaling), out,
                                        "the aggregate has NaN/Inf values; lower aggregator.scaling")
         return self._end(out)
+
+
+    def _sum_chunk(self, pool: ExpertPool, chunk: Chunk, base: Tensor, out: Output) -> None:
+        """Task arithmetic's chunk, base + scaling · Σ w_i τ_i (normalised by Σ w_i with ``normalize``),
+        each τ_i made and added a cache-sized block at a time."""
+        total = pool.buffer("tv_total", chunk.numel).zero_()
+        weights = []
+        for i in range(pool.n):
+            w = self._column(pool, chunk, i, self._w)
+            if isinstance(w, Tensor):
+                total.addcmul_(pool.minus(i, chunk, base, pool.buffer("tv_tau", chunk.numel)), w)
+            else:
+                pool.add_to(total, i, chunk, w, less=base)
+            weights.append(w)
+        if self.normalize:
+            wsum = sum(weights)
+            total = total / (torch.where(wsum.abs() < 1e-8, 1.0, wsum) if isinstance(wsum, Tensor)
+                             else (wsum if abs(wsum) >= 1e-8 else 1.0))
+        self._finish_chunk(pool, chunk, base.add_(total, alpha=self.scaling), out,
+                           "the aggregate has NaN/Inf values; lower aggregator.scaling")
 
 
 def _each_chunk(pool: ExpertPool, chunks: list[Chunk]):

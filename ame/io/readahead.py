@@ -32,7 +32,7 @@ from ame.errors import AMEError
 
 ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffer addresses (a safe superset)
 DIRECT_MIN = 1 << 20  # smaller ranges are read through the page cache (O_DIRECT's set-up is not worth it)
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
+O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,12 @@ class Span:
 
 def aligned(nbytes: int) -> Tensor:
     """A page-aligned uint8 buffer of ``nbytes`` (anonymous memory, as O_DIRECT needs)."""
-    m = mmap.mmap(-1, max(ALIGN, _up(nbytes)))
+    m = mmap.mmap(-1, max(ALIGN, round_up(nbytes)))
     return torch.frombuffer(m, dtype=torch.uint8)[:nbytes]
 
 
-def _up(n: int) -> int:
+def round_up(n: int) -> int:
+    """``n`` rounded up to a multiple of ALIGN."""
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -69,7 +70,7 @@ def merge(spans: Sequence[Span]) -> list[tuple[Span, list[int]]]:
 
 def room(spans: Sequence[Span]) -> int:
     """Bytes of buffer :meth:`Files.read` needs for ``spans``."""
-    return sum(_up(s.nbytes) + 2 * ALIGN for s, _ in merge(spans))
+    return sum(round_up(s.nbytes) + 2 * ALIGN for s, _ in merge(spans))
 
 
 class Files:
@@ -77,7 +78,7 @@ class Files:
     shared by the threads that read them (``preadv`` has no file position)."""
 
     def __init__(self, direct: bool = True):
-        self.direct = direct and bool(_O_DIRECT)
+        self.direct = direct and bool(O_DIRECT)
         self._fds: dict[str, tuple[int, int | None]] = {}
         self._lock = threading.Lock()
 
@@ -92,7 +93,7 @@ class Files:
                 direct = None
                 if self.direct:
                     try:
-                        direct = os.open(path, os.O_RDONLY | _O_DIRECT)
+                        direct = os.open(path, os.O_RDONLY | O_DIRECT)
                     except OSError:  # the file system has no O_DIRECT
                         direct = None
                 fds = self._fds[path] = (plain, direct)
@@ -104,7 +105,7 @@ class Files:
         at = 0
         for s, parts in merge(spans):
             data = self._one(s, buf, at)
-            at += _up(s.nbytes) + 2 * ALIGN
+            at += round_up(s.nbytes) + 2 * ALIGN
             pos = 0
             for j in parts:
                 views[j] = data[pos:pos + spans[j].nbytes]
@@ -118,7 +119,7 @@ class Files:
         if direct is not None and self.direct and s.nbytes >= DIRECT_MIN:
             if not _cached(plain, s.offset, s.nbytes):  # else a copy out of the page cache beats the disk
                 first = s.offset // ALIGN * ALIGN
-                span = _up(s.offset + s.nbytes) - first
+                span = round_up(s.offset + s.nbytes) - first
                 raw = buf[at:at + span]
                 try:
                     _full(direct, raw, first, want=s.offset + s.nbytes - first)

@@ -17,12 +17,14 @@ library's own order, so their bytes equal ``safetensors.torch.save_file``'s.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import struct
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from torch import Tensor
 
 from ame.errors import AMEError
 from ame.io.files import atomic_path, tensor_bytes
+from ame.io.readahead import ALIGN, DIRECT_MIN, O_DIRECT, aligned, round_up
 
 MAX_HEADER = 100_000_000  # the library's limit
 _CHUNK = 64 << 20  # bytes per read/write/hash call
@@ -153,36 +156,98 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor], metadata:
 
 
 class StreamedSafetensors:
-    """A safetensors file written piece by piece: header first, then each slice at its offset."""
+    """A safetensors file written piece by piece: header first, then each slice at its offset.
+
+    A slice is converted straight into a page-aligned staging buffer and its whole 4 KB blocks are
+    written with ``O_DIRECT`` by a writer thread (the disk reads the buffer: no copy into the page
+    cache, no write-back to wait for at the end, and the arithmetic goes on meanwhile; two buffers
+    take turns). The partial blocks at a slice's ends, small slices, and file systems without
+    ``O_DIRECT`` go through the page cache. A block is only ever written one way, so the two never
+    mix within a block."""
 
     def __init__(self, path: Path, infos: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
                  metadata: Mapping[str, str]):
         self.infos = infos
         head, self.offsets, total = layout(infos, metadata)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        os.pwrite(self.fd, head, 0)
+        self.direct, self.writer, self.fd = -1, None, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self.staging: list[Tensor | None] = [None, None]
+        self.pending: list[Future | None] = [None, None]
+        self.turn = 0
+        _pwrite(self.fd, memoryview(head), 0)
         os.ftruncate(self.fd, total)
+        if total >= DIRECT_MIN and O_DIRECT:
+            try:
+                self.direct = os.open(path, os.O_WRONLY | O_DIRECT)
+            except OSError:  # tmpfs and others: the page cache only
+                self.direct = -1
+            else:
+                self.writer = ThreadPoolExecutor(1, thread_name_prefix="ame-writer")
 
     def write(self, key: str, start_row: int, values: Tensor) -> None:
         shape, dtype = self.infos[key]
-        data = values.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
         offset = self.offsets[key] + start_row * math.prod(shape[1:]) * dtype.itemsize
-        view = memoryview(data)
-        while len(view):
-            view = view[os.pwrite(self.fd, view, offset + (len(data) - len(view))):]
+        nbytes = values.numel() * dtype.itemsize
+        first, last = round_up(offset), (offset + nbytes) // ALIGN * ALIGN  # the slice's whole blocks
+        if self.direct < 0 or last - first < DIRECT_MIN:
+            _pwrite(self.fd, memoryview(values.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
+            return
+        j, self.turn = self.turn, 1 - self.turn
+        self._wait(j)  # staging buffer j is free again
+        phase = offset % ALIGN  # the slice sits in the buffer as in the file: its blocks start page-aligned
+        if self.staging[j] is None or self.staging[j].numel() < phase + nbytes:
+            self.staging[j] = None
+            self.staging[j] = aligned(phase + nbytes)
+        buf = self.staging[j]
+        buf[phase:phase + nbytes].view(dtype).copy_(values.reshape(-1))
+        data = buf.numpy()
+        _pwrite(self.fd, memoryview(data[phase:phase + first - offset]), offset)
+        _pwrite(self.fd, memoryview(data[phase + last - offset:phase + nbytes]), last)
+        self.pending[j] = self.writer.submit(self._direct, memoryview(data[phase + first - offset:phase + last - offset]),
+                                             first)
+
+    def _direct(self, data: memoryview, offset: int) -> None:
+        try:
+            _pwrite(self.direct, data, offset)
+        except OSError as e:  # a file system that opens with O_DIRECT but refuses the write: the page cache
+            if e.errno != errno.EINVAL:
+                raise
+            _pwrite(self.fd, data, offset)
+
+    def _wait(self, j: int) -> None:
+        f, self.pending[j] = self.pending[j], None
+        if f is not None:
+            f.result()  # the writer's error, if any, is raised here
 
     def close(self) -> None:
+        for j in (0, 1):
+            self._wait(j)
         os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+        self.abort()
 
     def abort(self) -> None:
-        if self.fd >= 0:
+        for j in (0, 1):
             try:
-                os.close(self.fd)
+                self._wait(j)
             except OSError:
                 pass
-            self.fd = -1
+        if self.writer is not None:
+            self.writer.shutdown()
+            self.writer = None
+        for fd in (self.fd, self.direct):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self.direct = -1
+        self.staging = [None, None]
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    """All of ``data`` at ``offset``."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 # -- reading -----------------------------------------------------------------------------------
