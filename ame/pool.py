@@ -341,12 +341,6 @@ class ExpertPool:
             total[lo:hi].add_(x, alpha=alpha)
         return total
 
-    def minus(self, i: int, chunk: Chunk, base: Tensor, out: Tensor) -> Tensor:
-        """``out = x_i − base`` over ``chunk`` (a task vector), in cache-sized blocks (:meth:`_blocks`)."""
-        for lo, hi, x, _ in self._blocks(i, chunk, out.dtype):
-            torch.sub(x, base[lo:hi], out=out[lo:hi])
-        return out
-
     def _blocks(self, i: int, chunk: Chunk, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor, bool]]:
         """Expert ``i``'s slice of ``chunk`` as ``(lo, hi, values as dtype, whether they are scratch the
         caller may change)``: slices of another dtype

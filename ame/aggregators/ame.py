@@ -136,7 +136,8 @@ class AME(Aggregator):
                 for _ in range(self.epochs)]
 
     def _pivot_chunk(self, pool: ExpertPool, chunk, out: Tensor, acc: dict, read=None) -> Tensor:
-        """The pivot's slice of ``chunk``, written into ``out`` (float32); ``read(i)``: expert i's slice."""
+        """The pivot's slice of ``chunk`` as float32, in ``out`` (or, for the soup of 16-bit experts, in
+        the pool's workspace that holds it already); ``read(i)``: expert i's slice."""
         if self.pivot_kind == "init":
             return pool.read(INIT, chunk, out=out)
         if self.pivot_kind == "first":
@@ -144,7 +145,8 @@ class AME(Aggregator):
         if self.pivot_kind == "soup":
             if "soup" not in acc:
                 acc["soup"] = torch.empty(acc["pivot"].numel(), dtype=torch.float64)
-            return out.copy_(average_chunk(pool, chunk, [1.0] * pool.n, out=acc["soup"], read=read))
+            soup = average_chunk(pool, chunk, [1.0] * pool.n, out=acc["soup"], read=read)
+            return soup if soup.dtype == out.dtype else out.copy_(soup)  # float32 already: the pool's workspace
         return out.zero_()
 
     def pivot(self, pool: ExpertPool) -> dict[str, Tensor] | None:

@@ -158,7 +158,7 @@ class TaskVectors(Aggregator):
         return pool.whole(INIT)
 
     def _tau(self, pool: ExpertPool, i: int, chunk: Chunk, base: Tensor, out: Tensor) -> Tensor:
-        return pool.minus(i, chunk, base, out)
+        return torch.sub(pool.read(i, chunk, out=out), base, out=out)
 
     # -- TIES: top-k thresholds, streamed ---------------------------------------------------------
     @staticmethod
@@ -417,7 +417,7 @@ class TaskVectors(Aggregator):
         for i in range(pool.n):
             w = self._column(pool, chunk, i, self._w)
             if isinstance(w, Tensor):
-                total.addcmul_(pool.minus(i, chunk, base, pool.buffer("tv_tau", chunk.numel)), w)
+                total.addcmul_(self._tau(pool, i, chunk, base, pool.buffer("tv_tau", chunk.numel)), w)
             else:
                 pool.add_to(total, i, chunk, w, less=base)
             weights.append(w)
