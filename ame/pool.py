@@ -33,7 +33,7 @@ StateDict = dict[str, Tensor]
 BUFFER_NAMES = re.compile(r"(^|\.)(running_mean|running_var|num_batches_tracked)$")
 INIT = -1  # the index that names the initialisation in :meth:`ExpertPool.views`
 READ_AHEAD = 192 << 20  # bytes a pool reads ahead of the arithmetic (within :meth:`ExpertPool.ahead`)
-ADD_BLOCK = 1 << 14  # entries converted at a time by :meth:`ExpertPool._blocks` (64 KB of float32: the L1/L2 cache)
+ADD_BLOCK = 1 << 18  # entries converted at a time by :meth:`ExpertPool._blocks` (1 MB of float32: the L2 cache)
 
 
 @dataclass(frozen=True)
@@ -343,10 +343,9 @@ class ExpertPool:
 
     def _blocks(self, i: int, chunk: Chunk, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor, bool]]:
         """Expert ``i``'s slice of ``chunk`` as ``(lo, hi, values as dtype, whether they are scratch the
-        caller may change)``: slices of another dtype
-        are converted ADD_BLOCK entries at a time into one small buffer, so the converted values
-        never travel to memory and back (a whole-chunk conversion then the arithmetic moves about
-        twice the bytes), and kernels of that size run on one thread without waiting for others."""
+        caller may change)``: slices of another dtype are converted ADD_BLOCK entries at a time into
+        one small buffer, so the converted values never travel to memory and back (a whole-chunk
+        conversion then the arithmetic moves about twice the bytes; ``scripts/bench_kernels.py``)."""
         runs = self._file_runs(i, chunk)
         if runs is None:
             runs = [(lo, hi, x.reshape(-1)) for lo, hi, x in self.views(i, chunk)]
