@@ -3,7 +3,8 @@
     python scripts/bench_kernels.py              # 16M float32 entries, best of 5
     python scripts/bench_kernels.py --numel 4e6
 
-Prints milliseconds per call (the best of ``--repeat``) for
+Prints milliseconds per call (the best of ``--repeat``) for the ways of computing one thing
+(checked to give the same values first):
 
 - masks: a comparison into a bool tensor vs into a float32 0/1 tensor, ``masked_fill_`` vs a
   multiplication by that float mask (TIES's trimming and sign agreement use the float forms);
@@ -36,6 +37,11 @@ def best(fn, repeat: int) -> float:
     return 1e3 * min(times)
 
 
+def same(what: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    if not torch.equal(x, y):
+        raise SystemExit(f"error: {what}: the two ways differ, so their times cannot be compared")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=float, default=16 * 2**20)
@@ -58,9 +64,13 @@ def main() -> None:
     row("a < 0.5 into float32 0/1", lambda: torch.lt(a, 0.5, out=f))
     row("out.masked_fill_(bool mask, 0)", lambda: out.masked_fill_(m, 0.0))
     row("out.mul_(float mask)", lambda: out.mul_(f))
+    # each pair computes the same values (checked): only the kernels differ
+    same("a where a >= 0.5 else 0: bool vs float mask", a.masked_fill(a < 0.5, 0.0), a * (a >= 0.5).float())
     row("sign agreement, bool: eq(sign) & ne(0), masked_fill", lambda: out.masked_fill_(
         torch.eq(torch.sign(a), torch.sign(b), out=m).logical_not_(), 0.0))
     row("sign agreement, float: relu(a · sign(b))", lambda: torch.mul(a, torch.sign(b), out=out).clamp_min_(0))
+    same("|a| where a agrees with sign(b): bool vs float", a.abs().masked_fill(torch.sign(a) != torch.sign(b), 0.0),
+         torch.mul(a, torch.sign(b)).clamp_min_(0))
 
     experts = [torch.randn(n, generator=g).bfloat16() for _ in range(4)]
     total, x32 = torch.empty(n), torch.empty(n)
@@ -87,10 +97,13 @@ def main() -> None:
         return run
 
     row("soup of 4 bf16 slices: convert whole, then add", whole)
+    reference = total.clone()
     row("soup of 4 bf16 slices: one mixed-dtype add each", mixed)
-    for size in sorted({1 << 13, ADD_BLOCK, 1 << 16, 1 << 18, 1 << 20}):
+    same("mixed-dtype soup", total, reference)
+    for size in sorted({1 << 14, 1 << 16, ADD_BLOCK, 1 << 20}):
         mark = " (ADD_BLOCK)" if size == ADD_BLOCK else ""
         row(f"soup of 4 bf16 slices: convert + add {size:,} at a time{mark}", blocked(size))
+        same(f"blocked soup ({size:,})", total, reference)
 
 
 if __name__ == "__main__":

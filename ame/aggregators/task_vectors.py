@@ -455,7 +455,7 @@ def kth_smallest(a: Tensor, r: int, scratch: tuple[Tensor, Tensor] | None = None
     standard deviations of the sample's rank), one pass counts the entries below the bracket and
     gathers those inside, and ``kthvalue`` runs on those few; if the sample missed (about once in
     10^6 calls), on all.
-    ``scratch``: a float32 and a bool tensor of ``a``'s size to work in."""
+    ``scratch``: a float32 and a bool tensor of ``a``'s size to work in (the float one as bools)."""
     n = a.numel()
     if n <= 4 * SAMPLE:
         return float(a.kthvalue(r).values)
@@ -465,15 +465,9 @@ def kth_smallest(a: Tensor, r: int, scratch: tuple[Tensor, Tensor] | None = None
     lo = float(s[lo_i]) if lo_i >= 0 else -math.inf
     hi = float(s[hi_i]) if hi_i < SAMPLE else math.inf
     f, m = scratch if scratch is not None else (torch.empty(n), torch.empty(n, dtype=torch.bool))
-    # counted as a float 0/1 sum (exact: float64 once the count could pass 2^24)
-    below = int(torch.lt(a, lo, out=f).sum(dtype=torch.float64 if n > 1 << 24 else torch.float32)) \
-        if lo > -math.inf else 0
-    if math.isfinite(lo) and math.isfinite(hi):  # |a − mid| ≤ half (widened past float32 rounding): one
-        mid, half = (lo + hi) / 2, (hi - lo) / 2  # float pass and one mask, then the few filtered exactly
-        near = a[torch.le(torch.sub(a, mid, out=f).abs_(), half + 1e-6 * max(abs(lo), abs(hi)) + 1e-30, out=m)]
-        inside = near[(near >= lo) & (near <= hi)]
-    else:
-        inside = a[torch.ge(a, lo, out=m).logical_and_(torch.le(a, hi, out=torch.empty_like(m)))]
+    at_least = torch.ge(a, lo, out=m)  # one mask gives both the count below the bracket and what is in it
+    below = n - int(at_least.count_nonzero())
+    inside = a[at_least.logical_and_(torch.le(a, hi, out=f.view(torch.bool)[:n]))]
     if below < r <= below + inside.numel():
         return float(inside.kthvalue(r - below).values)
     return float(a.kthvalue(r).values)
