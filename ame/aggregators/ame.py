@@ -242,7 +242,10 @@ class AME(Aggregator):
             staging, x = work["staging"][:n], work["x"][:n]
         else:
             pivot = self._pivot_chunk(pool, chunk, work["pivot"][:n], work, read)
-        w = torch.nn.Parameter(work["w"][:n].copy_(pivot))
+        if self.pseudogradient == "iterate" and trace is None and not on_gpu and pivot.data_ptr() != work["pivot"].data_ptr():
+            w = torch.nn.Parameter(pivot)  # the soup's workspace, not needed again in this chunk: no copy
+        else:
+            w = torch.nn.Parameter(work["w"][:n].copy_(pivot))
         g = work["g"][:n]
         w.grad = g
         opt = self._optimizer(w)
