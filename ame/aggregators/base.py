@@ -131,11 +131,8 @@ class Aggregator:
                     self.info["clamped_running_var"] = self.info.get("clamped_running_var", 0) + count
                     log.warning("%s: %d running_var entries of '%s' went below zero; clamped to the experts' "
                                 "smallest value there", self.name, count, p.key)
-        dtypes = {pool.out_dtype(p.key) for p in chunk.pieces}
-        if len(dtypes) == 1 and (dtype := dtypes.pop()) != values.dtype:  # one conversion, into a reused buffer
-            values = pool.buffer("out", chunk.numel, dtype).copy_(values)
-        for p in chunk.pieces:
-            out.write(p.key, p.start, values[p.lo:p.hi].to(pool.out_dtype(p.key)))
+        for p in chunk.pieces:  # the output converts to each tensor's dtype as it stores the slice
+            out.write(p.key, p.start, values[p.lo:p.hi])
 
     def _end(self, out: Output) -> Mapping[str, Tensor]:
         return out.close()

@@ -158,7 +158,8 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor], metadata:
 class StreamedSafetensors:
     """A safetensors file written piece by piece: header first, then each slice at its offset.
 
-    A slice is converted straight into a page-aligned staging buffer and its whole 4 KB blocks are
+    A slice (of any dtype: converted to the file's) is converted straight into a page-aligned staging
+    buffer (reused: no fresh pages) and its whole 4 KB blocks are
     written with ``O_DIRECT`` by a writer thread (the disk reads the buffer: no copy into the page
     cache, no write-back to wait for at the end, and the arithmetic goes on meanwhile; two buffers
     take turns). The partial blocks at a slice's ends, small slices, and file systems without
@@ -187,9 +188,7 @@ class StreamedSafetensors:
         shape, dtype = self.infos[key]
         offset = self.offsets[key] + start_row * math.prod(shape[1:]) * dtype.itemsize
         nbytes = values.numel() * dtype.itemsize
-        first, last = round_up(offset), (offset + nbytes) // ALIGN * ALIGN  # the slice's whole blocks
-        if self.direct < 0 or last - first < DIRECT_MIN:
-            _pwrite(self.fd, memoryview(values.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
+        if nbytes == 0:
             return
         j, self.turn = self.turn, 1 - self.turn
         self._wait(j)  # staging buffer j is free again
@@ -197,9 +196,12 @@ class StreamedSafetensors:
         if self.staging[j] is None or self.staging[j].numel() < phase + nbytes:
             self.staging[j] = None
             self.staging[j] = aligned(phase + nbytes)
-        buf = self.staging[j]
-        buf[phase:phase + nbytes].view(dtype).copy_(values.reshape(-1))
-        data = buf.numpy()
+        data = self.staging[j].numpy()
+        self.staging[j][phase:phase + nbytes].view(dtype).copy_(values.reshape(-1))  # converted on the way in
+        first, last = round_up(offset), (offset + nbytes) // ALIGN * ALIGN  # the slice's whole blocks
+        if self.direct < 0 or last - first < DIRECT_MIN:
+            _pwrite(self.fd, memoryview(data[phase:phase + nbytes]), offset)
+            return
         _pwrite(self.fd, memoryview(data[phase:phase + first - offset]), offset)
         _pwrite(self.fd, memoryview(data[phase + last - offset:phase + nbytes]), last)
         self.pending[j] = self.writer.submit(self._direct, memoryview(data[phase + first - offset:phase + last - offset]),
