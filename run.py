@@ -11,8 +11,9 @@ import traceback
 
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import InterpolationResolutionError
 
-from ame.errors import AMEError
+from ame.errors import AMEError, config_error, hydra_cli
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -21,7 +22,10 @@ def main(cfg: DictConfig) -> float:
     from ame.pipeline import run
 
     try:
-        results = run(cfg)
+        try:
+            results = run(cfg)
+        except InterpolationResolutionError as e:  # a ${...} in the config or the command line that does not resolve
+            raise AMEError(config_error(e)) from None
     except AMEError as e:
         if not in_multirun():
             print(f"error: {e}", file=sys.stderr)
@@ -37,4 +41,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_cli(main)

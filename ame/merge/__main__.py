@@ -11,8 +11,9 @@ import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
-from ame.errors import AMEError, require
+from ame.errors import AMEError, config_error, hydra_cli, require
 
 
 class _Terminated(BaseException):
@@ -78,8 +79,8 @@ def main(cfg: DictConfig) -> None:
         merge_pool(cfg.aggregator, paths, cfg.experts.get("init"), str(cfg.out), sizes,
                    cfg.experts.get("key_prefix"), cfg.get("dtype"), pivot_given=pivot_given,
                    overwrite=cfg.overwrite, command=command, quiet=cfg.quiet)
-    except AMEError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (AMEError, InterpolationResolutionError) as e:  # the latter: a ${...} that does not resolve
+        print(f"error: {e if isinstance(e, AMEError) else config_error(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted; nothing written", file=sys.stderr)
@@ -90,4 +91,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_cli(main)
