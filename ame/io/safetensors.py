@@ -36,6 +36,7 @@ from ame.io.files import atomic_path, tensor_bytes
 from ame.io.readahead import ALIGN, DIRECT_MIN, O_DIRECT, aligned, round_up
 
 MAX_HEADER = 100_000_000  # the library's limit
+STAGE_BYTES = 64 << 20  # the most a streamed write stages at once (two such buffers take turns)
 _CHUNK = 64 << 20  # bytes per read/write/hash call
 DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                                   "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -187,9 +188,12 @@ class StreamedSafetensors:
     def write(self, key: str, start_row: int, values: Tensor) -> None:
         shape, dtype = self.infos[key]
         offset = self.offsets[key] + start_row * math.prod(shape[1:]) * dtype.itemsize
+        flat, step = values.reshape(-1), STAGE_BYTES // dtype.itemsize
+        for a in range(0, flat.numel(), step):  # a whole large tensor in parts: the staging buffers stay small
+            self._write(offset + a * dtype.itemsize, flat[a:a + step], dtype)
+
+    def _write(self, offset: int, values: Tensor, dtype: torch.dtype) -> None:
         nbytes = values.numel() * dtype.itemsize
-        if nbytes == 0:
-            return
         j, self.turn = self.turn, 1 - self.turn
         self._wait(j)  # staging buffer j is free again
         phase = offset % ALIGN  # the slice sits in the buffer as in the file: its blocks start page-aligned
@@ -197,7 +201,7 @@ class StreamedSafetensors:
             self.staging[j] = None
             self.staging[j] = aligned(phase + nbytes)
         data = self.staging[j].numpy()
-        self.staging[j][phase:phase + nbytes].view(dtype).copy_(values.reshape(-1))  # converted on the way in
+        self.staging[j][phase:phase + nbytes].view(dtype).copy_(values)  # converted on the way in
         first, last = round_up(offset), (offset + nbytes) // ALIGN * ALIGN  # the slice's whole blocks
         if self.direct < 0 or last - first < DIRECT_MIN:
             _pwrite(self.fd, memoryview(data[phase:phase + nbytes]), offset)

@@ -42,7 +42,9 @@ def write(path, sd, order_seed: int) -> StreamedSafetensors:
 
 
 @pytest.mark.parametrize("direct", [True, False])
-def test_a_streamed_file_is_byte_for_byte_the_librarys(direct, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage_bytes", [st.STAGE_BYTES, 1_500_000])  # the latter: large slices go out in parts
+def test_a_streamed_file_is_byte_for_byte_the_librarys(direct, stage_bytes, tmp_path, monkeypatch):
+    monkeypatch.setattr(st, "STAGE_BYTES", stage_bytes)
     if not direct:
         monkeypatch.setattr(st, "O_DIRECT", 0)
     calls = []
