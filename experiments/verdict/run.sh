@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The verdict (issue 23), in resumable pieces. The verdict regime (conf/regime/verdict.yaml: a
-# ResNet-20 base trained 40 epochs on 30,000 public images), two independently trained bases
+# ResNet-20 base trained 60 epochs on 30,000 public images), two independently trained bases
 # (base_seed 0 and 1), Dirichlet α = 0.5 shards, N = 4 and 8 experts, 5 expert seeds per base;
 # every control and AME form tuned on each expert set's own validation split (tune.sh).
 #
@@ -34,7 +34,7 @@ commit() {
   tables
   git add "$OUT" && git commit -qm "experiments/verdict: $1" -- "$OUT" || true
 }
-piece_base() {  # the base (≈ 72 core-minutes: 40 epochs × 30,000 images), with seed 0's N = 4 experts
+piece_base() {  # the base (60 epochs × 30,000 images: ≈ 50 min on 2 free cores), with seed 0's N = 4 experts
   python run.py -m experiment=verdict "base_seed=$1" data.shards.num_shards=4 seed=0 aggregator=soup \
     hydra.sweep.dir="multirun/verdict/b$1_n4/s0" hydra.sweep.subdir=soup "${@:2}"
   commit "base $1 trained"
