@@ -399,9 +399,7 @@ class TaskVectors(Aggregator):
                     if count is not None:  # where no expert counts, the sum is 0: divide by 1
                         merged = total.div_(count.add_(torch.eq(count, 0, out=agree)))
                     elif self.normalize:  # Σ w_i τ_i / Σ w_i (mergekit's normalize without sign consensus)
-                        wsum = sum(weights)
-                        merged = total / (torch.where(wsum.abs() < 1e-8, 1.0, wsum) if isinstance(wsum, Tensor)
-                                          else (wsum if abs(wsum) >= 1e-8 else 1.0))
+                        merged = _normalized(total, weights)
                     else:
                         merged = total
                     self._finish_chunk(pool, chunk, base.add_(merged, alpha=self.scaling), out,
@@ -422,11 +420,16 @@ class TaskVectors(Aggregator):
                 pool.add_to(total, i, chunk, w, less=base)
             weights.append(w)
         if self.normalize:
-            wsum = sum(weights)
-            total = total / (torch.where(wsum.abs() < 1e-8, 1.0, wsum) if isinstance(wsum, Tensor)
-                             else (wsum if abs(wsum) >= 1e-8 else 1.0))
+            total = _normalized(total, weights)
         self._finish_chunk(pool, chunk, base.add_(total, alpha=self.scaling), out,
                            "the aggregate has NaN/Inf values; lower aggregator.scaling")
+
+
+def _normalized(total: Tensor, weights: list) -> Tensor:
+    """``total / Σ w_i`` (mergekit's normalize; 1 where the weights sum to about 0)."""
+    wsum = sum(weights)
+    return total / (torch.where(wsum.abs() < 1e-8, 1.0, wsum) if isinstance(wsum, Tensor)
+                    else (wsum if abs(wsum) >= 1e-8 else 1.0))
 
 
 def _each_chunk(pool: ExpertPool, chunks: list[Chunk]):
