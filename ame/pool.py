@@ -335,15 +335,14 @@ class ExpertPool:
     def add_to(self, total: Tensor, i: int, chunk: Chunk, alpha: float = 1.0, less: Tensor | None = None) -> Tensor:
         """``total += alpha · x_i`` (or ``alpha · (x_i − less)``) over ``chunk`` (``total`` float32 or
         float64), in cache-sized blocks (:meth:`_blocks`)."""
-        for lo, hi, x, scratch in self._blocks(i, chunk, total.dtype):
-            if less is not None:
-                x = x.sub_(less[lo:hi]) if scratch else x - less[lo:hi]
-            total[lo:hi].add_(x, alpha=alpha)
+        for lo, hi, x in self._blocks(i, chunk, total.dtype, scratch=less is not None):
+            total[lo:hi].add_(x if less is None else x.sub_(less[lo:hi]), alpha=alpha)
         return total
 
-    def _blocks(self, i: int, chunk: Chunk, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor, bool]]:
-        """Expert ``i``'s slice of ``chunk`` as ``(lo, hi, values as dtype, whether they are scratch the
-        caller may change)``: slices of another dtype are converted ADD_BLOCK entries at a time into
+    def _blocks(self, i: int, chunk: Chunk, dtype: torch.dtype, scratch: bool = False
+                ) -> Iterator[tuple[int, int, Tensor]]:
+        """Expert ``i``'s slice of ``chunk`` as ``(lo, hi, values as dtype)`` (with ``scratch``, always
+        copies the caller may change): slices of another dtype are converted ADD_BLOCK entries at a time into
         one small buffer, so the converted values never travel to memory and back (a whole-chunk
         conversion then the arithmetic moves about twice the bytes; ``scripts/bench_kernels.py``)."""
         runs = self._file_runs(i, chunk)
@@ -351,12 +350,12 @@ class ExpertPool:
             runs = [(lo, hi, x.reshape(-1)) for lo, hi, x in self.views(i, chunk)]
         block = self.buffer("block", min(ADD_BLOCK, chunk.numel), dtype)
         for lo, hi, typed in runs:
-            if typed.dtype == dtype:
-                yield lo, hi, typed, False
+            if typed.dtype == dtype and not scratch:
+                yield lo, hi, typed
                 continue
             for a in range(lo, hi, ADD_BLOCK):
                 b = min(a + ADD_BLOCK, hi)
-                yield a, b, block[:b - a].copy_(typed[a - lo:b - lo]), True
+                yield a, b, block[:b - a].copy_(typed[a - lo:b - lo])
         if not getattr(self._src(i), "reads_into", False):
             self.release(i)
 
