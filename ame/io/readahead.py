@@ -6,8 +6,10 @@ on the virtual machines tried, copying freshly read pages out of it (what ``prea
 more CPU than the merge's arithmetic (1–2 ns per byte: ``cat`` of 8.8 GB spent 10 s in the
 kernel). So a range is read
 
-- from the page cache when all of it is there (``mincore`` says so: a copy, ~3 GB/s; asking with
-  ``RWF_NOWAIT`` instead would start the kernel's read-ahead into the cache on a miss),
+- from the page cache when all of it is there (``mincore`` says so; asking with ``RWF_NOWAIT``
+  instead would start the kernel's read-ahead into the cache on a miss): the range is *mapped*,
+  so the arithmetic reads the page cache's own pages (no copy: a copy out of it runs at ~3 GB/s
+  and, at 22M parameters × 32 float32 experts in tmpfs, doubled AME-Adam's time per step),
 - else with ``O_DIRECT`` (the disk writes into our page-aligned buffer: no copy, almost no CPU),
 - else (a file system without ``O_DIRECT``, e.g. older tmpfs) with a plain ``pread``.
 
@@ -22,6 +24,7 @@ import ctypes
 import mmap
 import os
 import threading
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -116,16 +119,19 @@ class Files:
         plain, direct = self._open(s.path)
         if s.nbytes == 0:
             return buf[at:at]
-        if direct is not None and self.direct and s.nbytes >= DIRECT_MIN:
-            if not _cached(plain, s.offset, s.nbytes):  # else a copy out of the page cache beats the disk
-                first = s.offset // ALIGN * ALIGN
-                span = round_up(s.offset + s.nbytes) - first
-                raw = buf[at:at + span]
-                try:
-                    _full(direct, raw, first, want=s.offset + s.nbytes - first)
-                    return raw[s.offset - first:s.offset - first + s.nbytes]
-                except OSError:  # e.g. EINVAL: this file system's O_DIRECT wants another alignment
-                    self.direct = False
+        if s.nbytes >= DIRECT_MIN and _cached(plain, s.offset, s.nbytes):
+            mapped = _mapped(plain, s.offset, s.nbytes)  # the page cache's own pages: no copy at all
+            if mapped is not None:
+                return mapped
+        elif direct is not None and self.direct and s.nbytes >= DIRECT_MIN:  # not cached: the disk, no copy
+            first = s.offset // ALIGN * ALIGN
+            span = round_up(s.offset + s.nbytes) - first
+            raw = buf[at:at + span]
+            try:
+                _full(direct, raw, first, want=s.offset + s.nbytes - first)
+                return raw[s.offset - first:s.offset - first + s.nbytes]
+            except OSError:  # e.g. EINVAL: this file system's O_DIRECT wants another alignment
+                self.direct = False
         dest = buf[at:at + s.nbytes]
         _full(plain, dest, s.offset, want=s.nbytes)
         return dest
@@ -172,6 +178,23 @@ def _cached(fd: int, offset: int, nbytes: int) -> bool:
         return bool(vec.bitwise_and_(1).all())
     finally:
         _libc.munmap(addr, length)
+
+
+def _mapped(fd: int, offset: int, nbytes: int) -> Tensor | None:
+    """The range as a read-only view of a shared mapping of the file (its pages are the page
+    cache's, mapped in advance), or None where it cannot be mapped (past the end of the file, no
+    ``mmap``). The mapping lives as long as a tensor viewing it."""
+    first = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    try:
+        if offset + nbytes > os.fstat(fd).st_size:
+            return None  # the plain read says clearly that the file ended early
+        m = mmap.mmap(fd, offset + nbytes - first, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                      mmap.PROT_READ, offset=first)
+    except (OSError, ValueError, AttributeError):
+        return None
+    with warnings.catch_warnings():  # read-only: torch warns that the buffer is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(m, dtype=torch.uint8)[offset - first:]
 
 
 def drop_from_page_cache(paths: Sequence[str | os.PathLike]) -> None:
