@@ -272,20 +272,20 @@ class TaskVectors(Aggregator):
         return out
 
     def _trim_tensors(self, pool: ExpertPool, chunk: Chunk, i: int, tau: Tensor, absb: Tensor, cut: dict) -> None:
-        """``trim=tensor``: zero each tensor's entries of τ_i below its threshold (|τ_i| in ``absb``): a
-        cut tensor's from ``cut``, a whole tensor's selected here (in workspaces: no fresh pages)."""
+        """``trim=tensor``: zero each tensor's entries of τ_i below its threshold: a cut tensor's from
+        ``cut``, a whole tensor's selected here from |τ_i| (in ``absb``; workspaces: no fresh pages)."""
         keep = pool.buffer("tv_keep", chunk.numel)
         flags = pool.buffer("tv_flags", chunk.numel, torch.bool)
         for p in chunk.pieces:
             if p.hi == p.lo or self._dens(p.key, i) >= 1:
                 continue
-            a = absb[p.lo:p.hi]
             if (i, p.key) in cut:
                 limit = cut[i, p.key]
             else:
                 k = max(1, int(self._dens(p.key, i) * (p.hi - p.lo)))
-                limit = kth_smallest(a, p.hi - p.lo - k + 1, (keep[p.lo:p.hi], flags[p.lo:p.hi]))
-            _trim(tau[p.lo:p.hi], a, limit, keep[p.lo:p.hi])
+                limit = kth_smallest(torch.abs(tau[p.lo:p.hi], out=absb[p.lo:p.hi]), p.hi - p.lo - k + 1,
+                                     (keep[p.lo:p.hi], flags[p.lo:p.hi]))
+            _trim(tau[p.lo:p.hi], limit)
 
     # -- DARE ----------------------------------------------------------------------------------------
     def _dare_keep(self, pool: ExpertPool, i: int, chunk: Chunk) -> Tensor:
@@ -357,14 +357,15 @@ class TaskVectors(Aggregator):
                     weights = []
                     for i in range(pool.n):
                         tau = self._tau(pool, i, chunk, base, taus[i])
-                        if global_cut is not None or tensor_cut is not None:
-                            torch.abs(tau, out=absb)
-                            if global_cut is not None:
-                                params, buffers = global_cut[i]
-                                limit = params if mask is None else torch.where(mask, buffers, params)
-                                _trim(tau, absb, limit, pool.buffer("tv_keep", m))
+                        if global_cut is not None:
+                            params, buffers = global_cut[i]
+                            if mask is None:
+                                _trim(tau, params)
                             else:
-                                self._trim_tensors(pool, chunk, i, tau, absb, tensor_cut)
+                                _trim(tau, torch.where(mask, buffers, params), torch.abs(tau, out=absb),
+                                      pool.buffer("tv_keep", m))
+                        elif tensor_cut is not None:
+                            self._trim_tensors(pool, chunk, i, tau, absb, tensor_cut)
                         elif self.sparsify == "random":
                             if self.rescale == "inverse":
                                 scale = self._column(pool, chunk, i, lambda k, j: 1.0 / self._dens(k, j))
@@ -440,9 +441,15 @@ def _each_chunk(pool: ExpertPool, chunks: list[Chunk]):
 SAMPLE = 1 << 14  # entries sampled to bracket a k-th value (random reads: a cache miss each)
 
 
-def _trim(tau: Tensor, magnitude: Tensor, limit: float | Tensor, keep: Tensor) -> None:
-    """Zero the entries of ``tau`` whose ``magnitude`` is below ``limit`` (``keep``: a float workspace)."""
-    tau.mul_(torch.ge(magnitude, limit, out=keep))
+def _trim(tau: Tensor, limit: float | Tensor, magnitude: Tensor | None = None, keep: Tensor | None = None) -> None:
+    """Zero the entries of ``tau`` with |τ| below ``limit``. A number: one pass, hardshrink with λ the
+    float32 just below ``limit`` (it keeps |τ| > λ, that is |τ| ≥ ``limit``, exactly). Per entry
+    (a tensor): with ``magnitude`` = |τ| and a float workspace ``keep``."""
+    if isinstance(limit, Tensor):
+        tau.mul_(torch.ge(magnitude, limit, out=keep))
+        return
+    below = torch.nextafter(torch.tensor(limit, dtype=torch.float32), torch.tensor(-math.inf))
+    torch.ops.aten.hardshrink.out(tau, float(below), out=tau)
 
 
 def _add_weighted(total: Tensor, flags: Tensor, w: float | Tensor) -> None:
