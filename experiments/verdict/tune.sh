@@ -4,7 +4,9 @@
 # images; the value picked by scripts/best_trial.py, ties to the smaller value), then the chosen
 # values and the untuned references with the full evaluation (test set, 15 corruptions × 5
 # severities × 500 images). Each row is one run, labelled (+label) so that expert sets whose choices
-# differ pool into one row; the choices go to experiments/verdict/choices.tsv. A finished search
+# differ pool into one row; the choices go to multirun/verdict/choices.tsv (untracked: a tracked file
+# growing during the runs would mark every run's provenance "uncommitted changes"), which run.sh's
+# tables step copies to experiments/verdict/choices.tsv. A finished search
 # or run is not redone (resumable). Extra arguments go to every run (e.g. logger=none).
 #   bash experiments/verdict/tune.sh 0 4 0 logger=none
 set -euo pipefail
@@ -15,7 +17,8 @@ EXTRA=("$@")
 COMMON=(experiment=verdict "base_seed=$B" "data.shards.num_shards=$N" "seed=$S")
 SEARCH=multirun/search/verdict/b${B}_n${N}/s$S
 OUT=multirun/verdict/b${B}_n${N}/s$S
-CHOICES=experiments/verdict/choices.tsv
+CHOICES=multirun/verdict/choices.tsv
+mkdir -p multirun/verdict
 # λN (in units of the soup's step: 0 the base, 1 the soup) → task arithmetic's λ for N experts
 per_n() { python -c "import sys; print(','.join(f'{float(v) / $N:g}' for v in sys.argv[1].split(',')))" "$1"; }
 
