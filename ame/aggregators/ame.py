@@ -76,7 +76,7 @@ class AME(Aggregator):
     def __init__(self, optimizer: Callable[..., torch.optim.Optimizer], epochs: int = 1, pivot: str = "init",
                  pseudogradient: str = "iterate", amplification: float | str = 1.0, order: str = "fixed",
                  lr_schedule: str = "constant", seed: int = 0, name: str = "ame", device: str = "cpu",
-                 chunk_mb: float = 64):
+                 chunk_mb: float = 16):
         super().__init__()
         require(pivot in PIVOTS, f"aggregator.pivot must be one of {PIVOTS}, got {pivot!r}")
         require(pseudogradient in PSEUDOGRADIENTS,
@@ -318,7 +318,7 @@ class Soup(Aggregator):
 
     name = "soup"
 
-    def __init__(self, weights: Sequence[float] | str | None = None, name: str = "soup", chunk_mb: float = 64):
+    def __init__(self, weights: Sequence[float] | str | None = None, name: str = "soup", chunk_mb: float = 16):
         super().__init__()
         require(weights is None or weights == "shard_size" or (isinstance(weights, Sequence) and not
                 isinstance(weights, str)), f"aggregator.weights must be a list of numbers, shard_size or null, "
