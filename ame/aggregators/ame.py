@@ -318,7 +318,7 @@ class Soup(Aggregator):
 
     name = "soup"
 
-    def __init__(self, weights: Sequence[float] | str | None = None, name: str = "soup", chunk_mb: float = 16):
+    def __init__(self, weights: Sequence[float] | str | None = None, name: str = "soup", chunk_mb: float = 64):
         super().__init__()
         require(weights is None or weights == "shard_size" or (isinstance(weights, Sequence) and not
                 isinstance(weights, str)), f"aggregator.weights must be a list of numbers, shard_size or null, "
