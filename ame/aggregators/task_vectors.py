@@ -15,13 +15,15 @@ over the experts that are non-zero and agree with the elected sign, divided by t
 Two conventions, each exact:
 
 - **published** (the default; Yadav et al. 2023, FusionBench): ``trim=global``, one top-k budget
-  over each task vector's parameters (|τ| ≥ the (d − ⌊d·density⌋)-th smallest), the float buffers
+  over each task vector's parameters (|τ| ≥ the (d − ⌊d·density⌋)-th smallest: every entry tied
+  with it is kept, as the authors' code keeps them), the float buffers
   with a budget of their own; an exact tie in the elected sign keeps 0 (``zero_sign=zero``); DARE
   rescales kept entries by 1/density (``rescale=inverse``).
 - **mergekit** (what ``python -m ame.merge recipe=...`` uses; mergekit 0.1.5's
   ``generalized_task_arithmetic``): ``trim=tensor``, each tensor trimmed to its own top
-  max(1, ⌊density·numel⌋); ``zero_sign=positive``; DARE matches the L1 norm of each tensor's task
-  vector (``rescale=l1``).
+  max(1, ⌊density·numel⌋), exactly that many (of the entries tied at the k-th |τ|, common with
+  16-bit weights, the first in the tensor's order; mergekit's argsort leaves their order open);
+  ``zero_sign=positive``; DARE matches the L1 norm of each tensor's task vector (``rescale=l1``).
 
 ``weights`` and ``density`` take a number, one value per expert, or mergekit-style rules
 ``[{filter: self_attn, value: 0.5}, {value: 0.3}]`` (the first rule whose ``filter`` is a
@@ -172,11 +174,14 @@ class TaskVectors(Aggregator):
             mask[p.lo:p.hi] = True
         return mask
 
-    def _radix(self, pool: ExpertPool, chunks: list[Chunk], pick, ranks: list[list[int]]) -> list[list[float]]:
+    def _radix(self, pool: ExpertPool, chunks: list[Chunk], pick, ranks: list[list[int]],
+               ties: list | None = None) -> list[list[float]]:
         """Exact k-th values by radix selection over streamed |τ_i|: ``pick(chunk, bits)`` gives each
         group's entries of a chunk as [(group, bits)]; ``ranks[g][i]`` the 1-based rank from the
         smallest sought in group g of expert i. Two passes of 65,536-bin histograms, in workspaces
-        reused from chunk to chunk (fresh pages cost a fault each: kernel time, not arithmetic)."""
+        reused from chunk to chunk (fresh pages cost a fault each: kernel time, not arithmetic).
+        ``ties`` (a list): filled with ``ties[g][i]`` = (entries equal to the value, how many of them
+        have a rank ≥ the one sought: those a top-k of exactly k keeps)."""
         groups = len(ranks)
         hist = torch.zeros(groups, pool.n, 1 << 16, dtype=torch.int64)
         meter = Meter(f"{self.name}: top-k selection", 2 * len(chunks), unit="chunks")
@@ -219,11 +224,16 @@ class TaskVectors(Aggregator):
                 low = bits[hb == high[g][i]] & 0xFFFF  # few entries: the chosen bin's
                 hist[g, i] += torch.bincount(low, minlength=1 << 16)
         out = [[0.0] * pool.n for _ in range(groups)]
+        if ties is not None:
+            ties[:] = [[(0, 0)] * pool.n for _ in range(groups)]
         for g in range(groups):
             for i in range(pool.n):
                 if rest[g][i] > 0:
-                    lo = int(torch.searchsorted(hist[g, i].cumsum(0), rest[g][i]))
+                    cum = hist[g, i].cumsum(0)
+                    lo = int(torch.searchsorted(cum, rest[g][i]))
                     out[g][i] = float(torch.tensor([(high[g][i] << 16) | lo], dtype=torch.int32).view(torch.float32))
+                    if ties is not None:  # the value's entries ranked rest..cum[lo] within the bin: keep cum[lo] − rest + 1
+                        ties[g][i] = (int(hist[g, i, lo]), int(cum[lo]) - rest[g][i] + 1)
         meter.close()
         return out
 
@@ -244,11 +254,13 @@ class TaskVectors(Aggregator):
         params, bufs = self._radix(pool, chunks, pick, ranks)
         return list(zip(params, bufs))
 
-    def tensor_thresholds(self, pool: ExpertPool, chunks: list[Chunk]) -> dict[tuple[int, str], float]:
+    def tensor_thresholds(self, pool: ExpertPool, chunks: list[Chunk]) -> dict[tuple[int, str], list]:
         """``trim=tensor`` (mergekit), for the tensors cut across chunks: per expert, the k-th largest
-        |τ| with k = max(1, ⌊density · numel⌋), by radix selection over those chunks only. (A tensor
-        within one chunk is selected in memory during the merge pass: :func:`kth_smallest`.)"""
-        out: dict[tuple[int, str], float] = {}
+        |τ| t with k = max(1, ⌊density · numel⌋), by radix selection over those chunks only, as
+        ``[t, entries equal to t, how many of them to keep]`` (mergekit keeps exactly k; the merge pass
+        keeps the first ones in the tensor's order and counts them down). (A tensor within one chunk
+        is selected in memory during the merge pass: :func:`top_k`.)"""
+        out: dict[tuple[int, str], list] = {}
         split: dict[str, list[Chunk]] = {}
         for chunk in chunks:
             for p in chunk.pieces:
@@ -265,27 +277,43 @@ class TaskVectors(Aggregator):
             def pick(chunk: Chunk, bits: Tensor, group=group):
                 return [(group[p.key], bits[p.lo:p.hi]) for p in chunk.pieces if p.key in group]
 
-            for g, values in enumerate(self._radix(pool, its, pick, ranks)):
+            ties: list = []
+            for g, values in enumerate(self._radix(pool, its, pick, ranks, ties)):
                 for i, t in enumerate(values):
                     if self._dens(batch[g], i) < 1:
-                        out[i, batch[g]] = t
+                        out[i, batch[g]] = [t, *ties[g][i]]
         return out
 
     def _trim_tensors(self, pool: ExpertPool, chunk: Chunk, i: int, tau: Tensor, absb: Tensor, cut: dict) -> None:
-        """``trim=tensor``: zero each tensor's entries of τ_i below its threshold: a cut tensor's from
-        ``cut``, a whole tensor's selected here from |τ_i| (in ``absb``; workspaces: no fresh pages)."""
+        """``trim=tensor``: keep exactly the k entries of largest |τ_i| of each tensor, as mergekit does
+        (ties at the k-th value: the first in the tensor's order). A cut tensor's threshold comes from
+        ``cut`` (its tie quota counted down piece by piece), a whole tensor's is selected here from
+        |τ_i| (in ``absb``; workspaces: no fresh pages)."""
         keep = pool.buffer("tv_keep", chunk.numel)
         flags = pool.buffer("tv_flags", chunk.numel, torch.bool)
         for p in chunk.pieces:
             if p.hi == p.lo or self._dens(p.key, i) >= 1:
                 continue
+            t = tau[p.lo:p.hi]
             if (i, p.key) in cut:
-                limit = cut[i, p.key]
+                state = cut[i, p.key]  # [threshold, entries equal to it, how many of them are still to keep]
+                limit, tied, quota = state
+                if quota == 0 and limit > 0:  # the tensor's tied entries to keep came in earlier pieces
+                    _trim(t, limit, strict=True)
+                    continue
+                _trim(t, limit)
+                if quota < tied and limit > 0:  # some tied entries go: keep the first `quota` of the tensor's
+                    here = torch.eq(torch.abs(t, out=absb[p.lo:p.hi]), limit, out=flags[p.lo:p.hi])
+                    count = int(here.count_nonzero())
+                    if count > quota:
+                        t[here.nonzero().view(-1)[quota:]] = 0.0
+                    state[2] = max(0, quota - count)
             else:
                 k = max(1, int(self._dens(p.key, i) * (p.hi - p.lo)))
-                limit = kth_smallest(torch.abs(tau[p.lo:p.hi], out=absb[p.lo:p.hi]), p.hi - p.lo - k + 1,
-                                     (keep[p.lo:p.hi], flags[p.lo:p.hi]))
-            _trim(tau[p.lo:p.hi], limit)
+                limit, drop = top_k(torch.abs(t, out=absb[p.lo:p.hi]), k, (keep[p.lo:p.hi], flags[p.lo:p.hi]))
+                _trim(t, limit)
+                if drop is not None:
+                    t[drop] = 0.0
 
     # -- DARE ----------------------------------------------------------------------------------------
     def _dare_keep(self, pool: ExpertPool, i: int, chunk: Chunk) -> Tensor:
@@ -441,15 +469,19 @@ def _each_chunk(pool: ExpertPool, chunks: list[Chunk]):
 SAMPLE = 1 << 14  # entries sampled to bracket a k-th value (random reads: a cache miss each)
 
 
-def _trim(tau: Tensor, limit: float | Tensor, magnitude: Tensor | None = None, keep: Tensor | None = None) -> None:
-    """Zero the entries of ``tau`` with |τ| below ``limit``. A number: one pass, hardshrink with λ the
-    float32 just below ``limit`` (it keeps |τ| > λ, that is |τ| ≥ ``limit``, exactly). Per entry
-    (a tensor): with ``magnitude`` = |τ| and a float workspace ``keep``."""
+def _trim(tau: Tensor, limit: float | Tensor, magnitude: Tensor | None = None, keep: Tensor | None = None,
+          strict: bool = False) -> None:
+    """Zero the entries of ``tau`` with |τ| below ``limit`` (``strict``: also those equal to it). A
+    number: one pass, hardshrink, which keeps |τ| > λ: λ = ``limit`` if strict, else the float32 just
+    below it (|τ| ≥ ``limit``, exactly). Per entry (a tensor): with ``magnitude`` = |τ| and a float
+    workspace ``keep``."""
     if isinstance(limit, Tensor):
         tau.mul_(torch.ge(magnitude, limit, out=keep))
         return
-    below = torch.nextafter(torch.tensor(limit, dtype=torch.float32), torch.tensor(-math.inf))
-    torch.ops.aten.hardshrink.out(tau, float(below), out=tau)
+    lam = torch.tensor(limit, dtype=torch.float32)
+    if not strict:
+        lam = torch.nextafter(lam, torch.tensor(-math.inf))
+    torch.ops.aten.hardshrink.out(tau, float(lam), out=tau)
 
 
 def _add_weighted(total: Tensor, flags: Tensor, w: float | Tensor) -> None:
@@ -460,24 +492,57 @@ def _add_weighted(total: Tensor, flags: Tensor, w: float | Tensor) -> None:
         total.add_(flags, alpha=w)
 
 
+def top_k(a: Tensor, k: int, scratch: tuple[Tensor, Tensor] | None = None) -> tuple[float, Tensor | None]:
+    """The k-th largest entry t of ``a`` (exactly, as :func:`kth_smallest`) and the positions of the
+    entries equal to t that a top-k of exactly k leaves out: those after the first k − #(a > t) in
+    index order (mergekit's argsort keeps exactly k; which of the tied entries, it does not say).
+    None when there are none, or when t = 0 (dropping a zero changes nothing)."""
+    return _kth(a, a.numel() - k + 1, scratch, drops=True)
+
+
 def kth_smallest(a: Tensor, r: int, scratch: tuple[Tensor, Tensor] | None = None) -> float:
     """The ``r``-th smallest entry of ``a`` (1-based), exactly: a seeded sample brackets it (± 5
     standard deviations of the sample's rank), one pass counts the entries below the bracket and
     gathers those inside, and ``kthvalue`` runs on those few; if the sample missed (about once in
     10^6 calls), on all.
     ``scratch``: a float32 and a bool tensor of ``a``'s size to work in (the float one as bools)."""
+    return _kth(a, r, scratch)[0]
+
+
+def _kth(a: Tensor, r: int, scratch: tuple[Tensor, Tensor] | None = None, drops: bool = False
+         ) -> tuple[float, Tensor | None]:
+    """:func:`kth_smallest`'s value t, and with ``drops`` the positions :func:`top_k` leaves out
+    (from the bracket's mask, which holds every entry equal to t: one more pass only when some go)."""
     n = a.numel()
-    if n <= 4 * SAMPLE:
-        return float(a.kthvalue(r).values)
-    s = a[torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(n))].sort().values
-    q, sd = r / n, 5 * math.sqrt(SAMPLE * (r / n) * (1 - r / n)) + 2
-    lo_i, hi_i = math.floor(q * SAMPLE - sd), math.ceil(q * SAMPLE + sd)
-    lo = float(s[lo_i]) if lo_i >= 0 else -math.inf
-    hi = float(s[hi_i]) if hi_i < SAMPLE else math.inf
-    f, m = scratch if scratch is not None else (torch.empty(n), torch.empty(n, dtype=torch.bool))
-    at_least = torch.ge(a, lo, out=m)  # one mask gives both the count below the bracket and what is in it
-    below = n - int(at_least.count_nonzero())
-    inside = a[at_least.logical_and_(torch.le(a, hi, out=f.view(torch.bool)[:n]))]
-    if below < r <= below + inside.numel():
-        return float(inside.kthvalue(r - below).values)
-    return float(a.kthvalue(r).values)
+    if n > 4 * SAMPLE:
+        s = a[torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(n))].sort().values
+        q, sd = r / n, 5 * math.sqrt(SAMPLE * (r / n) * (1 - r / n)) + 2
+        lo_i, hi_i = math.floor(q * SAMPLE - sd), math.ceil(q * SAMPLE + sd)
+        lo = float(s[lo_i]) if lo_i >= 0 else -math.inf
+        hi = float(s[hi_i]) if hi_i < SAMPLE else math.inf
+        f, m = scratch if scratch is not None else (torch.empty(n), torch.empty(n, dtype=torch.bool))
+        at_least = torch.ge(a, lo, out=m)  # one mask gives both the count below the bracket and what is in it
+        below = n - int(at_least.count_nonzero())
+        bracket = at_least.logical_and_(torch.le(a, hi, out=f.view(torch.bool)[:n]))
+        inside = a[bracket]
+        if below < r <= below + inside.numel():
+            t = inside.kthvalue(r - below).values
+            if not drops:
+                return float(t), None
+            return float(t), _drops(t, below, inside, lambda: bracket.nonzero().view(-1), r)
+    t = a.kthvalue(r).values
+    return float(t), (_drops(t, 0, a, lambda: torch.arange(n), r) if drops else None)
+
+
+def _drops(t: Tensor, below: int, inside: Tensor, where, r: int) -> Tensor | None:
+    """Of the entries of ``inside`` (positions ``where()``, above ``below`` smaller ones) equal to
+    the r-th smallest t, as many as are ranked below r: the last ones in index order (the first
+    ones are kept)."""
+    if float(t) == 0.0:
+        return None
+    tied = torch.eq(inside, t)
+    lose = r - 1 - below - int(torch.lt(inside, t).sum())  # tied entries ranked before r
+    if lose <= 0:
+        return None
+    ids = where()[tied]
+    return ids[ids.numel() - lose:]

@@ -107,6 +107,29 @@ def test_ties_on_a_batchnorm_model_trims_the_parameters_exactly_as_published(den
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "constant", "skewed"])
+def test_top_k_keeps_exactly_k_the_first_of_the_ties(kind):
+    """top_k's threshold and left-out positions keep exactly the k largest |x| (a stable descending
+    sort's first k: among tied entries the first in index order), whatever the duplicates."""
+    from ame.aggregators.task_vectors import top_k
+
+    gen = torch.Generator().manual_seed(2)
+    n = 300_001
+    a = {"normal": torch.randn(n, generator=gen).abs(),
+         "ties": torch.randint(0, 7, (n,), generator=gen).float(),
+         "constant": torch.full((n,), 0.5),
+         "skewed": torch.cat([torch.zeros(n - 10), torch.rand(10, generator=gen)])}[kind]
+    x = a * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
+    for k in (1, 7, n // 5, n // 2, n - 1, n):
+        ref = torch.zeros(n)
+        ref[torch.argsort(a, descending=True, stable=True)[:k]] = 1
+        t, drop = top_k(a, k)
+        ours = x * (a >= t)
+        if drop is not None:
+            ours[drop] = 0
+        assert torch.equal(ours, x * ref), (kind, k)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "constant", "skewed"])
 def test_kth_smallest_is_exactly_kthvalue(kind):
     """The sampled bracket gives kthvalue's answer at every rank tried, also where the sample
     cannot bracket (all equal, heavy duplicates) and at the ends."""

@@ -50,12 +50,12 @@ def entries(root, weights, density=None):
 
 
 # mergekit's formulas, minimal
-def magnitude(t, density):  # keep the top max(1, ⌊density·numel⌋) by |value|
+def magnitude(t, density):  # keep the top max(1, ⌊density·numel⌋) by |value|: exactly that many
     if density >= 1:
         return t
     k = max(1, int(density * t.numel()))
-    mask = torch.zeros(t.numel())
-    mask[torch.argsort(t.abs().reshape(-1), descending=True)[:k]] = 1
+    mask = torch.zeros(t.numel())  # mergekit's argsort leaves the order of ties open; we keep the first ones
+    mask[torch.argsort(t.abs().reshape(-1), descending=True, stable=True)[:k]] = 1
     return t * mask.reshape(t.shape)
 
 
@@ -214,17 +214,26 @@ def test_a_file_output_records_how_it_was_made_in_its_metadata(models):
     assert record["aggregator"] == "task_arithmetic" and "merge_method: task_arithmetic" in record["recipe"]
 
 
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("chunk_mb", [8, 0.5])
-def test_ties_per_tensor_trim_of_large_tensors_is_mergekits(tmp_path, chunk_mb):
+def test_ties_per_tensor_trim_of_large_tensors_is_mergekits(tmp_path, chunk_mb, ties):
     """Tensors large enough for the sampled selection (within a chunk: chunk_mb=8) and cut across
-    chunks (radix selection: chunk_mb=0.5) give mergekit's TIES exactly."""
+    chunks (radix selection: chunk_mb=0.5) give mergekit's TIES exactly; also when many |τ| tie at
+    the k-th value (values on a coarse grid, as 16-bit weights are): exactly k entries kept, as
+    mergekit keeps, the tied ones first in the tensor's order."""
     g = torch.Generator().manual_seed(3)
     base = {"layers.0.mlp.w": torch.randn(700, 500, generator=g), "norm.b": torch.randn(300, generator=g)}
+    grid = (lambda t: torch.round(t * 64) / 64) if ties else (lambda t: t)
+    base = {k: grid(v) for k, v in base.items()}
     save_file(base, str(tmp_path / "base.safetensors"))
     experts = []
     for i in range(3):
-        experts.append({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+        experts.append({k: grid(v + 0.1 * torch.randn(v.shape, generator=g)) for k, v in base.items()})
         save_file(experts[-1], str(tmp_path / f"e{i}.safetensors"))
+    if ties:  # the case is real: far more entries tie at the k-th |τ| than fit in the top k
+        a = (experts[0]["layers.0.mlp.w"] - base["layers.0.mlp.w"]).abs().reshape(-1)
+        k = int(0.2 * a.numel())
+        assert int((a >= a.kthvalue(a.numel() - k + 1).values).sum()) > k + 1000
     r = recipe(tmp_path, "ties", entries(tmp_path, [1.0, 0.5, 0.8], 0.2), {"normalize": True})
     out = dict(ame.merge(recipe=r, chunk_mb=chunk_mb))
     assert close(out, {k: generalized(base, experts, [1.0, 0.5, 0.8], lambda k: 0.2, True, True, 1.0, k) for k in base})
