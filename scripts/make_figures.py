@@ -149,7 +149,10 @@ DELTAS = [c for c in PAIRED_COLUMNS if c.key.split("/", 1)[1] in ("id/acc", "ood
 
 def deltas(rows: list[Row], out: Path, title: str = "") -> None:
     """Per setting (a row of panels), per paired column (ID / OOD minus the soup's / the base's):
-    each network's mean difference with its 95 % CI, a line at 0, each panel on its own range."""
+    each network's mean difference with its 95 % CI, a line at 0, each panel on its own range. The
+    range is the merged networks' (and the ensemble's): the single experts, often many points below,
+    would squeeze the differences that matter, so they are drawn at the panel's edge, marked ◀ or ▶
+    with their value."""
     groups = settings(rows)
     keys = [c for c in DELTAS if any(c.key in r.stats for r in rows)]
     if not keys:
@@ -163,15 +166,22 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
         ys = list(range(len(mine[g])))[::-1]
         for j, c in enumerate(keys):
             ax = axes[i][j]
-            pts = [(y, r.stats[c.key]) for y, r in zip(ys, mine[g]) if c.key in r.stats]
+            pts = [(y, r.stats[c.key], r.label.startswith("experts")) for y, r in zip(ys, mine[g]) if c.key in r.stats]
             tuned = [y for y, r in zip(ys, mine[g]) if "tuned on validation" in r.label or "validation" in r.label]
-            for y, s in pts:
+            lo, hi = _window([s for _, s, expert in pts if not expert] + [Stat(0.0, None, 1)])  # 0 always in view
+            for y, s, expert in pts:
                 colour = "tab:red" if y in tuned else "tab:blue"
-                ax.errorbar([100 * s.mean], [y], xerr=[100 * (s.ci95() or 0)], fmt="o", color=colour, markersize=3.5,
+                m = 100 * s.mean
+                if expert and not lo <= m <= hi:  # off the merges' range: at the edge, with its value
+                    edge = lo if m < lo else hi
+                    ax.plot([edge], [y], marker="<" if m < lo else ">", color=colour, markersize=5, clip_on=False)
+                    ax.annotate(f"{m:+.1f}", (edge, y), xytext=(6 if m < lo else -6, 0), textcoords="offset points",
+                                ha="left" if m < lo else "right", va="center", fontsize=6, color=colour)
+                    continue
+                ax.errorbar([m], [y], xerr=[100 * (s.ci95() or 0)], fmt="o", color=colour, markersize=3.5,
                             capsize=2, elinewidth=1)
             ax.axvline(0, color="grey", linewidth=0.8)
-            if pts:
-                ax.set_xlim(*_window([s for _, s in pts] + [Stat(0.0, None, 1)]))  # 0 always in view
+            ax.set_xlim(lo, hi)
             ax.grid(axis="x", alpha=0.3)
             ax.tick_params(labelsize=7)
             if i == 0 or len(groups) > 1:
