@@ -166,7 +166,8 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
         ys = list(range(len(mine[g])))[::-1]
         for j, c in enumerate(keys):
             ax = axes[i][j]
-            pts = [(y, r.stats[c.key], r.label.startswith("experts")) for y, r in zip(ys, mine[g]) if c.key in r.stats]
+            pts = [(y, r.stats[c.key], r.label.startswith("experts"))
+                   for y, r in zip(ys, mine[g]) if c.key in r.stats]
             tuned = [y for y, r in zip(ys, mine[g]) if "tuned on validation" in r.label or "validation" in r.label]
             lo, hi = _window([s for _, s, expert in pts if not expert] + [Stat(0.0, None, 1)])  # 0 always in view
             for y, s, expert in pts:

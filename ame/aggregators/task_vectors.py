@@ -232,7 +232,7 @@ class TaskVectors(Aggregator):
                     cum = hist[g, i].cumsum(0)
                     lo = int(torch.searchsorted(cum, rest[g][i]))
                     out[g][i] = float(torch.tensor([(high[g][i] << 16) | lo], dtype=torch.int32).view(torch.float32))
-                    if ties is not None:  # the value's entries ranked rest..cum[lo] within the bin: keep cum[lo] − rest + 1
+                    if ties is not None:  # the value's entries rank ..cum[lo] in the bin: keep those from rest on
                         ties[g][i] = (int(hist[g, i, lo]), int(cum[lo]) - rest[g][i] + 1)
         meter.close()
         return out
