@@ -174,14 +174,14 @@ class TaskVectors(Aggregator):
             mask[p.lo:p.hi] = True
         return mask
 
-    def _radix(self, pool: ExpertPool, chunks: list[Chunk], pick, ranks: list[list[int]],
-               ties: list | None = None) -> list[list[float]]:
+    def _radix(self, pool: ExpertPool, chunks: list[Chunk], pick, ranks: list[list[int]]
+               ) -> tuple[list[list[float]], list[list[tuple[int, int]]]]:
         """Exact k-th values by radix selection over streamed |τ_i|: ``pick(chunk, bits)`` gives each
         group's entries of a chunk as [(group, bits)]; ``ranks[g][i]`` the 1-based rank from the
         smallest sought in group g of expert i. Two passes of 65,536-bin histograms, in workspaces
         reused from chunk to chunk (fresh pages cost a fault each: kernel time, not arithmetic).
-        ``ties`` (a list): filled with ``ties[g][i]`` = (entries equal to the value, how many of them
-        have a rank ≥ the one sought: those a top-k of exactly k keeps)."""
+        Returns the values ``[g][i]`` and, for each, (entries equal to it, how many of them have a
+        rank ≥ the one sought: those a top-k of exactly k keeps)."""
         groups = len(ranks)
         hist = torch.zeros(groups, pool.n, 1 << 16, dtype=torch.int64)
         meter = Meter(f"{self.name}: top-k selection", 2 * len(chunks), unit="chunks")
@@ -224,18 +224,17 @@ class TaskVectors(Aggregator):
                 low = bits[hb == high[g][i]] & 0xFFFF  # few entries: the chosen bin's
                 hist[g, i] += torch.bincount(low, minlength=1 << 16)
         out = [[0.0] * pool.n for _ in range(groups)]
-        if ties is not None:
-            ties[:] = [[(0, 0)] * pool.n for _ in range(groups)]
+        ties = [[(0, 0)] * pool.n for _ in range(groups)]
         for g in range(groups):
             for i in range(pool.n):
                 if rest[g][i] > 0:
                     cum = hist[g, i].cumsum(0)
                     lo = int(torch.searchsorted(cum, rest[g][i]))
                     out[g][i] = float(torch.tensor([(high[g][i] << 16) | lo], dtype=torch.int32).view(torch.float32))
-                    if ties is not None:  # the value's entries rank ..cum[lo] in the bin: keep those from rest on
-                        ties[g][i] = (int(hist[g, i, lo]), int(cum[lo]) - rest[g][i] + 1)
+                    # the value's entries rank up to cum[lo] within the bin: keep those from rest on
+                    ties[g][i] = (int(hist[g, i, lo]), int(cum[lo]) - rest[g][i] + 1)
         meter.close()
-        return out
+        return out, ties
 
     def thresholds(self, pool: ExpertPool, chunks: list[Chunk]) -> list[tuple[float, float]]:
         """``trim=global``: per expert, the trimming thresholds (parameters, float buffers), each over
@@ -251,7 +250,7 @@ class TaskVectors(Aggregator):
             mask = self._buffer_mask(pool, chunk)
             return [(0, bits)] if mask is None else [(0, bits[~mask]), (1, bits[mask])]
 
-        params, bufs = self._radix(pool, chunks, pick, ranks)
+        (params, bufs), _ = self._radix(pool, chunks, pick, ranks)
         return list(zip(params, bufs))
 
     def tensor_thresholds(self, pool: ExpertPool, chunks: list[Chunk]) -> dict[tuple[int, str], list]:
@@ -277,8 +276,8 @@ class TaskVectors(Aggregator):
             def pick(chunk: Chunk, bits: Tensor, group=group):
                 return [(group[p.key], bits[p.lo:p.hi]) for p in chunk.pieces if p.key in group]
 
-            ties: list = []
-            for g, values in enumerate(self._radix(pool, its, pick, ranks, ties)):
+            values_of, ties = self._radix(pool, its, pick, ranks)
+            for g, values in enumerate(values_of):
                 for i, t in enumerate(values):
                     if self._dens(batch[g], i) < 1:
                         out[i, batch[g]] = [t, *ties[g][i]]

@@ -106,6 +106,17 @@ def test_ties_on_a_batchnorm_model_trims_the_parameters_exactly_as_published(den
     assert torch.equal(out["1.num_batches_tracked"], base["1.num_batches_tracked"])
 
 
+def _magnitudes(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n non-negative values: spread out, heavily duplicated, all equal, or all zero but ten."""
+    if kind == "normal":
+        return torch.randn(n, generator=gen).abs()
+    if kind == "ties":
+        return torch.randint(0, 7, (n,), generator=gen).float()
+    if kind == "constant":
+        return torch.full((n,), 0.5)
+    return torch.cat([torch.zeros(n - 10), torch.rand(10, generator=gen)])
+
+
 @pytest.mark.parametrize("kind", ["normal", "ties", "constant", "skewed"])
 def test_top_k_keeps_exactly_k_the_first_of_the_ties(kind):
     """top_k's threshold and left-out positions keep exactly the k largest |x| (a stable descending
@@ -114,10 +125,7 @@ def test_top_k_keeps_exactly_k_the_first_of_the_ties(kind):
 
     gen = torch.Generator().manual_seed(2)
     n = 300_001
-    a = {"normal": torch.randn(n, generator=gen).abs(),
-         "ties": torch.randint(0, 7, (n,), generator=gen).float(),
-         "constant": torch.full((n,), 0.5),
-         "skewed": torch.cat([torch.zeros(n - 10), torch.rand(10, generator=gen)])}[kind]
+    a = _magnitudes(kind, n, gen)
     x = a * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
     for k in (1, 7, n // 5, n // 2, n - 1, n):
         ref = torch.zeros(n)
@@ -137,9 +145,6 @@ def test_kth_smallest_is_exactly_kthvalue(kind):
 
     gen = torch.Generator().manual_seed(1)
     n = 300_001
-    a = {"normal": torch.randn(n, generator=gen).abs(),
-         "ties": torch.randint(0, 7, (n,), generator=gen).float(),
-         "constant": torch.full((n,), 0.5),
-         "skewed": torch.cat([torch.zeros(n - 10), torch.rand(10, generator=gen)])}[kind]
+    a = _magnitudes(kind, n, gen)
     for r in (1, 2, n // 5, n // 2, n - n // 5 + 1, n - 11, n - 1, n):
         assert kth_smallest(a, r) == float(a.kthvalue(r).values), (kind, r)
