@@ -23,3 +23,4 @@ done
 OUT=experiments/table$([ "$REGIME" = strong ] || echo "/$REGIME/rerun")
 python scripts/make_tables.py "multirun/table/$REGIME" --out "$OUT/table.md"
 python scripts/make_figures.py summary "multirun/table/$REGIME" --out "$OUT/table.png"
+python scripts/make_figures.py deltas "multirun/table/$REGIME" --out "$OUT/deltas.png"
