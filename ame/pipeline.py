@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -126,7 +127,8 @@ def run(cfg: DictConfig) -> dict:
                                                           device=eval_device, cache_dir=cfg.paths.cache_dir)
                 soup = functools.cache(lambda: average(pool))  # the reference soup, once, and only if needed
                 ref = _reference_metrics(evaluator, ex, soup, cfg.eval, cfg.paths.cache_dir, provenance)
-                metrics = _metrics(evaluator, aggregator, aggregate, pool, soup, ref, model, data, val, eval_device)
+                metrics = _metrics(evaluator, aggregator, aggregate, pool, soup, ref, model, data, val, eval_device,
+                                   _aggregate_entry(aggregate, ex, cfg, data, shards.val))
                 tuned = str(cfg.optimized_metric).startswith("val/")
                 results = {
                     "aggregator": aggregator.name,
@@ -216,12 +218,24 @@ def _aggregate(aggregator: Aggregator, pool, model, data, val, device, ame_every
 
 
 def _metrics(evaluator: Evaluator, aggregator: Aggregator, aggregate, pool, soup: Callable[[], dict], ref: dict,
-             model, data, val, device) -> dict:
+             model, data, val, device, entry: Entry | None = None) -> dict:
     """Stage 5: the aggregate's metrics, its distances to the soup and to its pivot, and (with a
-    validation split) ``val/acc``; an output ensemble's are the reference ensemble's."""
+    validation split) ``val/acc``; an output ensemble's are the reference ensemble's. The
+    evaluation (not the distances) comes from ``entry`` when an earlier run evaluated these very
+    weights the same way, and goes there otherwise (a rerun of a sweep evaluates nothing twice)."""
     if aggregate is None:
         return {k: v for k, v in ref["ensemble"].items() if k != "single_network"}
-    metrics = evaluator(aggregate, name=f"{aggregator.name} (aggregate)")
+    cached = entry.load_json("metrics.json") if entry is not None else None
+    if isinstance(cached, dict) and "id/acc" in cached and ("val/acc" in cached) == bool(len(val[1])):
+        log.info("%s (aggregate): metrics from the cache (%s)", aggregator.name, entry.root)
+        metrics = cached
+    else:
+        metrics = evaluator(aggregate, name=f"{aggregator.name} (aggregate)")
+        if len(val[1]):  # for choosing hyperparameters, not for reporting
+            metrics["val/acc"] = accuracy(model, data, aggregate, *val, device)
+        if entry is not None:
+            with entry.lock():
+                entry.put_json("metrics.json", finite_json(metrics))
     pivot = aggregator.pivot(pool)
     soup = soup()
     pivot = soup if pivot is None else pivot
@@ -231,9 +245,26 @@ def _metrics(evaluator: Evaluator, aggregator: Aggregator, aggregate, pool, soup
                 "dist/soup": to_soup / scale if scale > 0 else None,  # None when the pivot is the soup
                 "dist/pivot": to_pivot / scale if scale > 0 else None,
                 "dist/soup_l2": to_soup, "dist/pivot_l2": to_pivot}
-    if len(val[1]):  # for choosing hyperparameters, not for reporting
-        metrics["val/acc"] = accuracy(model, data, aggregate, *val, device)
     return metrics
+
+
+def _aggregate_entry(aggregate, ex, cfg: DictConfig, data, val_index) -> Entry | None:
+    """Where the evaluation of these aggregate weights is cached: keyed by their bytes, the expert
+    set (trained experts only, as the reference metrics), the model, the evaluation settings and
+    the validation split; None for an output ensemble or experts from files."""
+    if aggregate is None or ex.fingerprint is None or not cfg.paths.cache_dir:
+        return None
+    h = hashlib.sha256()
+    for k in sorted(aggregate):
+        t = aggregate[k].detach().cpu().contiguous()
+        h.update(f"{k}/{t.dtype}/{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
+                if k not in ("batch_size", "device", "_target_", "_partial_", "workers")}
+    val = hashlib.sha256(torch.as_tensor(val_index, dtype=torch.int64).numpy().tobytes()).hexdigest()
+    spec = {"weights": h.hexdigest(), "experts": ex.fingerprint, "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "eval": eval_cfg, "corruptions": CORRUPTIONS_VERSION, "data": data.fingerprint(), "val": val, "format": 1}
+    return Entry(cfg.paths.cache_dir, "aggregates", config_hash(spec), spec, what="the aggregate's metrics")
 
 
 def _write(results: dict, aggregate, optimized_metric: str, out_dir: Path) -> dict:

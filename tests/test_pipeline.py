@@ -72,6 +72,28 @@ def test_a_run_reusing_the_cache_says_which_run_made_its_experts_and_base(defaul
     assert r["metrics"] == first["metrics"]
 
 
+def test_a_rerun_takes_the_aggregates_evaluation_from_the_cache_keyed_by_its_weights(default_run, tmp_path, fast,
+                                                                                      run_pipeline):
+    """A resumed sweep evaluates nothing twice: the aggregate's metrics are cached under its weights'
+    bytes. A planted value proves the rerun read them; other weights (the soup) are evaluated."""
+    import shutil
+
+    from ame.cache import Entry
+
+    tmp, _ = default_run
+    cache = tmp_path / "cache"
+    shutil.copytree(tmp / "cache", cache)  # default_run's cache, unchanged for the other tests
+    (root,) = [d for d in (cache / "aggregates").glob("*") if d.is_dir()]  # the default run's aggregate
+    entry = Entry(cache, "aggregates", root.name)
+    planted = entry.load_json("metrics.json") | {"id/acc": 0.125}
+    entry.put_json("metrics.json", planted)
+    r = run_pipeline(fast, tmp_path, cache=cache)
+    assert r["metrics"]["id/acc"] == 0.125 and r["metrics"]["dist/pivot"] is not None  # distances: computed
+    soup = run_pipeline([*fast, "aggregator=soup"], tmp_path, out="soup", cache=cache)
+    assert soup["metrics"]["id/acc"] == soup["soup"]["id/acc"] != 0.125
+    assert len([d for d in (cache / "aggregates").glob("*") if d.is_dir()]) == 2
+
+
 def test_the_same_config_on_the_same_machine_gives_the_same_results(default_run, tmp_path, fast, read_results,
                                                                     run_pipeline):
     """README, Reproducibility: bit-exact on one machine and set of versions. Here from an empty
