@@ -523,12 +523,13 @@ def _kth(a: Tensor, r: int, scratch: tuple[Tensor, Tensor] | None = None, drops:
         at_least = torch.ge(a, lo, out=m)  # one mask gives both the count below the bracket and what is in it
         below = n - int(at_least.count_nonzero())
         bracket = at_least.logical_and_(torch.le(a, hi, out=f.view(torch.bool)[:n]))
-        inside = a[bracket]
+        where = bracket.nonzero().view(-1)  # once, for the values and (for the drops) their positions
+        inside = a[where]
         if below < r <= below + inside.numel():
             t = inside.kthvalue(r - below).values
             if not drops:
                 return float(t), None
-            return float(t), _drops(t, below, inside, lambda: bracket.nonzero().view(-1), r)
+            return float(t), _drops(t, below, inside, lambda: where, r)
     t = a.kthvalue(r).values
     return float(t), (_drops(t, 0, a, lambda: torch.arange(n), r) if drops else None)
 
