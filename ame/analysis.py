@@ -295,6 +295,8 @@ def environments(results: list[dict]) -> list[dict]:
         if r.get("base"):  # a base row in the table
             add(p.get("base_made_by"), "base")
         add(p.get("reference_metrics_made_by"), "reference metrics")
+        if "aggregate_metrics_made_by" in p:  # absent in results from before it was recorded
+            add(p["aggregate_metrics_made_by"], "aggregate metrics")
     return list(found.values())
 
 

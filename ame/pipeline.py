@@ -127,8 +127,9 @@ def run(cfg: DictConfig) -> dict:
                                                           device=eval_device, cache_dir=cfg.paths.cache_dir)
                 soup = functools.cache(lambda: average(pool))  # the reference soup, once, and only if needed
                 ref = _reference_metrics(evaluator, ex, soup, cfg.eval, cfg.paths.cache_dir, provenance)
-                metrics = _metrics(evaluator, aggregator, aggregate, pool, soup, ref, model, data, val, eval_device,
-                                   _aggregate_entry(aggregate, ex, cfg, data, shards.val))
+                metrics, metrics_made_by = _metrics(evaluator, aggregator, aggregate, pool, soup, ref, model, data, val,
+                                                    eval_device, _aggregate_entry(aggregate, ex, cfg, data, shards.val),
+                                                    provenance)
                 tuned = str(cfg.optimized_metric).startswith("val/")
                 results = {
                     "aggregator": aggregator.name,
@@ -152,7 +153,7 @@ def run(cfg: DictConfig) -> dict:
                     # this run's environment (its wall time per stage: timings_s), and that of the runs that
                     # made what it reused from the cache (null: not made by a run here, or not recorded then)
                     "provenance": {**provenance, "experts_made_by": ex.made_by, "base_made_by": ex.base_made_by,
-                                   "reference_metrics_made_by": ref["made_by"]},
+                                   "reference_metrics_made_by": ref["made_by"], "aggregate_metrics_made_by": metrics_made_by},
                 }
             results["timings_s"] = timer.seconds
             results = _write(results, aggregate, cfg.optimized_metric, out_dir)
@@ -218,24 +219,26 @@ def _aggregate(aggregator: Aggregator, pool, model, data, val, device, ame_every
 
 
 def _metrics(evaluator: Evaluator, aggregator: Aggregator, aggregate, pool, soup: Callable[[], dict], ref: dict,
-             model, data, val, device, entry: Entry | None = None) -> dict:
+             model, data, val, device, entry: Entry | None, provenance: dict) -> tuple[dict, dict | None]:
     """Stage 5: the aggregate's metrics, its distances to the soup and to its pivot, and (with a
     validation split) ``val/acc``; an output ensemble's are the reference ensemble's. The
     evaluation (not the distances) comes from ``entry`` when an earlier run evaluated these very
-    weights the same way, and goes there otherwise (a rerun of a sweep evaluates nothing twice)."""
+    weights the same way, and goes there otherwise (a rerun of a sweep evaluates nothing twice).
+    Also returns the provenance of the run that evaluated them (the reference's for an ensemble)."""
     if aggregate is None:
-        return {k: v for k, v in ref["ensemble"].items() if k != "single_network"}
+        return {k: v for k, v in ref["ensemble"].items() if k != "single_network"}, ref["made_by"]
     cached = entry.load_json("metrics.json") if entry is not None else None
-    if isinstance(cached, dict) and "id/acc" in cached and ("val/acc" in cached) == bool(len(val[1])):
+    if (isinstance(cached, dict) and isinstance(cached.get("metrics"), dict) and "id/acc" in cached["metrics"]
+            and ("val/acc" in cached["metrics"]) == bool(len(val[1]))):
         log.info("%s (aggregate): metrics from the cache (%s)", aggregator.name, entry.root)
-        metrics = cached
+        metrics, made_by = cached["metrics"], cached.get("made_by")
     else:
-        metrics = evaluator(aggregate, name=f"{aggregator.name} (aggregate)")
+        metrics, made_by = evaluator(aggregate, name=f"{aggregator.name} (aggregate)"), provenance
         if len(val[1]):  # for choosing hyperparameters, not for reporting
             metrics["val/acc"] = accuracy(model, data, aggregate, *val, device)
         if entry is not None:
             with entry.lock():
-                entry.put_json("metrics.json", finite_json(metrics))
+                entry.put_json("metrics.json", finite_json({"metrics": metrics, "made_by": provenance}))
     pivot = aggregator.pivot(pool)
     soup = soup()
     pivot = soup if pivot is None else pivot
@@ -245,7 +248,7 @@ def _metrics(evaluator: Evaluator, aggregator: Aggregator, aggregate, pool, soup
                 "dist/soup": to_soup / scale if scale > 0 else None,  # None when the pivot is the soup
                 "dist/pivot": to_pivot / scale if scale > 0 else None,
                 "dist/soup_l2": to_soup, "dist/pivot_l2": to_pivot}
-    return metrics
+    return metrics, made_by
 
 
 def _aggregate_entry(aggregate, ex, cfg: DictConfig, data, val_index) -> Entry | None:

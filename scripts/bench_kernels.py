@@ -10,21 +10,58 @@ Prints milliseconds per call (the best of ``--repeat``) for the ways of computin
   multiplication by that float mask (TIES's trimming and sign agreement use the float forms);
 - the soup's inner step for 4 bf16 experts: the whole slice converted to float32 then added, vs the
   conversion and the addition done ``ADD_BLOCK`` entries at a time (``ExpertPool.add_to``) for
-  several block sizes, vs one mixed-dtype addition.
+  several block sizes, vs one mixed-dtype addition;
+- TIES's exact k-th |τ| (mergekit's rule: per tensor, density 0.2) on τ = x − base of bf16 weights:
+  ours in eager torch (subtract, |·|, ``top_k``: a sampled bracket, one exact pass, ``kthvalue`` on
+  the few inside), vs a fused C reference of the same pass (subtract, |·|, count below the bracket,
+  collect what is inside: one loop, compiled here with ``cc -O3 -march=native`` when a C compiler
+  is installed) on 1 and 2 threads, then the same ``kthvalue``: how much a compiled kernel would
+  save (the threshold is checked equal).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import math
 import os
 import platform
+import shutil
+import struct
+import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ame.aggregators.task_vectors import SAMPLE, top_k  # noqa: E402
 from ame.pool import ADD_BLOCK  # noqa: E402
+
+# the fused reference pass over entries [s, e): tau = x - base in place, count |tau| below lo, collect
+# |tau| in [lo, hi] with its position (lo, hi: bit patterns of non-negative floats, ordered as the values)
+FUSED_C = r"""
+#include <stdint.h>
+#include <string.h>
+int64_t bracket(float *x, const float *base, int64_t s, int64_t e, uint32_t lo, uint32_t hi,
+                float *vals, int64_t *pos, int64_t *cnt) {
+  int64_t below = 0, c = s;
+  const uint32_t span = hi - lo;
+  for (int64_t j = s; j < e; j++) {
+    float v = x[j] - base[j];
+    uint32_t u;
+    x[j] = v;
+    memcpy(&u, &v, 4);
+    u &= 0x7fffffffu;
+    below += u < lo;
+    if (u - lo <= span) { memcpy(&vals[c], &u, 4); pos[c] = j; c++; }
+  }
+  *cnt = c - s;
+  return below;
+}
+"""
 
 
 def best(fn, repeat: int) -> float:
@@ -104,6 +141,73 @@ def main() -> None:
         mark = " (ADD_BLOCK)" if size == ADD_BLOCK else ""
         row(f"soup of 4 bf16 slices: convert + add {size:,} at a time{mark}", blocked(size))
         same(f"blocked soup ({size:,})", total, reference)
+
+    ties_kth(row, args.repeat, g)
+
+
+def _fused(tmp: Path):
+    """The fused reference kernel, compiled; None (and why) without a working C compiler."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None, "no C compiler (cc)"
+    (tmp / "k.c").write_text(FUSED_C)
+    done = subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", str(tmp / "k.c"), "-o", str(tmp / "k.so")],
+                          capture_output=True, text=True)
+    if done.returncode:
+        return None, f"{cc} failed: {(done.stderr.strip().splitlines() or ['?'])[0]}"
+    f = ctypes.CDLL(str(tmp / "k.so")).bracket
+    P, I, U = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32
+    f.argtypes, f.restype = [P, P, I, I, U, U, P, P, P], I
+    return f, ""
+
+
+def ties_kth(row, repeat: int, g: torch.Generator) -> None:
+    """One 5632 × 2048 tensor (the 1.1B bench model's MLP matrix), bf16 weights: τ's k-th |τ|."""
+    n, density = 5632 * 2048, 0.2
+    base = (0.02 * torch.randn(n, generator=g)).bfloat16().float()
+    x0 = (base + 0.002 * torch.randn(n, generator=g)).bfloat16().float()  # bf16: many ties, as in real merges
+    k = max(1, int(density * n))
+    x, absb = torch.empty(n), torch.empty(n)
+    scratch = (torch.empty(n), torch.empty(n, dtype=torch.bool))
+    result = {}
+
+    def ours() -> None:
+        tau = torch.sub(x.copy_(x0), base, out=x)
+        result["ours"] = top_k(torch.abs(tau, out=absb), k, scratch)[0]
+
+    print(f"# TIES k-th |τ|: {n:,} entries (5632 × 2048, bf16 weights), k = {k:,}")
+    row("copy (reference)", lambda: x.copy_(x0))
+    row("ours (eager torch): x − base, |·|, top_k", ours)
+    with tempfile.TemporaryDirectory() as tmp:
+        kernel, why = _fused(Path(tmp))
+        if kernel is None:
+            print(f"fused C reference: skipped ({why})")
+            return
+        vals, pos, cnt = torch.empty(n), torch.empty(n, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+        r = n - k + 1
+        idx = torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(n))
+        bits = lambda v: struct.unpack("<I", struct.pack("<f", v))[0]  # noqa: E731
+        workers = ThreadPoolExecutor(2)  # ctypes calls release the GIL: two threads, two halves
+
+        def fused(threads: int):
+            def run() -> None:
+                x.copy_(x0)
+                s = (x0[idx] - base[idx]).abs_().sort().values  # the bracket exactly as top_k draws it
+                q, sd = r / n, 5 * math.sqrt(SAMPLE * (r / n) * (1 - r / n)) + 2
+                lo, hi = float(s[math.floor(q * SAMPLE - sd)]), float(s[math.ceil(q * SAMPLE + sd)])
+                per = -(-n // threads)
+                jobs = [workers.submit(kernel, x.data_ptr(), base.data_ptr(), t * per, min(n, (t + 1) * per), bits(lo),
+                                       bits(hi), vals.data_ptr(), pos.data_ptr(), cnt.data_ptr() + 8 * t)
+                        for t in range(threads)]
+                below = sum(j.result() for j in jobs)
+                inside = torch.cat([vals[t * per: t * per + int(cnt[t])] for t in range(threads)])
+                result["fused"] = float(inside.kthvalue(r - below).values)
+            return run
+
+        for threads in (1, 2):
+            row(f"fused C reference, {threads} thread{'s' * (threads > 1)}: one pass, then kthvalue", fused(threads))
+            if result["fused"] != result["ours"]:
+                raise SystemExit("error: the fused reference's k-th value differs from top_k's")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def test_results_say_where_they_came_from(default_run, read_results):
     # this run trained its experts and base and computed the reference metrics: it made them
     own = {k: v for k, v in p.items() if not k.endswith("_made_by")}
     assert p["experts_made_by"] == [own] * 3 and p["base_made_by"] == own and p["reference_metrics_made_by"] == own
+    assert p["aggregate_metrics_made_by"] == own
     assert set(r["timings_s"]) <= {"data", "shards", "experts", "align", "aggregate", "bn_reset", "evaluate"}
     assert len(r["data"]["fingerprint"]) == 16
 
@@ -69,6 +70,7 @@ def test_a_run_reusing_the_cache_says_which_run_made_its_experts_and_base(defaul
     p, made = r["provenance"], {k: v for k, v in first["provenance"].items() if not k.endswith("_made_by")}
     assert r["experts_cached"] is True and p["run_id"] != made["run_id"]
     assert p["experts_made_by"] == [made] * 3 and p["base_made_by"] == made and p["reference_metrics_made_by"] == made
+    assert p["aggregate_metrics_made_by"] == made  # evaluated by the first run, taken from the cache
     assert r["metrics"] == first["metrics"]
 
 
@@ -85,7 +87,8 @@ def test_a_rerun_takes_the_aggregates_evaluation_from_the_cache_keyed_by_its_wei
     shutil.copytree(tmp / "cache", cache)  # default_run's cache, unchanged for the other tests
     (root,) = [d for d in (cache / "aggregates").glob("*") if d.is_dir()]  # the default run's aggregate
     entry = Entry(cache, "aggregates", root.name)
-    planted = entry.load_json("metrics.json") | {"id/acc": 0.125}
+    planted = entry.load_json("metrics.json")
+    planted["metrics"]["id/acc"] = 0.125
     entry.put_json("metrics.json", planted)
     r = run_pipeline(fast, tmp_path, cache=cache)
     assert r["metrics"]["id/acc"] == 0.125 and r["metrics"]["dist/pivot"] is not None  # distances: computed
