@@ -83,6 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--numel", type=float, default=16 * 2**20)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--ties-numel", type=float, default=5632 * 2048,
+                    help="entries of the TIES tensor (default: the 1.1B bench model's 5632 × 2048 MLP matrix)")
     args = ap.parse_args()
     n = int(args.numel)
     g = torch.Generator().manual_seed(0)
@@ -142,14 +144,14 @@ def main() -> None:
         row(f"soup of 4 bf16 slices: convert + add {size:,} at a time{mark}", blocked(size))
         same(f"blocked soup ({size:,})", total, reference)
 
-    ties_kth(row, args.repeat, g)
+    ties_kth(row, args.repeat, g, int(args.ties_numel))
 
 
 def _fused(tmp: Path):
     """The fused reference kernel, compiled; None (and why) without a working C compiler."""
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
-        return None, "no C compiler (cc)"
+        return None, f"no C compiler ({os.environ.get('CC', 'cc')})"
     (tmp / "k.c").write_text(FUSED_C)
     done = subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", str(tmp / "k.c"), "-o", str(tmp / "k.so")],
                           capture_output=True, text=True)
@@ -161,9 +163,9 @@ def _fused(tmp: Path):
     return f, ""
 
 
-def ties_kth(row, repeat: int, g: torch.Generator) -> None:
-    """One 5632 × 2048 tensor (the 1.1B bench model's MLP matrix), bf16 weights: τ's k-th |τ|."""
-    n, density = 5632 * 2048, 0.2
+def ties_kth(row, repeat: int, g: torch.Generator, n: int) -> None:
+    """One tensor of ``n`` entries, bf16 weights: τ's k-th |τ| at density 0.2."""
+    density = 0.2
     base = (0.02 * torch.randn(n, generator=g)).bfloat16().float()
     x0 = (base + 0.002 * torch.randn(n, generator=g)).bfloat16().float()  # bf16: many ties, as in real merges
     k = max(1, int(density * n))
@@ -175,7 +177,7 @@ def ties_kth(row, repeat: int, g: torch.Generator) -> None:
         tau = torch.sub(x.copy_(x0), base, out=x)
         result["ours"] = top_k(torch.abs(tau, out=absb), k, scratch)[0]
 
-    print(f"# TIES k-th |τ|: {n:,} entries (5632 × 2048, bf16 weights), k = {k:,}")
+    print(f"# TIES k-th |τ|: {n:,} entries, bf16 weights, k = {k:,}")
     row("copy (reference)", lambda: x.copy_(x0))
     row("ours (eager torch): x − base, |·|, top_k", ours)
     with tempfile.TemporaryDirectory() as tmp:
