@@ -251,6 +251,12 @@ def _metrics(evaluator: Evaluator, aggregator: Aggregator, aggregate, pool, soup
     return metrics, made_by
 
 
+def _eval_spec(eval_cfg: DictConfig) -> dict:
+    """The evaluation settings that change its numbers (not how fast or where it runs)."""
+    return {k: v for k, v in OmegaConf.to_container(eval_cfg, resolve=True).items()
+            if k not in ("batch_size", "device", "_target_", "_partial_", "workers")}
+
+
 def _aggregate_entry(aggregate, ex, cfg: DictConfig, data, val_index) -> Entry | None:
     """Where the evaluation of these aggregate weights is cached: keyed by their bytes, the expert
     set (trained experts only, as the reference metrics), the model, the evaluation settings and
@@ -262,11 +268,10 @@ def _aggregate_entry(aggregate, ex, cfg: DictConfig, data, val_index) -> Entry |
         t = aggregate[k].detach().cpu().contiguous()
         h.update(f"{k}/{t.dtype}/{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    eval_cfg = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
-                if k not in ("batch_size", "device", "_target_", "_partial_", "workers")}
     val = hashlib.sha256(torch.as_tensor(val_index, dtype=torch.int64).numpy().tobytes()).hexdigest()
     spec = {"weights": h.hexdigest(), "experts": ex.fingerprint, "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "eval": eval_cfg, "corruptions": CORRUPTIONS_VERSION, "data": data.fingerprint(), "val": val, "format": 1}
+            "eval": _eval_spec(cfg.eval), "corruptions": CORRUPTIONS_VERSION, "data": data.fingerprint(), "val": val,
+            "format": 1}
     return Entry(cfg.paths.cache_dir, "aggregates", config_hash(spec), spec, what="the aggregate's metrics")
 
 
@@ -310,9 +315,7 @@ def _reference_metrics(evaluator: Evaluator, ex, soup: Callable[[], dict], eval_
     cached beside the experts (trained experts only), with the ``provenance`` of the run that
     computed them (``made_by``; None in entries from before it was recorded). ``soup()`` gives the
     soup's weights (computed only when the cache misses)."""
-    eval_cfg = {k: v for k, v in OmegaConf.to_container(eval_cfg, resolve=True).items()
-                if k not in ("batch_size", "device", "_target_", "_partial_", "workers")}
-    spec = {"eval": eval_cfg, "experts": ex.fingerprint, "format": 3,  # tied to the exact expert files
+    spec = {"eval": _eval_spec(eval_cfg), "experts": ex.fingerprint, "format": 3,  # tied to the exact expert files
             "corruptions": CORRUPTIONS_VERSION}  # and to the corruption code's outputs
     entry = Entry(cache_dir, "metrics", config_hash(spec), spec, what="the reference metrics") \
         if ex.fingerprint is not None else None
