@@ -74,6 +74,7 @@ from pathlib import Path
 import torch
 
 from ame.io.readahead import drop_from_page_cache
+from ame.provenance import git_state
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRIES = {  # hidden, intermediate, heads, key/value heads, vocabulary
@@ -442,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"--peer mergekit: no mergekit importable by {args.peer_python}; install it in a venv of its own: "
                  "python3 -m venv /work/venvs/mergekit && /work/venvs/mergekit/bin/pip install mergekit "
                  "(or give --peer-python)")
+    commit, dirty, _ = git_state()  # the code timed: taken now, not when the table prints (a commit may land meanwhile)
+    code = "unknown" if commit is None else commit[:7] + (" + uncommitted changes" if dirty else "")
     config = llama_config(args.geometry, args.params, args.layers)
     shapes = llama_shapes(config)
     params = sum(_numel(s) for s in shapes.values())
@@ -517,11 +520,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(kept["ours_soup"]), shutil.rmtree(kept["peer_soup"])
 
     # -- the table ------------------------------------------------------------------------------------
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     peer_name = f"mergekit {version}" if version else "mergekit (not run)"
     print(f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, torch {torch.__version__}, "
-          f"ame {git}, device {args.device}, inputs {args.cache} before each command; {n} experts × "
+          f"ame {code}, device {args.device}, inputs {args.cache} before each command; {n} experts × "
           f"{params / 1e9:.3f}B parameters (hidden {config.hidden_size}, intermediate {config.intermediate_size}, "
           f"{config.num_hidden_layers} layers, vocabulary {config.vocab_size}), bf16, {size / 1e9:.1f} GB in "
           f"{len(files)} files; base expert 0 for the task-vector methods\n")
