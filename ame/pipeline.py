@@ -24,7 +24,7 @@ from ame.device import resolve_device
 from ame.errors import require
 from ame.eval.evaluate import Evaluator, accuracy
 from ame.experts import ExpertSource, config_hash
-from ame.io import finite_json, save_state_dict
+from ame.io import finite_json, save_state_dict, tensor_bytes
 from ame.models import buffer_names, build_model
 from ame.progress import Timer, listening, report
 from ame.provenance import collect as collect_provenance
@@ -265,10 +265,10 @@ def _aggregate_entry(aggregate, ex, cfg: DictConfig, data, val_index) -> Entry |
         return None
     h = hashlib.sha256()
     for k in sorted(aggregate):
-        t = aggregate[k].detach().cpu().contiguous()
+        t = aggregate[k]
         h.update(f"{k}/{t.dtype}/{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    val = hashlib.sha256(torch.as_tensor(val_index, dtype=torch.int64).numpy().tobytes()).hexdigest()
+        h.update(tensor_bytes(t))
+    val = hashlib.sha256(tensor_bytes(torch.as_tensor(val_index, dtype=torch.int64))).hexdigest()
     spec = {"weights": h.hexdigest(), "experts": ex.fingerprint, "model": OmegaConf.to_container(cfg.model, resolve=True),
             "eval": _eval_spec(cfg.eval), "corruptions": CORRUPTIONS_VERSION, "data": data.fingerprint(), "val": val,
             "format": 1}

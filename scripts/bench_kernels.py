@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import os
 import platform
 import shutil
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ame.aggregators.task_vectors import SAMPLE, top_k  # noqa: E402
+from ame.aggregators.task_vectors import sample_bracket, sample_index, top_k  # noqa: E402
 from ame.pool import ADD_BLOCK  # noqa: E402
 
 # the fused reference pass over entries [s, e): tau = x - base in place, count |tau| below lo, collect
@@ -86,6 +85,8 @@ def main() -> None:
     ap.add_argument("--ties-numel", type=float, default=5632 * 2048,
                     help="entries of the TIES tensor (default: the 1.1B bench model's 5632 × 2048 MLP matrix)")
     args = ap.parse_args()
+    if args.numel < 1 or args.ties_numel < 1 or args.repeat < 1:
+        ap.error("--numel, --ties-numel and --repeat must be at least 1")
     n = int(args.numel)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
@@ -187,16 +188,14 @@ def ties_kth(row, repeat: int, g: torch.Generator, n: int) -> None:
             return
         vals, pos, cnt = torch.empty(n), torch.empty(n, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
         r = n - k + 1
-        idx = torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(n))
-        bits = lambda v: struct.unpack("<I", struct.pack("<f", v))[0]  # noqa: E731
+        idx = sample_index(n)
+        bits = lambda v: 0 if v <= 0 else struct.unpack("<I", struct.pack("<f", v))[0]  # noqa: E731 (|τ| ≥ 0)
         workers = ThreadPoolExecutor(2)  # ctypes calls release the GIL: two threads, two halves
 
         def fused(threads: int):
             def run() -> None:
                 x.copy_(x0)
-                s = (x0[idx] - base[idx]).abs_().sort().values  # the bracket exactly as top_k draws it
-                q, sd = r / n, 5 * math.sqrt(SAMPLE * (r / n) * (1 - r / n)) + 2
-                lo, hi = float(s[math.floor(q * SAMPLE - sd)]), float(s[math.ceil(q * SAMPLE + sd)])
+                lo, hi = sample_bracket((x0[idx] - base[idx]).abs_().sort().values, n, r)  # top_k's bracket
                 per = -(-n // threads)
                 jobs = [workers.submit(kernel, x.data_ptr(), base.data_ptr(), t * per, min(n, (t + 1) * per), bits(lo),
                                        bits(hi), vals.data_ptr(), pos.data_ptr(), cnt.data_ptr() + 8 * t)

@@ -514,11 +514,7 @@ def _kth(a: Tensor, r: int, scratch: tuple[Tensor, Tensor] | None = None, drops:
     (from the bracket's mask, which holds every entry equal to t: one more pass only when some go)."""
     n = a.numel()
     if n > 4 * SAMPLE:
-        s = a[torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(n))].sort().values
-        q, sd = r / n, 5 * math.sqrt(SAMPLE * (r / n) * (1 - r / n)) + 2
-        lo_i, hi_i = math.floor(q * SAMPLE - sd), math.ceil(q * SAMPLE + sd)
-        lo = float(s[lo_i]) if lo_i >= 0 else -math.inf
-        hi = float(s[hi_i]) if hi_i < SAMPLE else math.inf
+        lo, hi = sample_bracket(a[sample_index(n)].sort().values, n, r)
         f, m = scratch if scratch is not None else (torch.empty(n), torch.empty(n, dtype=torch.bool))
         at_least = torch.ge(a, lo, out=m)  # one mask gives both the count below the bracket and what is in it
         below = n - int(at_least.count_nonzero())
@@ -532,6 +528,19 @@ def _kth(a: Tensor, r: int, scratch: tuple[Tensor, Tensor] | None = None, drops:
             return float(t), _drops(t, below, inside, lambda: where, r)
     t = a.kthvalue(r).values
     return float(t), (_drops(t, 0, a, lambda: torch.arange(n), r) if drops else None)
+
+
+def sample_index(n: int) -> Tensor:
+    """The positions (seeded by ``n``: the same every call) whose values bracket a k-th value."""
+    return torch.randint(n, (SAMPLE,), generator=torch.Generator().manual_seed(n))
+
+
+def sample_bracket(sample: Tensor, n: int, r: int) -> tuple[float, float]:
+    """From the sorted values at :func:`sample_index`, a range holding the ``r``-th smallest of all
+    ``n`` values but about once in 10^6 (± 5 standard deviations of the sample's rank; ±inf at the ends)."""
+    q, sd = r / n, 5 * math.sqrt(SAMPLE * (r / n) * (1 - r / n)) + 2
+    lo_i, hi_i = math.floor(q * SAMPLE - sd), math.ceil(q * SAMPLE + sd)
+    return (float(sample[lo_i]) if lo_i >= 0 else -math.inf, float(sample[hi_i]) if hi_i < SAMPLE else math.inf)
 
 
 def _drops(t: Tensor, below: int, inside: Tensor, where, r: int) -> Tensor | None:
