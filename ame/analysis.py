@@ -164,6 +164,7 @@ class Row:
     variant: str = ""  # the aggregator.* overrides
     stats: dict[str, Stat] = field(default_factory=dict)
     environments: list[dict] = field(default_factory=list)  # where its setting's numbers came from (environments())
+    bases: int = 1  # independently trained bases (FACTOR) its runs come from
 
     @property
     def runs(self) -> int:
@@ -222,8 +223,9 @@ def _stats(ms: list[dict]) -> dict[str, Stat]:
 def _setting_rows(setting: str, results: list[dict]) -> list[Row]:
     rows = _rows(setting, results)
     envs = environments(results)
+    bases = len({r.get("factor", "") for r in results})
     for row in rows:
-        row.environments = envs
+        row.environments, row.bases = envs, bases
     return rows
 
 
@@ -419,11 +421,11 @@ def summary_csv(rows: list[Row]) -> str:
     out = csv.writer(buf, lineterminator="\n")
     paired = [c for c in columns(rows, PAIRED_COLUMNS) if c.key.startswith("vs_")]
     cols = columns(rows) + paired
-    out.writerow(["setting", "network", "aggregator", "variant", "runs"]
+    out.writerow(["setting", "network", "aggregator", "variant", "runs", "bases"]
                  + [f"{c.key}_{s}" for c in cols for s in ("mean", "std") + (("ci95",) if c in paired else ())]
                  + ["environments"])
     for r in rows:
-        line = [r.setting, r.label, r.aggregator or "", r.variant, r.runs]
+        line = [r.setting, r.label, r.aggregator or "", r.variant, r.runs, r.bases]
         for c in cols:
             s = r.stats.get(c.key)
             line += [repr(s.mean) if s else "", repr(s.std) if s and s.std is not None else ""]
@@ -451,7 +453,8 @@ def read_summary(path: Path) -> list[Row]:
                     stats[c.key] = Stat(float(mean), float(std) if std else None, n, float(half) if half else None)
             if label == "soup" and name is None:  # older CSVs paired the soup with itself (0 ± 0)
                 stats = {k: v for k, v in stats.items() if not k.startswith("vs_soup/")}
-            row = Row(line["setting"], label, name, variant, stats, json.loads(line.get("environments") or "[]"))
+            row = Row(line["setting"], label, name, variant, stats, json.loads(line.get("environments") or "[]"),
+                      int(line.get("bases") or 1))  # older CSVs: one base
             if legacy and name == "soup" and not variant:  # older tables repeated the soup as an aggregate row
                 soup = next((r for r in rows if r.setting == row.setting and r.label == "soup"), None)
                 if soup is not None:
@@ -490,15 +493,19 @@ def columns(rows: list[Row], among: list[Column] = COLUMNS) -> list[Column]:
 
 
 def spread_label(rows: list[Row], spread: str = "std") -> str:
-    """What ``±`` means here: ``mean ± std over 3 seeds`` (or ``one seed``); ``spread="ci"``: the
-    half-width of the 95 % confidence interval."""
+    """What ``±`` means here: ``mean ± std over 3 seeds`` (or ``one seed``; runs on several bases:
+    ``over 4 expert sets on 2 bases``); ``spread="ci"``: the half-width of the 95 % confidence
+    interval."""
     counts = sorted({r.runs for r in rows if r.runs})
+    bases = max((r.bases for r in rows), default=1)
     what = "mean ± std" if spread == "std" else "mean ± half-width of the 95 % CI (Student t)"
     if counts == [1] or not counts:
         return "one seed"
-    if len(counts) == 1:
-        return f"{what} over {counts[0]} seeds"
-    return f"{what} over {counts[0]}–{counts[-1]} seeds (the CSV's runs column gives each row's count)"
+    unit = "seeds" if bases == 1 else "expert sets"
+    count = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    where = "" if bases == 1 else f" on {bases} bases"
+    more = "" if len(counts) == 1 else " (the CSV's runs column gives each row's count)"
+    return f"{what} over {count} {unit}{where}{more}"
 
 
 def cell(stat: Stat | None, column: Column, digits: int = 2, spread: str = "std") -> str:

@@ -360,6 +360,7 @@ def test_paired_with_the_soup_and_the_base_over_two_bases(tmp_path):
     script("make_tables.py", tmp_path / "runs", "--out", out)
     md = out.read_text()
     assert "###" not in md  # base_seed is not a setting
+    assert "mean ± std over 4 expert sets on 2 bases" in md  # not "4 seeds": two seeds on each base
     paired = md.split("Paired with the soup")[1]
     want = Stat.nested([[1.0, 2.0], [1.0, 2.0]])  # TA − soup in points: 1, 2 per base
     assert f"| task arithmetic | {100 * want.mean / 100:.2f} ± {want.ci95():.2f} |" in paired
