@@ -27,8 +27,9 @@ that from here, so a table and a figure of the same runs always show the same nu
   ``base_seed`` override are grouped by it (:data:`FACTOR`: several independently trained bases):
   the mean is the mean over bases of each base's mean over its expert sets, and its interval is
   the t interval of that mean with the within-base spread (pooled variance, n − B degrees of
-  freedom): bases as a fixed factor, so it holds for these bases, not for a new one. Absolute
-  columns are the plain mean ± std over all runs (between-base spread included).
+  freedom): bases as a fixed factor, so it holds for these bases, not for a new one. The distances
+  moved are summarised the same way; the other absolute columns are the plain mean ± std over all
+  runs (between-base spread included).
 """
 from __future__ import annotations
 
@@ -257,11 +258,24 @@ def _rows(setting: str, results: list[dict]) -> list[Row]:
         if name == "soup" and not variant and not named:
             if all(r["metrics"].get("id/acc") == r["soup"].get("id/acc") for r in runs):
                 soup = next(r for r in rows if r.label == "soup")  # the soup row already: add its distances
-                soup.stats.update({k: s for k, s in _stats(ms).items() if k.startswith("dist/")})
+                soup.stats.update(_distances(runs))
                 continue
             label = "soup, as run (e.g. bn_reset)"  # not the reference soup's network: a row of its own
-        rows.append(Row(setting, label, name, variant, _stats(ms) | _paired([(r["metrics"], r) for r in runs])))
+        rows.append(Row(setting, label, name, variant, _stats(ms) | _distances(runs) | _paired([(r["metrics"], r) for r in runs])))
     return rows
+
+
+def _distances(runs: list[dict]) -> dict[str, Stat]:
+    """The distances moved (``dist/…``), like the paired Δs a :meth:`Stat.nested` over the runs grouped
+    by base: with several bases their interval comes from the within-base spread."""
+    out = {}
+    for k in dict.fromkeys(k for r in runs for k in r["metrics"] if k.startswith("dist/")):
+        groups: dict[str, list] = {}
+        for r in runs:
+            groups.setdefault(r.get("factor", ""), []).append(r["metrics"].get(k))
+        if (s := Stat.nested(list(groups.values()))) is not None:
+            out[k] = s
+    return out
 
 
 # -- where the numbers came from --------------------------------------------------------------

@@ -355,6 +355,8 @@ def test_paired_with_the_soup_and_the_base_over_two_bases(tmp_path):
                           experts=(f"{b}a", f"{b}b"), soup_acc=base_acc + dsoup)
                 r = json.loads((d / "results.json").read_text())
                 r["base"] = {**r["soup"], "id/acc": base_acc}
+                if agg == "task_arithmetic":
+                    r["metrics"]["dist/pivot"] = 0.1 + 0.1 * seed + (0.5 if b == "1" else 0.0)  # base 1's move longer
                 (d / "results.json").write_text(json.dumps(r))
     out = tmp_path / "t.md"
     script("make_tables.py", tmp_path / "runs", "--out", out)
@@ -372,6 +374,8 @@ def test_paired_with_the_soup_and_the_base_over_two_bases(tmp_path):
     cell = lambda line, name: [c.strip() for c in line.strip("|").split("|")][header.index(name)]  # noqa: E731
     assert cell(ta, "Δ ID vs base").startswith("0.50 ± ") and cell(soup, "Δ ID vs base").startswith("-1.00 ± ")
     assert cell(soup, "Δ ID vs soup") == "" and cell(base, "Δ ID vs base") == "" and cell(base, "Δ ID vs soup").startswith("1.00")
+    dist = Stat.nested([[0.1, 0.2], [0.6, 0.7]])  # like the Δs: the within-base spread (0.07), not all four's (0.29)
+    assert cell(ta, "dist. to pivot") == f"{dist.mean:.2f} ± {dist.std:.2f}" == "0.40 ± 0.07"
     rows = {r["network"]: r for r in csv.DictReader(open(out.with_suffix(".csv")))}
     assert abs(float(rows["task arithmetic"]["vs_soup/id/acc_ci95"]) - want.ci95() / 100) < 1e-12
     again = tmp_path / "again.md"  # read back from the CSV: the same table, intervals included
