@@ -19,11 +19,25 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 ERROR_FILE = "error.json"
 SWEEP_ID_FILE = ".ame_sweep_id"
 OUTPUTS = ("results.json", "aggregate.safetensors")  # what a finished run leaves; earlier ones are retired
+
+
+def job_dirname(overrides: str) -> str:
+    """A job folder's name from its overrides (``${ame.dirname:${hydra.job.override_dirname}}`` in the
+    experiments' ``hydra.sweep.subdir``) that stays one folder: a config group's slash becomes a dot
+    (``data/shards=iid`` → ``data.shards=iid``). Path-valued keys never get here (``dirname_exclude``);
+    ``.hydra/overrides.yaml`` keeps the overrides as given."""
+    return overrides.replace("/", ".")
+
+
+# registered where Hydra's callbacks are loaded (conf/hydra/default.yaml), so in every launcher's job
+# process too: the job folder is named there
+if not OmegaConf.has_resolver("ame.dirname"):
+    OmegaConf.register_new_resolver("ame.dirname", job_dirname)
 
 
 def writable_dir_problem(path: str | Path) -> str | None:

@@ -394,16 +394,17 @@ def test_results_report_the_output_ensemble(default_run, read_results):
 
 def test_a_sweep_with_a_data_root_keeps_its_job_folders_one_level_deep(tmp_path, fast, make_image_folder,
                                                                        read_results, run_cli):
-    """Issue 25: data.root=/a/path on an experiment's command line made nested job folders."""
+    """Issue 25: data.root=/a/path on an experiment's command line made nested job folders, and so did
+    a config group's override (data/shards=dirichlet, as experiments/table/run.sh passes)."""
 
     root = tmp_path / "data" / "deep"
     make_image_folder(root / "cifar10-jpeg", per_class=(20, 4))
     run_cli(["-m", "experiment=table", "regime=small_cnn", *fast, f"data.root={root}", "data.download=false",
              "data.public_size=12", "data.val_size=6", "data.shards.min_size=2", "train.epochs=1", "~hydra.sweeper.params.seed",
-             "~hydra.sweeper.params.aggregator", "seed=0", "aggregator=soup"], tmp_path, out="sweep")
+             "~hydra.sweeper.params.aggregator", "seed=0", "aggregator=soup", "data/shards=dirichlet"], tmp_path, out="sweep")
     jobs = [p.parent for p in (tmp_path / "sweep").rglob("results.json")]
-    assert [j.parent for j in jobs] == [tmp_path / "sweep"], jobs
+    assert [j.parent for j in jobs] == [tmp_path / "sweep"], jobs  # neither the path's nor data/shards' slash nests
     assert jobs[0].name == "aggregator=soup,data.download=False,data.public_size=12,data.shards.min_size=2," \
-                           "data.val_size=6,debug=fast,seed=0,train.epochs=1"
+                           "data.val_size=6,data.shards=dirichlet,debug=fast,seed=0,train.epochs=1"
     assert read_results(jobs[0])["data"]["name"] == "cifar10"
 
