@@ -281,7 +281,7 @@ def _distances(runs: list[dict]) -> dict[str, Stat]:
 # -- where the numbers came from --------------------------------------------------------------
 # the fields of a provenance block (ame/provenance.py) that describe an environment: the code, the
 # libraries, the machine (not run_id, started and host, which name one run)
-ENVIRONMENT = ("version", "commit", "dirty", "diff_sha256", "python", "torch", "torchvision", "numpy", "timm",
+ENVIRONMENT = ("version", "commit", "dirty", "diff_sha256", "git_problem", "python", "torch", "torchvision", "numpy", "timm",
                "device", "threads", "deterministic")
 VERSIONS = {"version": "ame", "python": "Python", "torch": "torch", "torchvision": "torchvision", "numpy": "numpy",
             "timm": "timm"}
@@ -329,7 +329,10 @@ def merge_environments(rows: list[Row]) -> list[dict]:
 
 def _code(env: dict) -> str:
     commit = env.get("commit")
-    text = f"commit {commit[:12]}" if commit else "commit unknown (not run from a git checkout)"
+    problem = env.get("git_problem")
+    text = f"commit {commit[:12]}" if commit else f"commit unknown ({problem or 'not run from a git checkout'})"
+    if commit and problem:  # the commit is known, its uncommitted changes are not
+        text += f" (changes unknown: {problem})"
     if env.get("dirty"):
         text += f" + uncommitted changes (diff sha256 {str(env.get('diff_sha256'))[:12]})"
     return text

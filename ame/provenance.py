@@ -5,7 +5,9 @@ It goes into ``results.json`` (``provenance``) and the W&B config, and into the 
 run makes: experts and bases keep the provenance of the run that trained them, and a later run
 that reuses them reports it as ``provenance.experts_made_by`` / ``base_made_by``. Nothing here
 may fail or stall a run: every probe falls back to ``None`` (outside a git checkout, ``commit`` is
-``None``), and git is asked with a timeout.
+``None``), and git is asked with a timeout. When git does not answer in a checkout (missing, failing,
+too slow), ``commit`` is ``None`` and ``git_problem`` says why, so that such a run is not mistaken for
+one that ran from an installed copy.
 """
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ from typing import Iterable
 import torch
 
 SOURCE = Path(__file__).resolve().parent  # the package's source folder: git is asked from here
-GIT_TIMEOUT_S = 5.0
+GIT_TIMEOUT_S = 15.0  # once per run; a loaded machine with a cold disk took over 5 s (commit lost)
 
 
 def collect(devices: Iterable[torch.device | str] = ()) -> dict:
     """This process's provenance; ``devices``: where the run computes (a CUDA one adds the GPU)."""
-    commit, dirty, diff = git_state()
+    (commit, dirty, diff), problem = _git_state()
     return {
         "run_id": uuid.uuid4().hex[:12],  # names this run among the ones that made cached experts and bases
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -36,6 +38,7 @@ def collect(devices: Iterable[torch.device | str] = ()) -> dict:
         "commit": commit,
         "dirty": dirty,  # uncommitted changes to tracked files (`git diff HEAD`); untracked files do not count
         "diff_sha256": diff,  # sha256 of `git diff HEAD` when dirty
+        "git_problem": problem,  # why the commit is unknown in a checkout (git missing, failing, too slow); None: no problem
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
@@ -56,30 +59,61 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git(*args: str) -> bytes | None:
-    """``git ARGS`` run in the package's folder: its output, or None when git is missing, fails or
-    takes longer than :data:`GIT_TIMEOUT_S`."""
+class _GitUnanswered(Exception):
+    """git could not be asked (missing), failed, or did not answer in time."""
+
+
+NOT_HERE = ("did not match any file", "not a git repository")  # git's words for "this file is not in a checkout"
+
+
+def _git(*args: str, untracked_is_none: bool = False) -> bytes | None:
+    """``git ARGS`` run in the package's folder: its output. A missing git, a failure or no answer
+    within :data:`GIT_TIMEOUT_S` raise :class:`_GitUnanswered` with the reason; with
+    ``untracked_is_none``, git saying that the file is not in a checkout gives None instead."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}  # never take the index lock of a checkout in use
     try:
         proc = subprocess.run(["git", *args], cwd=SOURCE, capture_output=True, timeout=GIT_TIMEOUT_S, env=env,
                               stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.SubprocessError):
+    except subprocess.TimeoutExpired:
+        raise _GitUnanswered(f"git {args[0]} did not answer within {GIT_TIMEOUT_S:g} s") from None
+    except (OSError, subprocess.SubprocessError) as e:
+        raise _GitUnanswered(f"git could not run ({type(e).__name__})") from None
+    if proc.returncode == 0:
+        return proc.stdout
+    said = " ".join(proc.stderr.decode(errors="replace").split())
+    if untracked_is_none and any(words in said for words in NOT_HERE):
         return None
-    return proc.stdout if proc.returncode == 0 else None
+    raise _GitUnanswered(f"git {args[0]} failed (exit {proc.returncode}: {said[-200:]})")
+
+
+def _in_checkout() -> bool:
+    """Whether a ``.git`` (a folder, or a worktree's file) lies in the package's folder or above it."""
+    return any((d / ".git").exists() for d in (SOURCE, *SOURCE.parents))
+
+
+def _git_state() -> tuple[tuple[str | None, bool | None, str | None], str | None]:
+    """:func:`git_state` and, when git did not answer in what looks like a checkout, why."""
+    if not SOURCE.is_dir():
+        return (None, None, None), None
+    try:
+        if _git("ls-files", "--error-unmatch", "--", "__init__.py", untracked_is_none=True) is None:
+            return (None, None, None), None  # not tracked here: an installed copy, not this checkout's code
+        commit = _git("rev-parse", "HEAD").decode().strip()
+    except _GitUnanswered as e:
+        return (None, None, None), (str(e) if _in_checkout() else None)
+    try:
+        diff = _git("diff", "HEAD", "--binary", "--no-color", "--no-ext-diff", "--no-textconv")
+    except _GitUnanswered as e:
+        return (commit, None, None), str(e)
+    return (commit, bool(diff), hashlib.sha256(diff).hexdigest() if diff else None), None
 
 
 def git_state() -> tuple[str | None, bool | None, str | None]:
     """(commit, dirty, sha256 of ``git diff HEAD`` when dirty) of the checkout this package runs
     from, or (None, None, None) when it does not run from one: an installed copy, even one inside
-    someone's repository (a virtual environment in a checkout), is not that repository's code."""
-    if _git("ls-files", "--error-unmatch", "--", "__init__.py") is None:  # is this file tracked here?
-        return None, None, None
-    commit = _git("rev-parse", "HEAD")
-    if commit is None:
-        return None, None, None
-    diff = _git("diff", "HEAD", "--binary", "--no-color", "--no-ext-diff", "--no-textconv")
-    dirty = None if diff is None else bool(diff)
-    return commit.decode().strip(), dirty, hashlib.sha256(diff).hexdigest() if diff else None
+    someone's repository (a virtual environment in a checkout), is not that repository's code. Also
+    (None, None, None) when git does not answer (``collect`` records why: ``git_problem``)."""
+    return _git_state()[0]
 
 
 def _cpu_model() -> str | None:

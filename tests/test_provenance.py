@@ -61,21 +61,44 @@ def test_an_installed_copy_is_not_the_repository_around_it(tmp_path, monkeypatch
     assert provenance.git_state() == (None, None, None)
 
 
-def test_git_missing_or_hanging_gives_no_commit_quickly(tmp_path, monkeypatch):
+def test_git_missing_or_hanging_gives_no_commit_quickly_and_says_why(tmp_path, monkeypatch):
+    sleep = shutil.which("sleep")
     monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
     assert provenance.git_state() == (None, None, None)
+    assert provenance.collect()["git_problem"] == "git could not run (FileNotFoundError)"  # this package is a checkout
     fake = tmp_path / "git"
-    fake.write_text("#!/bin/sh\nexec sleep 30\n")  # exec: the timeout kills the sleep itself
+    fake.write_text(f"#!/bin/sh\nexec {sleep} 30\n")  # exec: the timeout kills the sleep itself
     fake.chmod(0o755)
     monkeypatch.setattr(provenance, "GIT_TIMEOUT_S", 0.3)
     t0 = time.monotonic()
     assert provenance.git_state() == (None, None, None)
     assert time.monotonic() - t0 < 5
+    p = provenance.collect()
+    assert p["commit"] is None and p["git_problem"] == "git ls-files did not answer within 0.3 s"
+    fake.write_text("#!/bin/sh\necho 'fatal: detected dubious ownership in repository' >&2\nexit 128\n")
+    assert provenance.collect()["git_problem"] == "git ls-files failed (exit 128: fatal: detected dubious ownership " \
+                                                  "in repository)"
+    monkeypatch.setattr(provenance, "SOURCE", tmp_path / "pkg")  # no .git above: not a checkout, no problem
+    (tmp_path / "pkg").mkdir()
+    assert provenance.collect()["git_problem"] is None
+
+
+def test_a_run_whose_git_did_not_answer_is_not_called_an_installed_copy():
+    """A loaded machine once took over 5 s to answer git: the table said "not run from a git checkout"."""
+    from ame.analysis import environment_line
+
+    env = dict(version="0.1.0", commit=None, dirty=None, diff_sha256=None, python="3.11.7", torch="2.14.1",
+               device={"cpu": "x", "cores": 2}, threads=2)
+    slow = environment_line({"environment": env | {"git_problem": "git ls-files did not answer within 15 s"},
+                             "roles": ["base"]})
+    assert slow.startswith("commit unknown (git ls-files did not answer within 15 s);")
+    assert environment_line({"environment": env, "roles": ["base"]}).startswith(
+        "commit unknown (not run from a git checkout);")
 
 
 def test_collect_gives_the_environment_as_plain_typed_values(monkeypatch):
     p = provenance.collect(["cpu"])
-    assert set(p) == {"run_id", "started", "version", "commit", "dirty", "diff_sha256", "python", "torch",
+    assert set(p) == {"run_id", "started", "version", "commit", "dirty", "diff_sha256", "git_problem", "python", "torch",
                       "torchvision", "numpy", "timm", "device", "threads", "deterministic", "host"}
     started = datetime.datetime.fromisoformat(p["started"])
     assert started.utcoffset() == datetime.timedelta(0)
@@ -85,6 +108,7 @@ def test_collect_gives_the_environment_as_plain_typed_values(monkeypatch):
     assert all(isinstance(p[k], str) for k in ("run_id", "python", "numpy", "torchvision", "host"))
     assert len(p["host"]) == 12 and int(p["host"], 16) >= 0  # hashed, never the name
     assert p["commit"] is None or (len(p["commit"]) == 40 and isinstance(p["dirty"], bool))
+    assert p["git_problem"] is None  # this checkout's git answers
     assert (p["diff_sha256"] is not None) == bool(p["dirty"])
     d = p["device"]
     assert d["gpu"] is None and isinstance(d["cores"], int) and d["cores"] >= 1 and d["cpu"]
