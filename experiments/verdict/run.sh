@@ -36,6 +36,7 @@ commit() {
   git add "$OUT" && git commit -qm "experiments/verdict: $1" -- "$OUT" || true
 }
 piece_base() {  # the base (60 epochs × 30,000 images: ≈ 50 min on 2 free cores), with seed 0's N = 4 experts
+  [ ! -f "multirun/verdict/b$1_n4/s0/soup/results.json" ] || return 0  # done: not run (nor committed) again
   python run.py -m experiment=verdict "base_seed=$1" data.shards.num_shards=4 seed=0 aggregator=soup \
     hydra.sweep.dir="multirun/verdict/b$1_n4/s0" hydra.sweep.subdir=soup "${@:2}"
   commit "base $1 trained"
