@@ -63,9 +63,12 @@ def test_an_installed_copy_is_not_the_repository_around_it(tmp_path, monkeypatch
 
 def test_git_missing_or_hanging_gives_no_commit_quickly_and_says_why(tmp_path, monkeypatch):
     sleep = shutil.which("sleep")
+    (tmp_path / "repo" / ".git").mkdir(parents=True)  # what a checkout looks like without git to ask
+    (tmp_path / "repo" / "pkg").mkdir()
+    monkeypatch.setattr(provenance, "SOURCE", tmp_path / "repo" / "pkg")
     monkeypatch.setenv("PATH", str(tmp_path))  # no git at all
     assert provenance.git_state() == (None, None, None)
-    assert provenance.collect()["git_problem"] == "git could not run (FileNotFoundError)"  # this package is a checkout
+    assert provenance.collect()["git_problem"] == "git could not run (FileNotFoundError)"
     fake = tmp_path / "git"
     fake.write_text(f"#!/bin/sh\nexec {sleep} 30\n")  # exec: the timeout kills the sleep itself
     fake.chmod(0o755)
@@ -80,6 +83,7 @@ def test_git_missing_or_hanging_gives_no_commit_quickly_and_says_why(tmp_path, m
                                                   "in repository)"
     monkeypatch.setattr(provenance, "SOURCE", tmp_path / "pkg")  # no .git above: not a checkout, no problem
     (tmp_path / "pkg").mkdir()
+    assert not any((d / ".git").exists() for d in (tmp_path, *tmp_path.parents))  # (the test's own premise)
     assert provenance.collect()["git_problem"] is None
 
 
