@@ -268,14 +268,16 @@ def _rows(setting: str, results: list[dict]) -> list[Row]:
 def _distances(runs: list[dict]) -> dict[str, Stat]:
     """The distances moved (``dist/…``), like the paired Δs a :meth:`Stat.nested` over the runs grouped
     by base: with several bases their interval comes from the within-base spread."""
-    out = {}
-    for k in dict.fromkeys(k for r in runs for k in r["metrics"] if k.startswith("dist/")):
-        groups: dict[str, list] = {}
-        for r in runs:
-            groups.setdefault(r.get("factor", ""), []).append(r["metrics"].get(k))
-        if (s := Stat.nested(list(groups.values()))) is not None:
-            out[k] = s
-    return out
+    keys = dict.fromkeys(k for r in runs for k in r["metrics"] if k.startswith("dist/"))
+    return {k: s for k in keys if (s := _by_base((r, r["metrics"].get(k)) for r in runs)) is not None}
+
+
+def _by_base(values) -> Stat | None:
+    """:meth:`Stat.nested` of ``(run, value)`` pairs, the values grouped by their run's base (:data:`FACTOR`)."""
+    groups: dict[str, list] = {}
+    for r, v in values:
+        groups.setdefault(r.get("factor", ""), []).append(v)
+    return Stat.nested(list(groups.values()))
 
 
 # -- where the numbers came from --------------------------------------------------------------
@@ -388,12 +390,9 @@ def _paired(pairs: list[tuple[dict, dict]], soup: bool = True, base: bool = True
         if not on:
             continue
         for k in PAIRED:
-            groups: dict[str, list[float]] = {}
-            for m, r in pairs:
-                other = r.get(ref) or {}
-                if isinstance(m.get(k), float) and isinstance(other.get(k), float):
-                    groups.setdefault(r.get("factor", ""), []).append(m[k] - other[k])
-            if (s := Stat.nested(list(groups.values()))) is not None:
+            diffs = ((r, m[k] - (r.get(ref) or {})[k]) for m, r in pairs
+                     if isinstance(m.get(k), float) and isinstance((r.get(ref) or {}).get(k), float))
+            if (s := _by_base(diffs)) is not None:
                 out[f"vs_{ref}/{k}"] = s
     return out
 
