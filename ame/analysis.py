@@ -166,6 +166,7 @@ class Row:
     stats: dict[str, Stat] = field(default_factory=dict)
     environments: list[dict] = field(default_factory=list)  # where its setting's numbers came from (environments())
     bases: int = 1  # independently trained bases (FACTOR) its runs come from
+    per_set: dict[str, dict[str, float]] = field(default_factory=dict)  # expert set -> its paired Δs (per_set())
 
     @property
     def runs(self) -> int:
@@ -192,6 +193,7 @@ def load(dirs: list[Path]) -> list[dict]:
         r["overrides"] = dict(o.lstrip("+~").split("=", 1) for o in kept if "=" in o)
         given = dict(o.lstrip("+~").split("=", 1) for o in overrides(f) if "=" in o)
         r["factor"], r["label"] = given.get(FACTOR, ""), given.get(LABEL, "").strip("'\"")  # quoted: Hydra keeps the quotes
+        r["seed"] = given.get("seed", "")
         if r["label"]:  # a named row: its aggregator.* values may differ from run to run (chosen per expert set)
             r["variant"] = ""
         out.append(r)
@@ -241,8 +243,11 @@ def _rows(setting: str, results: list[dict]) -> list[Row]:
     if all(r.get("ensemble") for r in by_set):
         refs.append(("output ensemble (N networks)", [(r["ensemble"], r) for r in by_set]))
     refs.append(("soup", [(r["soup"], r) for r in by_set]))
-    rows = [Row(setting, label, stats=_stats([m for m, _ in pairs])
-                | _paired(pairs, soup=label != "soup", base=not label.startswith("base"))) for label, pairs in refs]
+    rows = []
+    for label, pairs in refs:
+        against = {"soup": label != "soup", "base": not label.startswith("base")}  # not itself
+        rows.append(Row(setting, label, stats=_stats([m for m, _ in pairs]) | _paired(pairs, **against),
+                        per_set=per_set(pairs, **against)))
     kind = lambda r: (r["aggregator"], r["variant"], bool(r.get("tuned_on_validation")), r.get("label", ""))  # noqa: E731
     found = list(dict.fromkeys(kind(r) for r in results))
     rank = {name: i for i, name in enumerate(ORDER)}
@@ -261,7 +266,9 @@ def _rows(setting: str, results: list[dict]) -> list[Row]:
                 soup.stats.update(_distances(runs))
                 continue
             label = "soup, as run (e.g. bn_reset)"  # not the reference soup's network: a row of its own
-        rows.append(Row(setting, label, name, variant, _stats(ms) | _distances(runs) | _paired([(r["metrics"], r) for r in runs])))
+        pairs = [(r["metrics"], r) for r in runs]
+        rows.append(Row(setting, label, name, variant, _stats(ms) | _distances(runs) | _paired(pairs),
+                        per_set=per_set(pairs)))
     return rows
 
 
@@ -395,6 +402,23 @@ def _paired(pairs: list[tuple[dict, dict]], soup: bool = True, base: bool = True
             if (s := _by_base(diffs)) is not None:
                 out[f"vs_{ref}/{k}"] = s
     return out
+
+
+def set_name(r: dict) -> str:
+    """An expert set in a few characters: ``b0 s3`` (base_seed 0, seed 3), ``s3`` with one base."""
+    return " ".join(f"{p}{v}" for p, v in (("b", r.get("factor", "")), ("s", r.get("seed", ""))) if v) or "s?"
+
+
+def per_set(pairs: list[tuple[dict, dict]], soup: bool = True, base: bool = True) -> dict[str, dict[str, float]]:
+    """Each expert set's paired Δs (``vs_soup/…``, ``vs_base/…``: what :func:`_paired` pools), keyed
+    by :func:`set_name`, in base then seed order; a set run twice shows its mean."""
+    found: dict[str, dict[str, list]] = {}
+    for m, r in sorted(pairs, key=lambda p: [value_order(_number(str(p[1].get(k, "")))) for k in ("factor", "seed")]):
+        for ref in [ref for ref, on in (("soup", soup), ("base", base)) if on]:
+            for k in PAIRED:
+                if isinstance(m.get(k), float) and isinstance((r.get(ref) or {}).get(k), float):
+                    found.setdefault(set_name(r), {}).setdefault(f"vs_{ref}/{k}", []).append(m[k] - r[ref][k])
+    return {name: {k: statistics.mean(v) for k, v in d.items()} for name, d in found.items()}
 
 
 def _experts_mean(experts: list[dict]) -> dict:

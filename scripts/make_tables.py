@@ -3,6 +3,7 @@
     python scripts/make_tables.py multirun/2026-11-22/12-00-00                 # Markdown on the console
     python scripts/make_tables.py multirun/table --out experiments/table/table.md   # + table.tex, table.csv
     python scripts/make_tables.py experiments/table/table.csv --out table.md   # redo from a summary CSV
+    python scripts/make_tables.py multirun/verdict --each-set                  # + every expert set's Δs
 
 One table per setting (the runs' overrides other than ``seed``, the aggregator's, the logger's,
 paths and Hydra's), one row per network: the warm-start base, the experts (mean and best), the
@@ -10,7 +11,8 @@ output ensemble, the soup and each aggregator setting; mean ± std over the runs
 in ``seed``. Under it, from results trees, the same networks paired with the soup of the same
 experts and with their base: each one's ID / OOD / worst-shard accuracy minus the soup's and the
 base's, expert set by expert set, mean ± the half-width of the 95 % confidence interval (with
-several bases, ``base_seed=``, bases are a fixed factor: see :mod:`ame.analysis`). Last, where the
+several bases, ``base_seed=``, bases are a fixed factor: see :mod:`ame.analysis`); with
+``--each-set``, also each expert set's own Δ ID and Δ OOD against the base. Last, where the
 numbers came from: one line per distinct environment (commit, versions, device, threads) among the
 runs and the cached experts, base and reference metrics they used; a table whose numbers come from
 different commits or versions gets a ``warning:`` line on stderr. Rows, columns, their order and the
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from ame.analysis import (PAIRED_COLUMNS, Row, cell, columns, environment_line, merge_environments, mismatches,
                           pretty_setting, read, settings, spread_label, summary_csv)
-from ame.errors import one_line
+from ame.errors import AMEError, one_line
 
 
 def environment_lines(rows: list[Row]) -> list[str]:
@@ -32,7 +34,31 @@ def environment_lines(rows: list[Row]) -> list[str]:
     return [environment_line(e) for e in merge_environments(rows)]
 
 
-def markdown(rows: list[Row]) -> str:
+def _delta(v: float | None) -> str:
+    """A paired Δ in points, signed (exactly 0: unsigned)."""
+    return "" if v is None else "0.00" if v == 0 else f"{100 * v:+.2f}"
+
+
+def set_tables(rows: list[Row]) -> list[str]:
+    """Each expert set's Δ ID and Δ OOD against the base (or, without a base, the soup): one column
+    per expert set, so a reader sees whether a pooled Δ holds in every set or comes from a few."""
+    sets = list(dict.fromkeys(name for r in rows for name in r.per_set))
+    lines = []
+    for key in [f"vs_{ref}/{k}" for ref in ("base", "soup") for k in ("id/acc", "ood/acc")]:
+        mine = [r for r in rows if any(key in d for d in r.per_set.values())]
+        if not mine or (key.startswith("vs_soup") and any("vs_base/id/acc" in d for r in rows for d in r.per_set.values())):
+            continue
+        column = next(c for c in PAIRED_COLUMNS if c.key == key)
+        names = "b = base_seed, s = seed" if any(n.startswith("b") for n in sets) else "s = seed"
+        lines += [f"Each expert set ({names}), {column.short}: {column.long}.\n",
+                  "| network | " + " | ".join(sets) + " |", "|---|" + "---:|" * len(sets)]
+        lines += [f"| {r.label} | " + " | ".join(_delta(r.per_set.get(n, {}).get(key)) for n in sets) + " |"
+                  for r in mine]
+        lines.append("")
+    return lines
+
+
+def markdown(rows: list[Row], each_set: bool = False) -> str:
     parts = []
     many = len(settings(rows)) > 1
     for setting in settings(rows):
@@ -53,6 +79,8 @@ def markdown(rows: list[Row]) -> str:
             lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c, spread="ci" if c.key.startswith("vs_")
                                                           else "std") for c in cols) + " |" for r in paired]
             lines.append("")
+        if each_set:
+            lines += set_tables(mine)
         envs = environment_lines(mine)
         if envs:
             lines += ["Where the numbers came from (commit; versions; device; threads: what each environment made):\n",
@@ -86,15 +114,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path,
                     help="run or multirun directories (or results.json files), or one summary .csv")
+    ap.add_argument("--each-set", action="store_true", help="also, under each table, every expert set's Δ ID and "
+                    "Δ OOD against the base (or the soup), one column per set")
     ap.add_argument("--out", type=Path, help="write the Markdown table here (and, beside it, .tex and .csv) "
                     "instead of printing it")
     args = ap.parse_args()
+    if args.each_set and len(args.dirs) == 1 and args.dirs[0].suffix == ".csv":
+        raise AMEError(f"--each-set needs results trees: {args.dirs[0]} is a summary CSV, which keeps no "
+                       "expert set's own numbers; pass the run / multirun directories")
     rows = read(args.dirs)
     for setting in settings(rows):  # the rows of one table are compared with each other
         for problem in mismatches(merge_environments([r for r in rows if r.setting == setting])):
             print(f"warning: {pretty_setting(setting)}: {problem}; see the environment lines under its table",
                   file=sys.stderr)
-    table = markdown(rows)
+    table = markdown(rows, args.each_set)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tex, csv_text = latex(rows), summary_csv(rows)  # all computed before anything is written

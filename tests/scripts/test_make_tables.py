@@ -339,25 +339,32 @@ def test_nested_stat_is_the_mean_of_base_means_with_the_within_base_t_interval()
     assert Stat.nested([[1.0], [3.0]]).ci95() is None  # no within-base spread to measure
 
 
+def two_bases_tree(root, seeds=(0, 1)):
+    """Two bases (ID 80 %, 90 %) × expert seeds: the soup 2 points below its base for seed 0, at it
+    otherwise; task arithmetic 1 + seed points above the soup."""
+    n = 0
+    for b, base_acc in (("0", 0.80), ("1", 0.90)):
+        for seed in seeds:
+            dsoup = -0.02 if seed == 0 else 0.0
+            for agg, dm in (("soup", 0.0), ("task_arithmetic", 0.01 + 0.01 * seed)):
+                d = root / str(n)
+                n += 1
+                write_run(d, agg, seed, base_acc + dsoup + dm, [f"base_seed={b}", f"seed={seed}", f"aggregator={agg}"],
+                          experts=(f"{b}a{seed}", f"{b}b{seed}"), soup_acc=base_acc + dsoup)
+                r = json.loads((d / "results.json").read_text())
+                r["base"] = {**r["soup"], "id/acc": base_acc}
+                if agg == "task_arithmetic":
+                    r["metrics"]["dist/pivot"] = 0.1 + 0.1 * seed + (0.5 if b == "1" else 0.0)  # base 1's move longer
+                (d / "results.json").write_text(json.dumps(r))
+
+
 def test_paired_with_the_soup_and_the_base_over_two_bases(tmp_path):
     """Two bases × two expert sets: Δ vs the base and vs the soup, the base a factor (not a setting)."""
     import csv
 
     from ame.analysis import Stat
 
-    n = 0
-    for b, base_acc in (("0", 0.80), ("1", 0.90)):
-        for seed, dsoup in ((0, -0.02), (1, 0.00)):  # the soup is 2 or 0 points below its base
-            for agg, dm in (("soup", 0.0), ("task_arithmetic", 0.01 + 0.01 * seed)):
-                d = tmp_path / "runs" / str(n)
-                n += 1
-                write_run(d, agg, seed, base_acc + dsoup + dm, [f"base_seed={b}", f"seed={seed}", f"aggregator={agg}"],
-                          experts=(f"{b}a", f"{b}b"), soup_acc=base_acc + dsoup)
-                r = json.loads((d / "results.json").read_text())
-                r["base"] = {**r["soup"], "id/acc": base_acc}
-                if agg == "task_arithmetic":
-                    r["metrics"]["dist/pivot"] = 0.1 + 0.1 * seed + (0.5 if b == "1" else 0.0)  # base 1's move longer
-                (d / "results.json").write_text(json.dumps(r))
+    two_bases_tree(tmp_path / "runs")
     out = tmp_path / "t.md"
     script("make_tables.py", tmp_path / "runs", "--out", out)
     md = out.read_text()
@@ -384,6 +391,24 @@ def test_paired_with_the_soup_and_the_base_over_two_bases(tmp_path):
     png = tmp_path / "d.png"
     script("make_figures.py", "deltas", out.with_suffix(".csv"), "--out", png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_set_shows_every_expert_sets_delta_against_the_base(tmp_path):
+    """--each-set: one column per expert set (bases, then seeds in numeric order), the Δs in points."""
+    two_bases_tree(tmp_path, seeds=(0, 2, 10))
+    md = script("make_tables.py", tmp_path, "--each-set").stdout
+    plain = script("make_tables.py", tmp_path).stdout
+    assert "Each expert set" not in plain and md.startswith(plain.split("Where the numbers")[0])
+    ids = md.split("Each expert set (b = base_seed, s = seed), Δ ID vs base")[1].split("\n\n")[1].splitlines()
+    assert ids[0] == "| network | b0 s0 | b0 s2 | b0 s10 | b1 s0 | b1 s2 | b1 s10 |"
+    row = lambda name: next(ln for ln in ids if ln.startswith(f"| {name} |"))  # noqa: E731
+    assert row("soup") == "| soup | -2.00 | 0.00 | 0.00 | -2.00 | 0.00 | 0.00 |"  # 0.00: exactly the base's
+    assert row("task arithmetic") == "| task arithmetic | -1.00 | +3.00 | +11.00 | -1.00 | +3.00 | +11.00 |"
+    assert not any(ln.startswith("| base (warm start)") for ln in ids)  # not against itself
+    assert "Δ OOD vs base" in md.split("Δ ID vs base")[-1]
+    script("make_tables.py", tmp_path, "--out", tmp_path / "t.md")
+    err = script("make_tables.py", tmp_path / "t.csv", "--each-set", check=False)
+    assert err.returncode != 0 and err.stderr.strip().startswith("error: --each-set needs results trees")
 
 
 def test_best_trial_over_a_two_knob_grid_and_among_a_subset(tmp_path):
