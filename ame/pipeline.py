@@ -121,7 +121,9 @@ def run(cfg: DictConfig) -> dict:
                                 Path(cfg.paths.cache_dir), config_hash(cfg.align), provenance, timer)
             eval_device = resolve_device(cfg.eval.device)
             val = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
-            aggregate = _aggregate(aggregator, pool, model, data, val, eval_device, logger.ame_every, cfg.bn_reset, timer)
+            bn_reset = {"crop_padding": int(cfg.train.augment.crop_padding), "flip": bool(cfg.train.augment.flip),
+                        "seed": seed} if cfg.bn_reset else None  # the images augmented as in training
+            aggregate = _aggregate(aggregator, pool, model, data, val, eval_device, logger.ame_every, bn_reset, timer)
             with timer("evaluate", lambda: f"aggregate {brief(results['metrics'])}"):
                 evaluator = instantiate(cfg.eval, "eval")(model=model, data=data, class_counts=ex.class_counts,
                                                           device=eval_device, cache_dir=cfg.paths.cache_dir)
@@ -201,10 +203,11 @@ def _experts(source: ExpertSource, aligner, data, shards, model, against: str, c
     return ex, pool
 
 
-def _aggregate(aggregator: Aggregator, pool, model, data, val, device, ame_every: int | None, bn_reset: bool,
+def _aggregate(aggregator: Aggregator, pool, model, data, val, device, ame_every: int | None, bn_reset: dict | None,
                timer: Timer):
     """Stage 4: the aggregate's weights (None for an output ensemble: N networks, no weights);
-    with ``bn_reset``, its BatchNorm statistics recomputed on the validation split ``val``."""
+    with ``bn_reset`` (:func:`ame.repair.reset_batchnorm`'s augmentation settings), its BatchNorm
+    statistics recomputed on the validation split ``val``."""
     if not aggregator.single_network:
         return None
     callbacks = [_ReportDistances(ame_every)] if ame_every != 0 else []  # only when a logger wants curves
@@ -212,9 +215,9 @@ def _aggregate(aggregator: Aggregator, pool, model, data, val, device, ame_every
         extra = {} if aggregator.data_free else {  # the declared exception (greedy soup): scored on validation
             "score": lambda sd: accuracy(model, data, sd, *val, device)}
         aggregate = dict(aggregator.run(pool, callbacks=callbacks, **extra))
-    if bn_reset:  # the data-using reference: statistics recomputed on the validation split
+    if bn_reset is not None:  # the data-using reference: statistics recomputed on the validation split
         with timer("bn_reset"):
-            aggregate = reset_batchnorm(model, aggregate, data, val[0], device)
+            aggregate = reset_batchnorm(model, aggregate, data, val[0], device, **bn_reset)
     return aggregate
 
 

@@ -3,7 +3,12 @@
 ``bn_reset=true`` replaces the aggregate's running means and variances by those of its own
 activations on the validation split (``data.val_size``), a "reset"/"repair" used in the
 model-merging literature. It shows how much of a merge's gap is only its statistics; the run's
-results say ``data_free: false``."""
+results say ``data_free: false``.
+
+The images are augmented as in training (``train.augment``: zero-padded random crop, flip), over
+several passes: a network trained on such batches normalises with their statistics, and clean
+images (no black borders) shift every layer's normalisation. On the strong regime's untouched
+base, clean statistics cost about 2.7 points of test accuracy; see experiments/bn_stats."""
 from __future__ import annotations
 
 import copy
@@ -14,6 +19,10 @@ import torch.nn as nn
 from ame.data import ImageData
 from ame.errors import require
 from ame.io import StateDict
+from ame.train import augment
+
+
+AUGMENTED_PASSES = 5  # passes over the images when they are augmented: each draws new crops and flips
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -22,11 +31,15 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, sd: StateDict, data: ImageData, x: torch.Tensor, device: torch.device,
-                    batch_size: int = 256) -> StateDict:
-    """``sd`` with every BatchNorm's running statistics recomputed on the images ``x`` (the exact
-    mean and unbiased variance over all of them: momentum ``None``, one pass in train mode)."""
+                    batch_size: int = 256, crop_padding: int = 0, flip: bool = False, passes: int = AUGMENTED_PASSES,
+                    seed: int = 0) -> StateDict:
+    """``sd`` with every BatchNorm's running statistics recomputed on the images ``x`` (uint8): the
+    mean of the batch statistics (momentum ``None``) over ``passes`` passes in train mode, each
+    batch augmented like training's (:func:`ame.train.augment`: ``crop_padding``, ``flip``) from a
+    generator seeded with ``seed``; no augmentation: clean images, one pass is enough."""
     require(len(x) > 0, "bn_reset=true recomputes BatchNorm statistics on the validation split, but it is empty; "
             "set data.val_size (e.g. data.val_size=1000)")
+    g = torch.Generator().manual_seed(seed)
     net = copy.deepcopy(model).to(device)
     net.load_state_dict(sd)
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -34,8 +47,9 @@ def reset_batchnorm(model: nn.Module, sd: StateDict, data: ImageData, x: torch.T
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
     net.train()
-    for i in range(0, len(x), batch_size):
-        net(data.normalize(x[i:i + batch_size].to(device)))
+    for _ in range(passes if crop_padding or flip else 1):
+        for i in range(0, len(x), batch_size):
+            net(data.normalize(augment(x[i:i + batch_size], crop_padding, flip, g).to(device)))
     out = {k: v.detach().cpu().to(sd[k].dtype) for k, v in net.state_dict().items()}
     for m in bns:  # counters as they were: only the statistics are replaced
         prefix = next(n for n, mod in net.named_modules() if mod is m)
