@@ -152,7 +152,8 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
     each network's mean difference with its 95 % CI, a line at 0, each panel on its own range. The
     range is the merged networks' (and the ensemble's): the single experts, often many points below,
     would squeeze the differences that matter, so they are drawn at the panel's edge, marked ◀ or ▶
-    with their value."""
+    with their value. From results trees, each expert set's own difference is a small open circle
+    under its mean (:attr:`Row.per_set`): whether the mean holds in every set or comes from a few."""
     groups = settings(rows)
     keys = [c for c in DELTAS if any(c.key in r.stats for r in rows)]
     if not keys:
@@ -169,7 +170,9 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
             pts = [(y, r.stats[c.key], r.label.startswith("experts"))
                    for y, r in zip(ys, mine[g]) if c.key in r.stats]
             tuned = [y for y, r in zip(ys, mine[g]) if "tuned on validation" in r.label or "validation" in r.label]
-            lo, hi = _window([s for _, s, expert in pts if not expert] + [Stat(0.0, None, 1)])  # 0 always in view
+            each = {y: [100 * d[c.key] for d in r.per_set.values() if c.key in d] for y, r in zip(ys, mine[g])}
+            lo, hi = _window([s for _, s, expert in pts if not expert] + [Stat(0.0, None, 1)]  # 0 always in view
+                             + [Stat(v / 100, None, 1) for y, _, expert in pts if not expert for v in each[y]])
             for y, s, expert in pts:
                 colour = "tab:red" if y in tuned else "tab:blue"
                 m = 100 * s.mean
@@ -181,6 +184,9 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
                     continue
                 ax.errorbar([m], [y], xerr=[100 * (s.ci95() or 0)], fmt="o", color=colour, markersize=3.5,
                             capsize=2, elinewidth=1)
+                if each[y]:  # every expert set, a little below the mean
+                    ax.plot(each[y], [y - 0.3] * len(each[y]), linestyle="none", marker="o", markersize=2.5,
+                            markerfacecolor="none", markeredgewidth=0.6, color=colour, alpha=0.7)
             ax.axvline(0, color="grey", linewidth=0.8)
             ax.set_xlim(lo, hi)
             ax.grid(axis="x", alpha=0.3)
@@ -190,8 +196,10 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
             if i == len(groups) - 1:
                 ax.set_xlabel("points (mean, 95 % CI)", fontsize=7)
         axes[i][0].set_yticks(ys, [r.label for r in mine[g]], fontsize=7)
+    sets = any(r.per_set for r in rows)
     fig.suptitle((title + "\n" if title else "") + "paired differences, expert set by expert set "
-                 "(red: uses the validation split)", fontsize=9)
+                 "(red: uses the validation split" + ("; open circles: each expert set" if sets else "") + ")",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(out, **SAVE)
     plt.close(fig)

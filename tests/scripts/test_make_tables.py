@@ -388,9 +388,11 @@ def test_paired_with_the_soup_and_the_base_over_two_bases(tmp_path):
     again = tmp_path / "again.md"  # read back from the CSV: the same table, intervals included
     script("make_tables.py", out.with_suffix(".csv"), "--out", again)
     assert again.read_text() == md
-    png = tmp_path / "d.png"
+    png, each = tmp_path / "d.png", tmp_path / "each.png"
     script("make_figures.py", "deltas", out.with_suffix(".csv"), "--out", png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    script("make_figures.py", "deltas", tmp_path / "runs", "--out", each)  # results trees: each set's circles too
+    assert each.read_bytes()[:4] == b"\x89PNG" and each.read_bytes() != png.read_bytes()
 
 
 def test_each_set_shows_every_expert_sets_delta_against_the_base(tmp_path):
