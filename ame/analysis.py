@@ -290,8 +290,9 @@ def _by_base(values) -> Stat | None:
 # -- where the numbers came from --------------------------------------------------------------
 # the fields of a provenance block (ame/provenance.py) that describe an environment: the code, the
 # libraries, the machine (not run_id, started and host, which name one run)
-ENVIRONMENT = ("version", "commit", "dirty", "diff_sha256", "git_problem", "python", "torch", "torchvision", "numpy", "timm",
-               "device", "threads", "deterministic")
+ENVIRONMENT = ("version", "commit", "dirty", "diff_sha256", "git_problem", "code_sha256", "python", "torch", "torchvision",
+               "numpy", "timm", "device", "threads", "deterministic")
+COMMIT_FIELDS = ("commit", "dirty", "diff_sha256", "git_problem")  # where the code came from, not what it was
 VERSIONS = {"version": "ame", "python": "Python", "torch": "torch", "torchvision": "torchvision", "numpy": "numpy",
             "timm": "timm"}
 ROLES = ("runs", "experts", "base", "reference metrics")  # what an environment made
@@ -326,13 +327,18 @@ def environments(results: list[dict]) -> list[dict]:
 
 
 def merge_environments(rows: list[Row]) -> list[dict]:
-    """The environments of ``rows`` (e.g. one table's), each once, roles united."""
+    """The environments of ``rows`` (e.g. one table's), each once, roles united. Environments that
+    recorded the same code (``code_sha256``) and differ only in the commit it was run from (e.g.
+    commits that add results) are one, its ``codes`` listing those commits."""
     found: dict[str, dict] = {}
     for row in rows:
         for item in row.environments:
-            mine = found.setdefault(json.dumps(item["environment"], sort_keys=True),
-                                    {"environment": item["environment"], "roles": []})
+            env = item["environment"]
+            same = {k: v for k, v in env.items() if k not in COMMIT_FIELDS} if env and env.get("code_sha256") else env
+            mine = found.setdefault(json.dumps(same, sort_keys=True), {"environment": env, "roles": [], "codes": []})
             mine["roles"] += [r for r in item["roles"] if r not in mine["roles"]]
+            if env is not None and _code(env) not in mine["codes"]:
+                mine["codes"].append(_code(env))
     return list(found.values())
 
 
@@ -365,7 +371,11 @@ def environment_line(item: dict) -> str:
     threads = env.get("threads")
     threads = f"{threads} thread{'' if threads == 1 else 's'}" + (", deterministic algorithms" if env.get("deterministic")
                                                                 else "")
-    return f"{_code(env)}; {versions}; {device}; {threads}: {roles}"
+    codes = item.get("codes") or [_code(env)]
+    code = codes[0] if len(codes) == 1 else f"{len(codes)} commits ({', '.join(codes)})"
+    if env.get("code_sha256"):
+        code += f", code sha256 {env['code_sha256'][:12]}"
+    return f"{code}; {versions}; {device}; {threads}: {roles}"
 
 
 def mismatches(envs: list[dict]) -> list[str]:
@@ -373,9 +383,11 @@ def mismatches(envs: list[dict]) -> list[str]:
     recorded and some not. Other machines are not listed (their lines show them)."""
     known = [e["environment"] for e in envs if e["environment"] is not None]
     out = []
-    codes = list(dict.fromkeys(_code(e) for e in known))
+    codes = list(dict.fromkeys(e.get("code_sha256") or _code(e) for e in known))  # the same code: one, whatever the commit
     if len(codes) > 1:
-        out.append(f"numbers from {len(codes)} different commits ({'; '.join(codes)})")
+        named = list(dict.fromkeys(", ".join(e.get("codes") or [_code(e["environment"])]) for e in envs
+                                   if e["environment"] is not None))
+        out.append(f"numbers from {len(codes)} different versions of the code ({'; '.join(named)})")
     for key, name in VERSIONS.items():
         values = list(dict.fromkeys(str(e.get(key)) for e in known))
         if len(values) > 1:

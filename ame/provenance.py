@@ -39,6 +39,7 @@ def collect(devices: Iterable[torch.device | str] = ()) -> dict:
         "dirty": dirty,  # uncommitted changes to tracked files (`git diff HEAD`); untracked files do not count
         "diff_sha256": diff,  # sha256 of `git diff HEAD` when dirty
         "git_problem": problem,  # why the commit is unknown in a checkout (git missing, failing, too slow); None: no problem
+        "code_sha256": code_sha256(),  # the package's source itself: commits that only add results share it
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
@@ -49,6 +50,22 @@ def collect(devices: Iterable[torch.device | str] = ()) -> dict:
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "host": hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12],  # tells machines apart, names none
     }
+
+
+def code_sha256(root: Path = SOURCE) -> str | None:
+    """sha256 over the package's Python source (each ``*.py`` under ``root``: its path, then its
+    bytes, in path order): the same for two runs exactly when they ran the same code, whatever the
+    commit, uncommitted changes and installed copies included. None if the source cannot be read."""
+    h = hashlib.sha256()
+    try:
+        for f in sorted(root.rglob("*.py"), key=lambda f: f.relative_to(root).as_posix()):
+            rel = f.relative_to(root).as_posix().encode()
+            h.update(len(rel).to_bytes(8, "little") + rel)
+            data = f.read_bytes()
+            h.update(len(data).to_bytes(8, "little") + data)
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def _version(package: str) -> str | None:

@@ -14,8 +14,9 @@ base's, expert set by expert set, mean ± the half-width of the 95 % confidence 
 several bases, ``base_seed=``, bases are a fixed factor: see :mod:`ame.analysis`); with
 ``--each-set``, also each expert set's own Δ ID and Δ OOD against the base. Last, where the
 numbers came from: one line per distinct environment (commit, versions, device, threads) among the
-runs and the cached experts, base and reference metrics they used; a table whose numbers come from
-different commits or versions gets a ``warning:`` line on stderr. Rows, columns, their order and the
+runs and the cached experts, base and reference metrics they used (commits that ran the same code,
+``code_sha256``, share a line); a table whose numbers come from different code or versions gets a
+``warning:`` line on stderr. Rows, columns, their order and the
 environments come from :mod:`ame.analysis`. Deterministic given the inputs.
 """
 from __future__ import annotations

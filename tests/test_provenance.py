@@ -102,8 +102,9 @@ def test_a_run_whose_git_did_not_answer_is_not_called_an_installed_copy():
 
 def test_collect_gives_the_environment_as_plain_typed_values(monkeypatch):
     p = provenance.collect(["cpu"])
-    assert set(p) == {"run_id", "started", "version", "commit", "dirty", "diff_sha256", "git_problem", "python", "torch",
-                      "torchvision", "numpy", "timm", "device", "threads", "deterministic", "host"}
+    assert set(p) == {"run_id", "started", "version", "commit", "dirty", "diff_sha256", "git_problem", "code_sha256",
+                      "python", "torch", "torchvision", "numpy", "timm", "device", "threads", "deterministic", "host"}
+    assert p["code_sha256"] == provenance.code_sha256() and len(p["code_sha256"]) == 64
     started = datetime.datetime.fromisoformat(p["started"])
     assert started.utcoffset() == datetime.timedelta(0)
     assert abs((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()) < 60
@@ -117,6 +118,27 @@ def test_collect_gives_the_environment_as_plain_typed_values(monkeypatch):
     d = p["device"]
     assert d["gpu"] is None and isinstance(d["cores"], int) and d["cores"] >= 1 and d["cpu"]
     assert provenance.collect()["run_id"] != p["run_id"]
+
+
+def test_code_sha256_names_the_source_whatever_its_place_and_changes_with_any_file(tmp_path):
+    import hashlib
+    import shutil
+
+    a, b = tmp_path / "a" / "ame", tmp_path / "b" / "ame"
+    shutil.copytree(provenance.SOURCE, a, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(a, b)
+    (b / "notes.txt").write_text("not code")  # only Python source counts
+    assert provenance.code_sha256(a) == provenance.code_sha256(b) == provenance.code_sha256()
+    (b / "aggregators" / "base.py").write_text((b / "aggregators" / "base.py").read_text() + "\n")
+    assert provenance.code_sha256(b) != provenance.code_sha256(a)
+    c = tmp_path / "c"  # by hand: each file's relative path and bytes, length-prefixed, in path order
+    (c / "sub").mkdir(parents=True)
+    (c / "sub" / "x.py").write_bytes(b"x = 1\n")
+    (c / "a.py").write_bytes(b"")
+    h = hashlib.sha256()
+    for rel, data in ((b"a.py", b""), (b"sub/x.py", b"x = 1\n")):
+        h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
+    assert provenance.code_sha256(c) == h.hexdigest()
 
 
 def test_a_cuda_run_records_the_gpu(monkeypatch):

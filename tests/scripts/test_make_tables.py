@@ -252,11 +252,30 @@ def test_tables_say_where_their_numbers_came_from_and_warn_when_commits_differ(t
                            "reference metrics"]
     warnings = [x for x in proc.stderr.splitlines() if x.startswith("warning: ")]
     assert len(warnings) == 2 and all(w.startswith("warning: α = 0.5: numbers from ") for w in warnings), proc.stderr
-    assert "2 different commits" in warnings[0] and "different torch versions (2.14.1, 2.13.0)" in warnings[1]
+    assert "2 different versions of the code" in warnings[0] and "different torch versions (2.14.1, 2.13.0)" in warnings[1]
     assert "% environment: commit bbbbbbbbbbbb;" in (tmp_path / "t.tex").read_text()
     # the CSV carries them: a table redrawn from it says the same, and warns the same
     again = run_main("make_tables", tmp_path / "t.csv", "--out", tmp_path / "again.md")
     assert (tmp_path / "again.md").read_text() == md and again.stderr == proc.stderr
+
+
+def test_commits_that_ran_the_same_code_are_one_environment(tmp_path):
+    """code_sha256: runs from commits that only added results share one line and raise no warning;
+    another code is its own line and is warned about."""
+    for i, (commit, code) in enumerate((("a" * 40, "c" * 64), ("b" * 40, "c" * 64), ("d" * 40, "e" * 64))):
+        p = provenance(commit=commit, code_sha256=code)
+        write_run(tmp_path / "runs" / str(i), "soup", i, 0.5, [f"seed={i}", "aggregator=soup"],
+                  provenance={**p, "experts_made_by": [provenance(code_sha256="c" * 64)] * 2})
+    same = run_main("make_tables", *[tmp_path / "runs" / str(i) for i in (0, 1)])
+    envs = [x for x in same.stdout.splitlines() if x.startswith("- ")]
+    assert envs == ["- 2 commits (commit aaaaaaaaaaaa, commit bbbbbbbbbbbb), code sha256 cccccccccccc; ame 0.1.0, "
+                    "Python 3.11.7, torch 2.14.1, torchvision 0.29.1, numpy 2.4.6, timm 1.0.31; Xeon (AVX512), 2 cores; "
+                    "1 thread: runs, experts, reference metrics"] and "warning" not in same.stderr
+    other = run_main("make_tables", tmp_path / "runs")
+    assert [x for x in other.stdout.splitlines() if x.startswith("- ")][1].startswith(
+        "- commit dddddddddddd, code sha256 eeeeeeeeeeee;")
+    assert "numbers from 2 different versions of the code (commit aaaaaaaaaaaa, commit bbbbbbbbbbbb; commit " \
+           "dddddddddddd)" in other.stderr
 
 
 def test_numbers_without_provenance_say_so(tmp_path):
