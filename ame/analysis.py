@@ -29,7 +29,9 @@ that from here, so a table and a figure of the same runs always show the same nu
   the t interval of that mean with the within-base spread (pooled variance, n − B degrees of
   freedom): bases as a fixed factor, so it holds for these bases, not for a new one. The distances
   moved are summarised the same way; the other absolute columns are the plain mean ± std over all
-  runs (between-base spread included).
+  runs (between-base spread included). :func:`per_set` keeps each expert set's own Δs
+  (:attr:`Row.per_set`, from results trees only), for ``make_tables.py --each-set`` and the
+  circles of ``make_figures.py deltas``.
 """
 from __future__ import annotations
 
@@ -193,7 +195,6 @@ def load(dirs: list[Path]) -> list[dict]:
         r["overrides"] = dict(o.lstrip("+~").split("=", 1) for o in kept if "=" in o)
         given = dict(o.lstrip("+~").split("=", 1) for o in overrides(f) if "=" in o)
         r["factor"], r["label"] = given.get(FACTOR, ""), given.get(LABEL, "").strip("'\"")  # quoted: Hydra keeps the quotes
-        r["seed"] = given.get("seed", "")
         if r["label"]:  # a named row: its aggregator.* values may differ from run to run (chosen per expert set)
             r["variant"] = ""
         out.append(r)
@@ -418,19 +419,23 @@ def _paired(pairs: list[tuple[dict, dict]], soup: bool = True, base: bool = True
 
 def set_name(r: dict) -> str:
     """An expert set in a few characters: ``b0 s3`` (base_seed 0, seed 3), ``s3`` with one base."""
-    return " ".join(f"{p}{v}" for p, v in (("b", r.get("factor", "")), ("s", r.get("seed", ""))) if v) or "s?"
+    return " ".join(f"{p}{v}" for p, v in (("b", r.get("factor", "")), ("s", r.get("seed", ""))) if v != "") or "set"
 
 
 def per_set(pairs: list[tuple[dict, dict]], soup: bool = True, base: bool = True) -> dict[str, dict[str, float]]:
     """Each expert set's paired Δs (``vs_soup/…``, ``vs_base/…``: what :func:`_paired` pools), keyed
-    by :func:`set_name`, in base then seed order; a set run twice shows its mean."""
-    found: dict[str, dict[str, list]] = {}
+    by :func:`set_name` (numbered when two expert sets share one), in base then seed order; an expert
+    set run twice shows its mean."""
+    found: dict[tuple, dict[str, list]] = {}
+    names: dict[tuple, str] = {}
     for m, r in sorted(pairs, key=lambda p: [value_order(_number(str(p[1].get(k, "")))) for k in ("factor", "seed")]):
+        name = set_name(r)
+        names.setdefault(expert_set(r), name if name not in names.values() else f"{name} #{len(names) + 1}")
         for ref in [ref for ref, on in (("soup", soup), ("base", base)) if on]:
             for k in PAIRED:
                 if isinstance(m.get(k), float) and isinstance((r.get(ref) or {}).get(k), float):
-                    found.setdefault(set_name(r), {}).setdefault(f"vs_{ref}/{k}", []).append(m[k] - r[ref][k])
-    return {name: {k: statistics.mean(v) for k, v in d.items()} for name, d in found.items()}
+                    found.setdefault(expert_set(r), {}).setdefault(f"vs_{ref}/{k}", []).append(m[k] - r[ref][k])
+    return {names[key]: {k: statistics.mean(v) for k, v in d.items()} for key, d in found.items()}
 
 
 def _experts_mean(experts: list[dict]) -> dict:

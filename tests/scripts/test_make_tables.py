@@ -432,6 +432,17 @@ def test_each_set_shows_every_expert_sets_delta_against_the_base(tmp_path):
     assert err.returncode != 0 and err.stderr.strip().startswith("error: --each-set needs results trees")
 
 
+def test_two_expert_sets_with_one_name_stay_apart():
+    from ame.analysis import per_set
+
+    run = lambda paths, soup: {"experts": [{"path": p} for p in paths], "seed": 0, "factor": "",  # noqa: E731
+                               "soup": {"id/acc": soup}, "base": {"id/acc": 0.5}}
+    a, b = run(["x", "y"], 0.4), run(["z", "w"], 0.3)
+    out = per_set([({"id/acc": 0.45}, a), ({"id/acc": 0.35}, b), ({"id/acc": 0.55}, a)])
+    assert list(out) == ["s0", "s0 #2"]
+    assert abs(out["s0"]["vs_soup/id/acc"] - 0.10) < 1e-12 and abs(out["s0 #2"]["vs_base/id/acc"] + 0.15) < 1e-12
+
+
 def test_best_trial_over_a_two_knob_grid_and_among_a_subset(tmp_path):
     grid = [(0.2, 1.0, 0.70), (0.5, 0.5, 0.80), (0.2, 0.5, 0.80), (0.5, 1.0, 0.60)]  # a tie: the smaller density
     for i, (density, scaling, acc) in enumerate(grid):
