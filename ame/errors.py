@@ -39,15 +39,16 @@ def hydra_cli(main) -> None:
     """Run a ``@hydra.main`` entry point so that a command line Hydra cannot compose (an unknown
     key, a missing option, a malformed override) is one ``error:`` line and exit code 1, like every
     other bad input, instead of Hydra's multi-line report. (Hydra is asked to pass its exceptions
-    on, ``HYDRA_FULL_ERROR=1``; errors inside a run are handled by ``main`` itself, and a bug keeps
-    its whole traceback.)"""
+    on, ``HYDRA_FULL_ERROR=1``, whatever the environment said: with ``0`` Hydra would print its
+    own report first. Errors inside a run are handled by ``main`` itself, and a bug keeps its whole
+    traceback.)"""
     import os
     import sys
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:

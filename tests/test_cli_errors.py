@@ -26,7 +26,8 @@ def test_a_command_line_hydra_cannot_compose_is_one_line(entry, args, wanted, ro
         args = ["out=${bar}"]  # the merge reads out= first
     cmd = [sys.executable, str(root / "run.py")] if entry == "run.py" else [sys.executable, "-m", "ame.merge"]
     proc = subprocess.run([*cmd, *args, "logger=none" if entry == "run.py" else "quiet=true"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root), "HYDRA_FULL_ERROR": "0"})  # a user's own setting
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert all(w in lines[0] for w in wanted), lines[0]
