@@ -31,34 +31,9 @@ from ame.eval.evaluate import accuracy
 from ame.experts import _meta, base_key, shared_seed
 from ame.models import build_model
 from ame.repair import AUGMENTED_PASSES, reset_batchnorm
-from ame.train import augment, initial_state
+from ame.train import initial_state
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def recompute(model, sd, data, x, batch: int, momentum, passes: int = 1, aug=None, seed: int = 0):
-    """``sd`` with statistics recomputed on ``x`` (uint8): train-mode passes, optional augmentation."""
-    net = copy.deepcopy(model)
-    net.load_state_dict(sd)
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = momentum
-    net.train()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _ in range(passes):
-            order = torch.randperm(len(x), generator=g) if passes > 1 else torch.arange(len(x))
-            for i in range(0, len(x), batch):
-                b = x[order[i:i + batch]]
-                if aug is not None:
-                    b = augment(b, aug[0], aug[1], g)
-                net(data.normalize(b))
-    out = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    for k in sd:
-        if k.endswith("num_batches_tracked"):
-            out[k] = sd[k].clone()
-    return out
 
 
 def eval_mode(model, sd, data, x, batch: int = 256):
@@ -119,23 +94,20 @@ def main() -> None:
     test = lambda sd: 100 * accuracy(model, data, sd, data.test_x[keep], data.test_y[keep], dev)  # noqa: E731
     g = torch.Generator().manual_seed(1)
     pub1k = public[torch.randperm(len(public), generator=g)[:len(val)]]
+    reset = lambda x, **kw: reset_batchnorm(model, base, data, x, dev, seed=int(cfg.seed), **kw)  # noqa: E731
     ways = [  # the most telling first: the rows print as they are measured
         ("as trained (running averages of training, momentum 0.1, augmented batches)", lambda: base),
-        ("validation, clean, batch 256, momentum None (bn_reset=true before issue 23's fix)",
-         lambda: reset_batchnorm(model, base, data, val, dev)),
+        ("validation, clean, batch 256, momentum None (bn_reset=true before issue 23's fix)", lambda: reset(val)),
         (f"validation, augmented as in training ×{AUGMENTED_PASSES}, batch 256, momentum None (bn_reset=true now)",
-         lambda: reset_batchnorm(model, base, data, val, dev, crop_padding=pad, flip=flip, seed=int(cfg.seed))),
-        ("validation, random crop with zero padding only ×5, batch 256, momentum None",
-         lambda: recompute(model, base, data, val, 256, None, passes=5, aug=(pad, False))),
-        ("validation, flip only ×5, batch 256, momentum None",
-         lambda: recompute(model, base, data, val, 256, None, passes=5, aug=(0, flip))),
-        ("public (the base's training images), all, clean, batch 256, momentum None",
-         lambda: recompute(model, base, data, public, 256, None)),
+         lambda: reset(val, crop_padding=pad, flip=flip)),
+        (f"validation, random crop with zero padding only ×{AUGMENTED_PASSES}, batch 256, momentum None",
+         lambda: reset(val, crop_padding=pad)),
+        (f"validation, flip only ×{AUGMENTED_PASSES}, batch 256, momentum None", lambda: reset(val, flip=flip)),
+        ("public (the base's training images), all, clean, batch 256, momentum None", lambda: reset(public)),
         ("public, all, augmented once, batch 256, momentum None",
-         lambda: recompute(model, base, data, public, 256, None, aug=(pad, flip))),
-        ("public, as many as validation, clean, batch 256, momentum None",
-         lambda: recompute(model, base, data, pub1k, 256, None)),
-        ("validation, clean, one batch of all", lambda: recompute(model, base, data, val, len(val), None)),
+         lambda: reset(public, crop_padding=pad, flip=flip, passes=1)),
+        ("public, as many as validation, clean, batch 256, momentum None", lambda: reset(pub1k)),
+        ("validation, clean, one batch of all", lambda: reset(val, batch_size=len(val))),
         ("validation, clean, layer by layer in eval mode (each layer sees its inputs as at test time)",
          lambda: eval_mode(model, base, data, val)),
     ]
