@@ -43,11 +43,12 @@ def _delta(v: float | None) -> str:
 def set_tables(rows: list[Row]) -> list[str]:
     """Each expert set's Δ ID and Δ OOD against the base (or, without a base, the soup): one column
     per expert set, so a reader sees whether a pooled Δ holds in every set or comes from a few."""
-    sets = list(dict.fromkeys(name for r in rows for name in r.per_set))
+    sets = list(dict.fromkeys(name for r in rows for name in r.per_set))  # the reference rows have every set
+    ref = "base" if any("vs_base/id/acc" in d for r in rows for d in r.per_set.values()) else "soup"
     lines = []
-    for key in [f"vs_{ref}/{k}" for ref in ("base", "soup") for k in ("id/acc", "ood/acc")]:
+    for key in (f"vs_{ref}/id/acc", f"vs_{ref}/ood/acc"):
         mine = [r for r in rows if any(key in d for d in r.per_set.values())]
-        if not mine or (key.startswith("vs_soup") and any("vs_base/id/acc" in d for r in rows for d in r.per_set.values())):
+        if not mine:
             continue
         column = next(c for c in PAIRED_COLUMNS if c.key == key)
         names = "b = base_seed, s = seed" if any(n.startswith("b") for n in sets) else "s = seed"
