@@ -244,11 +244,11 @@ def _rows(setting: str, results: list[dict]) -> list[Row]:
     if all(r.get("ensemble") for r in by_set):
         refs.append(("output ensemble (N networks)", [(r["ensemble"], r) for r in by_set]))
     refs.append(("soup", [(r["soup"], r) for r in by_set]))
-    rows = []
+    names, rows = set_names(results), []
     for label, pairs in refs:
         against = {"soup": label != "soup", "base": not label.startswith("base")}  # not itself
         rows.append(Row(setting, label, stats=_stats([m for m, _ in pairs]) | _paired(pairs, **against),
-                        per_set=per_set(pairs, **against)))
+                        per_set=per_set(pairs, names, **against)))
     kind = lambda r: (r["aggregator"], r["variant"], bool(r.get("tuned_on_validation")), r.get("label", ""))  # noqa: E731
     found = list(dict.fromkeys(kind(r) for r in results))
     rank = {name: i for i, name in enumerate(ORDER)}
@@ -269,7 +269,7 @@ def _rows(setting: str, results: list[dict]) -> list[Row]:
             label = "soup, as run (e.g. bn_reset)"  # not the reference soup's network: a row of its own
         pairs = [(r["metrics"], r) for r in runs]
         rows.append(Row(setting, label, name, variant, _stats(ms) | _distances(runs) | _paired(pairs),
-                        per_set=per_set(pairs)))
+                        per_set=per_set(pairs, names)))
     return rows
 
 
@@ -384,11 +384,15 @@ def mismatches(envs: list[dict]) -> list[str]:
     recorded and some not. Other machines are not listed (their lines show them)."""
     known = [e["environment"] for e in envs if e["environment"] is not None]
     out = []
-    codes = list(dict.fromkeys(e.get("code_sha256") or _code(e) for e in known))  # the same code: one, whatever the commit
+    hashed = {_code(e): e["code_sha256"] for e in known if e.get("code_sha256")}  # a commit (+ diff) → its code
+    codes: dict[str, list[str]] = {}  # one entry per version of the code, whatever the commits it ran from
+    for item in (e for e in envs if e["environment"] is not None):
+        env = item["environment"]
+        mine = codes.setdefault(env.get("code_sha256") or hashed.get(_code(env)) or _code(env), [])
+        mine += [c for c in item.get("codes") or [_code(env)] if c not in mine]
     if len(codes) > 1:
-        named = list(dict.fromkeys(", ".join(e.get("codes") or [_code(e["environment"])]) for e in envs
-                                   if e["environment"] is not None))
-        out.append(f"numbers from {len(codes)} different versions of the code ({'; '.join(named)})")
+        named = "; ".join(", ".join(commits) for commits in codes.values())
+        out.append(f"numbers from {len(codes)} different versions of the code ({named})")
     for key, name in VERSIONS.items():
         values = list(dict.fromkeys(str(e.get(key)) for e in known))
         if len(values) > 1:
@@ -422,20 +426,32 @@ def set_name(r: dict) -> str:
     return " ".join(f"{p}{v}" for p, v in (("b", r.get("factor", "")), ("s", r.get("seed", ""))) if v != "") or "set"
 
 
-def per_set(pairs: list[tuple[dict, dict]], soup: bool = True, base: bool = True) -> dict[str, dict[str, float]]:
-    """Each expert set's paired Δs (``vs_soup/…``, ``vs_base/…``: what :func:`_paired` pools), keyed
-    by :func:`set_name` (numbered when two expert sets share one), in base then seed order; an expert
-    set run twice shows its mean."""
-    found: dict[tuple, dict[str, list]] = {}
+def set_names(results: list[dict]) -> dict[tuple, str]:
+    """Every expert set of ``results`` (:func:`expert_set`) → its :func:`set_name`, in base then seed
+    order; a name two expert sets share is numbered (``s0``, ``s0 #2``). Made once per table, so
+    every row's :func:`per_set` names the same set alike."""
+    runs = sorted(results, key=lambda r: [value_order(_number(str(r.get(k, "")))) for k in ("factor", "seed")])
     names: dict[tuple, str] = {}
-    for m, r in sorted(pairs, key=lambda p: [value_order(_number(str(p[1].get(k, "")))) for k in ("factor", "seed")]):
-        name = set_name(r)
-        names.setdefault(expert_set(r), name if name not in names.values() else f"{name} #{len(names) + 1}")
+    for r in runs:
+        if expert_set(r) not in names:
+            name = set_name(r)
+            taken = sum(n == name or n.startswith(f"{name} #") for n in names.values())
+            names[expert_set(r)] = name if not taken else f"{name} #{taken + 1}"
+    return names
+
+
+def per_set(pairs: list[tuple[dict, dict]], names: dict[tuple, str], soup: bool = True,
+            base: bool = True) -> dict[str, dict[str, float]]:
+    """Each expert set's paired Δs (``vs_soup/…``, ``vs_base/…``: what :func:`_paired` pools), keyed
+    by its name in ``names`` (:func:`set_names`) and in that order; an expert set run twice shows
+    its mean."""
+    found: dict[tuple, dict[str, list]] = {}
+    for m, r in pairs:
         for ref in [ref for ref, on in (("soup", soup), ("base", base)) if on]:
             for k in PAIRED:
                 if isinstance(m.get(k), float) and isinstance((r.get(ref) or {}).get(k), float):
                     found.setdefault(expert_set(r), {}).setdefault(f"vs_{ref}/{k}", []).append(m[k] - r[ref][k])
-    return {names[key]: {k: statistics.mean(v) for k, v in d.items()} for key, d in found.items()}
+    return {names[key]: {k: statistics.mean(v) for k, v in found[key].items()} for key in names if key in found}
 
 
 def _experts_mean(experts: list[dict]) -> dict:

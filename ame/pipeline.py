@@ -28,7 +28,7 @@ from ame.io import finite_json, save_state_dict, tensor_bytes
 from ame.models import buffer_names, build_model
 from ame.progress import Timer, listening, report
 from ame.provenance import collect as collect_provenance
-from ame.repair import has_batchnorm, reset_batchnorm
+from ame.repair import has_batchnorm, images_as_trained, reset_batchnorm
 from ame.report import format_table, write_results
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ def run(cfg: DictConfig) -> dict:
                                 Path(cfg.paths.cache_dir), config_hash(cfg.align), provenance, timer)
             eval_device = resolve_device(cfg.eval.device)
             val = data.train_x[shards.val], data.train_y[shards.val]  # held out before sharding (data.val_size)
-            bn_reset = {"crop_padding": int(cfg.train.augment.crop_padding), "flip": bool(cfg.train.augment.flip),
-                        "seed": seed} if cfg.bn_reset else None  # the images augmented as in training
+            bn_reset = images_as_trained(cfg.train.augment.crop_padding, cfg.train.augment.flip, seed) \
+                if cfg.bn_reset else None
             aggregate = _aggregate(aggregator, pool, model, data, val, eval_device, logger.ame_every, bn_reset, timer)
             with timer("evaluate", lambda: f"aggregate {brief(results['metrics'])}"):
                 evaluator = instantiate(cfg.eval, "eval")(model=model, data=data, class_counts=ex.class_counts,
@@ -138,6 +138,7 @@ def run(cfg: DictConfig) -> dict:
                     # a run whose hyperparameters a sweeper picks on validation data is no longer data-free
                     "data_free": aggregator.data_free and not tuned and not cfg.bn_reset,
                     "bn_reset": cfg.bn_reset,
+                    "bn_reset_images": bn_reset,  # how the statistics were measured
                     "tuned_on_validation": tuned,
                     "aggregator_info": dict(aggregator.info),
                     "single_network": aggregator.single_network,

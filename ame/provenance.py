@@ -39,7 +39,7 @@ def collect(devices: Iterable[torch.device | str] = ()) -> dict:
         "dirty": dirty,  # uncommitted changes to tracked files (`git diff HEAD`); untracked files do not count
         "diff_sha256": diff,  # sha256 of `git diff HEAD` when dirty
         "git_problem": problem,  # why the commit is unknown in a checkout (git missing, failing, too slow); None: no problem
-        "code_sha256": code_sha256(),  # the package's source itself: commits that only add results share it
+        "code_sha256": code_sha256(),  # the source and configs themselves: commits that only add results share it
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
@@ -53,16 +53,21 @@ def collect(devices: Iterable[torch.device | str] = ()) -> dict:
 
 
 def code_sha256(root: Path = SOURCE) -> str | None:
-    """sha256 over the package's Python source (each ``*.py`` under ``root``: its path, then its
-    bytes, in path order): the same for two runs exactly when they ran the same code, whatever the
-    commit, uncommitted changes and installed copies included. None if the source cannot be read."""
+    """sha256 over the code a run runs: the package's Python source (each ``*.py`` under ``root``)
+    and, in a checkout, the configs beside it (``conf/**/*.yaml``) and ``run.py``; each file's path
+    (relative to ``root``'s parent), then its bytes, in path order. Two runs share it exactly when
+    these files are the same, whatever the commit (uncommitted changes included); the scripts that
+    draw tables from results are not in it. None if a file cannot be read."""
+    project = root.parent
+    files = sorted(root.rglob("*.py"))
+    if (project / "conf" / "config.yaml").is_file():  # a checkout: its configs and entry point
+        files += sorted((project / "conf").rglob("*.yaml")) + [f for f in [project / "run.py"] if f.is_file()]
     h = hashlib.sha256()
     try:
-        for f in sorted(root.rglob("*.py"), key=lambda f: f.relative_to(root).as_posix()):
-            rel = f.relative_to(root).as_posix().encode()
-            h.update(len(rel).to_bytes(8, "little") + rel)
+        for f in sorted(files, key=lambda f: f.relative_to(project).as_posix()):
+            rel = f.relative_to(project).as_posix().encode()
             data = f.read_bytes()
-            h.update(len(data).to_bytes(8, "little") + data)
+            h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
     except OSError:
         return None
     return h.hexdigest()

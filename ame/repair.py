@@ -18,12 +18,19 @@ import torch
 import torch.nn as nn
 
 from ame.data import ImageData
-from ame.errors import require
+from ame.errors import positive_int, require
 from ame.io import StateDict
 from ame.train import augment
 
 
 AUGMENTED_PASSES = 5  # passes over the images when they are augmented: each draws new crops and flips
+
+
+def images_as_trained(crop_padding: int, flip: bool, seed: int) -> dict:
+    """:func:`reset_batchnorm`'s image settings for ``bn_reset=true``: training's augmentation over
+    :data:`AUGMENTED_PASSES` passes (one pass of clean images when training did not augment)."""
+    return {"crop_padding": int(crop_padding), "flip": bool(flip),
+            "passes": AUGMENTED_PASSES if crop_padding or flip else 1, "seed": int(seed)}
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -32,14 +39,15 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, sd: StateDict, data: ImageData, x: torch.Tensor, device: torch.device,
-                    batch_size: int = 256, crop_padding: int = 0, flip: bool = False, passes: int = AUGMENTED_PASSES,
+                    batch_size: int = 256, crop_padding: int = 0, flip: bool = False, passes: int = 1,
                     seed: int = 0) -> StateDict:
     """``sd`` with every BatchNorm's running statistics recomputed on the images ``x`` (uint8): the
     mean of the batch statistics (momentum ``None``) over ``passes`` passes in train mode, each
     batch augmented like training's (:func:`ame.train.augment`: ``crop_padding``, ``flip``) from a
-    generator seeded with ``seed``; no augmentation: clean images, one pass is enough."""
+    generator seeded with ``seed`` (:func:`images_as_trained` gives bn_reset's settings)."""
     require(len(x) > 0, "bn_reset=true recomputes BatchNorm statistics on the validation split, but it is empty; "
             "set data.val_size (e.g. data.val_size=1000)")
+    positive_int(passes, "reset_batchnorm's passes")
     g = torch.Generator().manual_seed(seed)
     net = copy.deepcopy(model).to(device)
     net.load_state_dict(sd)
@@ -48,7 +56,7 @@ def reset_batchnorm(model: nn.Module, sd: StateDict, data: ImageData, x: torch.T
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
     net.train()
-    for _ in range(passes if crop_padding or flip else 1):
+    for _ in range(passes):
         for i in range(0, len(x), batch_size):
             net(data.normalize(augment(x[i:i + batch_size], crop_padding, flip, g).to(device)))
     out = {k: v.detach().cpu().to(sd[k].dtype) for k, v in net.state_dict().items()}

@@ -148,6 +148,13 @@ DELTAS = [c for c in PAIRED_COLUMNS if c.key.split("/", 1)[1] in ("id/acc", "ood
 
 
 def deltas(rows: list[Row], out: Path, title: str = "") -> None:
+    """:func:`deltas_figure`, saved to ``out``."""
+    fig = deltas_figure(rows, title)
+    fig.savefig(out, **SAVE)
+    plt.close(fig)
+
+
+def deltas_figure(rows: list[Row], title: str = ""):
     """Per setting (a row of panels), per paired column (ID / OOD minus the soup's / the base's):
     each network's mean difference with its 95 % CI, a line at 0, each panel on its own range. The
     range is the merged networks' (and the ensemble's): the single experts, often many points below,
@@ -170,7 +177,8 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
             pts = [(y, r.stats[c.key], r.label.startswith("experts"))
                    for y, r in zip(ys, mine[g]) if c.key in r.stats]
             tuned = [y for y, r in zip(ys, mine[g]) if "tuned on validation" in r.label or "validation" in r.label]
-            each = {y: [100 * d[c.key] for d in r.per_set.values() if c.key in d] for y, r in zip(ys, mine[g])}
+            each = {y: [100 * d[c.key] for d in r.per_set.values() if c.key in d] if not r.label.startswith("experts")
+                    else [] for y, r in zip(ys, mine[g])}
             lo, hi = _window([s for _, s, expert in pts if not expert] + [Stat(0.0, None, 1)]  # 0 always in view
                              + [Stat(v / 100, None, 1) for y, _, expert in pts if not expert for v in each[y]])
             for y, s, expert in pts:
@@ -184,7 +192,7 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
                     continue
                 ax.errorbar([m], [y], xerr=[100 * (s.ci95() or 0)], fmt="o", color=colour, markersize=3.5,
                             capsize=2, elinewidth=1)
-                if each[y]:  # every expert set, a little below the mean
+                if each[y]:  # every expert set, a little below the mean (the experts' rows: off the window)
                     ax.plot(each[y], [y - 0.3] * len(each[y]), linestyle="none", marker="o", markersize=2.5,
                             markerfacecolor="none", markeredgewidth=0.6, color=colour, alpha=0.7)
             ax.axvline(0, color="grey", linewidth=0.8)
@@ -201,8 +209,7 @@ def deltas(rows: list[Row], out: Path, title: str = "") -> None:
                  "(red: uses the validation split" + ("; open circles: each expert set" if sets else "") + ")",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, **SAVE)
-    plt.close(fig)
+    return fig
 
 
 @one_line  # an AMEError (e.g. from ame.analysis): one error: line

@@ -12,7 +12,8 @@ in ``seed``. Under it, from results trees, the same networks paired with the sou
 experts and with their base: each one's ID / OOD / worst-shard accuracy minus the soup's and the
 base's, expert set by expert set, mean ± the half-width of the 95 % confidence interval (with
 several bases, ``base_seed=``, bases are a fixed factor: see :mod:`ame.analysis`); with
-``--each-set``, also each expert set's own Δ ID and Δ OOD against the base. Last, where the
+``--each-set``, also each expert set's own Δ ID and Δ OOD against the base (from results trees,
+into the Markdown only: the CSV keeps no expert set's own numbers). Last, where the
 numbers came from: one line per distinct environment (commit, versions, device, threads) among the
 runs and the cached experts, base and reference metrics they used (commits that ran the same code,
 ``code_sha256``, share a line); a table whose numbers come from different code or versions gets a

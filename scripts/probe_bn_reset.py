@@ -30,7 +30,7 @@ from ame.eval.ood import subsample
 from ame.eval.evaluate import accuracy
 from ame.experts import _meta, base_key, shared_seed
 from ame.models import build_model
-from ame.repair import AUGMENTED_PASSES, reset_batchnorm
+from ame.repair import images_as_trained, reset_batchnorm
 from ame.train import initial_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,17 +95,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     pub1k = public[torch.randperm(len(public), generator=g)[:len(val)]]
     reset = lambda x, **kw: reset_batchnorm(model, base, data, x, dev, seed=int(cfg.seed), **kw)  # noqa: E731
+    trained = images_as_trained(pad, flip, int(cfg.seed))
+    times = f"×{trained['passes']}"
     ways = [  # the most telling first: the rows print as they are measured
         ("as trained (running averages of training, momentum 0.1, augmented batches)", lambda: base),
         ("validation, clean, batch 256, momentum None (bn_reset=true before issue 23's fix)", lambda: reset(val)),
-        (f"validation, augmented as in training ×{AUGMENTED_PASSES}, batch 256, momentum None (bn_reset=true now)",
-         lambda: reset(val, crop_padding=pad, flip=flip)),
-        (f"validation, random crop with zero padding only ×{AUGMENTED_PASSES}, batch 256, momentum None",
-         lambda: reset(val, crop_padding=pad)),
-        (f"validation, flip only ×{AUGMENTED_PASSES}, batch 256, momentum None", lambda: reset(val, flip=flip)),
+        (f"validation, augmented as in training {times}, batch 256, momentum None (bn_reset=true now)",
+         lambda: reset_batchnorm(model, base, data, val, dev, **trained)),
+        (f"validation, random crop with zero padding only {times}, batch 256, momentum None",
+         lambda: reset(val, crop_padding=pad, passes=trained["passes"])),
+        (f"validation, flip only {times}, batch 256, momentum None",
+         lambda: reset(val, flip=flip, passes=trained["passes"])),
         ("public (the base's training images), all, clean, batch 256, momentum None", lambda: reset(public)),
-        ("public, all, augmented once, batch 256, momentum None",
-         lambda: reset(public, crop_padding=pad, flip=flip, passes=1)),
+        ("public, all, augmented once, batch 256, momentum None", lambda: reset(public, crop_padding=pad, flip=flip)),
         ("public, as many as validation, clean, batch 256, momentum None", lambda: reset(pub1k)),
         ("validation, clean, one batch of all", lambda: reset(val, batch_size=len(val))),
         ("validation, clean, layer by layer in eval mode (each layer sees its inputs as at test time)",

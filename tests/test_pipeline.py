@@ -339,21 +339,35 @@ def test_help_lists_the_config_groups(tmp_path, run_cli):
     assert "tags=[a,b]" in proc.stdout and "task_name" in proc.stdout and "debug=fast" in proc.stdout
 
 
-def test_batchnorm_statistics_follow_the_weights_in_process(tmp_path, compose_cfg, fast):
+def test_batchnorm_statistics_follow_the_weights_in_process(tmp_path, compose_cfg, fast, monkeypatch):
     """Issue 15: AME-SGD with lr 0 from the warm base returns the base, statistics included, so it
     scores exactly as the base; with bn_reset the statistics are recomputed on the validation split."""
     from ame.pipeline import run
 
     args = [*fast, "model=cnn", "model.norm=batch", "model.widths=[4]", "train.epochs=1", "train.warm_epochs=1",
             "aggregator=ame_sgd",
-            "aggregator.optimizer.lr=0", "aggregator.lr_schedule=constant", "data.val_size=100"]
+            "aggregator.optimizer.lr=0", "aggregator.lr_schedule=constant", "data.val_size=100",
+            "train.augment.crop_padding=2", "train.augment.flip=true"]
     r = run(compose_cfg(args, tmp_path))
     agg = load_file(str(tmp_path / "out" / "aggregate.safetensors"))
     base = load_file(str(next((tmp_path / "cache" / "bases").glob("*/init.safetensors"))))
     assert agg.keys() == base.keys() and all(torch.equal(agg[k], base[k]) for k in agg)
     assert r["metrics"]["id/acc"] == r["base"]["id/acc"] and r["data_free"] is True
-    reset = run(compose_cfg([*args, "bn_reset=true", "paths.output_dir=" + str(tmp_path / "reset")], tmp_path))
+    import ame.pipeline
+    import ame.repair
+
+    calls = []  # what the pipeline asks of reset_batchnorm: the images augmented as the experts were trained
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return ame.repair.reset_batchnorm(*a, **kw)
+
+    cfg = compose_cfg([*args, "bn_reset=true", "paths.output_dir=" + str(tmp_path / "reset")], tmp_path)
+    monkeypatch.setattr(ame.pipeline, "reset_batchnorm", spy)
+    reset = run(cfg)
     assert reset["data_free"] is False and reset["bn_reset"] is True
+    assert calls == [reset["bn_reset_images"]] == [{"crop_padding": 2, "flip": True, "passes": 5, "seed": 0}]
+    assert r["bn_reset_images"] is None
     fixed = load_file(str(tmp_path / "reset" / "aggregate.safetensors"))
     mean = next(k for k in agg if k.endswith("running_mean"))
     assert not torch.equal(fixed[mean], agg[mean])

@@ -120,25 +120,33 @@ def test_collect_gives_the_environment_as_plain_typed_values(monkeypatch):
     assert provenance.collect()["run_id"] != p["run_id"]
 
 
-def test_code_sha256_names_the_source_whatever_its_place_and_changes_with_any_file(tmp_path):
+def test_code_sha256_names_the_code_whatever_its_place_and_changes_with_any_source_or_config(tmp_path):
     import hashlib
     import shutil
 
-    a, b = tmp_path / "a" / "ame", tmp_path / "b" / "ame"
-    shutil.copytree(provenance.SOURCE, a, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(a, b)
-    (b / "notes.txt").write_text("not code")  # only Python source counts
-    assert provenance.code_sha256(a) == provenance.code_sha256(b) == provenance.code_sha256()
-    (b / "aggregators" / "base.py").write_text((b / "aggregators" / "base.py").read_text() + "\n")
-    assert provenance.code_sha256(b) != provenance.code_sha256(a)
-    c = tmp_path / "c"  # by hand: each file's relative path and bytes, length-prefixed, in path order
+    project = provenance.SOURCE.parent
+    a, b = tmp_path / "a", tmp_path / "b"
+    for copy in (a, b):  # a checkout's package, configs and entry point, elsewhere
+        shutil.copytree(provenance.SOURCE, copy / "ame", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(project / "conf", copy / "conf")
+        shutil.copy(project / "run.py", copy / "run.py")
+    (b / "ame" / "notes.txt").write_text("not code")  # neither are other files
+    (b / "experiments").mkdir()
+    (b / "experiments" / "results.md").write_text("results")
+    assert provenance.code_sha256(a / "ame") == provenance.code_sha256(b / "ame") == provenance.code_sha256()
+    for changed in (b / "ame" / "aggregators" / "base.py", b / "conf" / "regime" / "verdict.yaml", b / "run.py"):
+        before = changed.read_text()
+        changed.write_text(before + "\n")
+        assert provenance.code_sha256(b / "ame") != provenance.code_sha256(a / "ame"), changed
+        changed.write_text(before)
+    c = tmp_path / "c" / "pkg"  # by hand: each file's path and bytes, length-prefixed, in path order
     (c / "sub").mkdir(parents=True)
     (c / "sub" / "x.py").write_bytes(b"x = 1\n")
     (c / "a.py").write_bytes(b"")
     h = hashlib.sha256()
-    for rel, data in ((b"a.py", b""), (b"sub/x.py", b"x = 1\n")):
+    for rel, data in ((b"pkg/a.py", b""), (b"pkg/sub/x.py", b"x = 1\n")):
         h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
-    assert provenance.code_sha256(c) == h.hexdigest()
+    assert provenance.code_sha256(c) == h.hexdigest()  # no conf/config.yaml beside it: the package alone
 
 
 def test_a_cuda_run_records_the_gpu(monkeypatch):

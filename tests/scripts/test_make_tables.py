@@ -278,6 +278,21 @@ def test_commits_that_ran_the_same_code_are_one_environment(tmp_path):
            "dddddddddddd)" in other.stderr
 
 
+def test_the_warning_counts_versions_of_the_code_not_environments():
+    from ame.analysis import mismatches
+
+    def env(commit, code, torch_version="2.14.1"):
+        e = {k: v for k, v in provenance(commit=commit * 40, torch_version=torch_version, code_sha256=code).items()
+             if not k.endswith("made_by")}
+        return {"environment": e, "roles": ["runs"], "codes": [f"commit {commit * 12}"]}
+
+    same_code_other_torch = [env("a", "c" * 64), env("b", "c" * 64, "2.13.0"), env("d", "e" * 64)]
+    assert mismatches(same_code_other_torch) == [
+        "numbers from 2 different versions of the code (commit aaaaaaaaaaaa, commit bbbbbbbbbbbb; commit dddddddddddd)",
+        "numbers from different torch versions (2.14.1, 2.13.0)"]
+    assert mismatches([env("a", "c" * 64), env("a", None)]) == []  # the hash unreadable once: the commit tells
+
+
 def test_numbers_without_provenance_say_so(tmp_path):
     write_run(tmp_path / "old", "soup", 0, 0.5, ["seed=0", "aggregator=soup"])  # results from before provenance
     out = run_main("make_tables", tmp_path)
@@ -411,7 +426,15 @@ def test_paired_with_the_soup_and_the_base_over_two_bases(tmp_path):
     script("make_figures.py", "deltas", out.with_suffix(".csv"), "--out", png)
     assert png.read_bytes()[:4] == b"\x89PNG"
     script("make_figures.py", "deltas", tmp_path / "runs", "--out", each)  # results trees: each set's circles too
-    assert each.read_bytes()[:4] == b"\x89PNG" and each.read_bytes() != png.read_bytes()
+    assert each.read_bytes()[:4] == b"\x89PNG"
+    from ame.analysis import load, summarize
+
+    fig = importlib.import_module("scripts.make_figures").deltas_figure(summarize(load([tmp_path / "runs"])))
+    ax = fig.axes[2]  # Δ ID vs base
+    assert ax.get_title() == "Δ ID vs base"
+    circles = sorted(round(float(x), 6) for line in ax.get_lines() if line.get_markerfacecolor() == "none"
+                     for x in line.get_xdata())
+    assert circles == sorted([-2.0, 0.0, -2.0, 0.0] + [-1.0, 2.0, -1.0, 2.0])  # the soup's and TA's four sets, in points
 
 
 def test_each_set_shows_every_expert_sets_delta_against_the_base(tmp_path):
@@ -432,15 +455,17 @@ def test_each_set_shows_every_expert_sets_delta_against_the_base(tmp_path):
     assert err.returncode != 0 and err.stderr.strip().startswith("error: --each-set needs results trees")
 
 
-def test_two_expert_sets_with_one_name_stay_apart():
-    from ame.analysis import per_set
-
-    run = lambda paths, soup: {"experts": [{"path": p} for p in paths], "seed": 0, "factor": "",  # noqa: E731
-                               "soup": {"id/acc": soup}, "base": {"id/acc": 0.5}}
-    a, b = run(["x", "y"], 0.4), run(["z", "w"], 0.3)
-    out = per_set([({"id/acc": 0.45}, a), ({"id/acc": 0.35}, b), ({"id/acc": 0.55}, a)])
-    assert list(out) == ["s0", "s0 #2"]
-    assert abs(out["s0"]["vs_soup/id/acc"] - 0.10) < 1e-12 and abs(out["s0 #2"]["vs_base/id/acc"] + 0.15) < 1e-12
+def test_two_expert_sets_with_one_name_stay_apart_in_every_row(tmp_path):
+    """Two expert sets both named s0 (two sweeps, no base_seed): each keeps its own column in every
+    row, whatever order the runs come in and whichever rows lack a set."""
+    for i, (experts, agg, soup, acc) in enumerate([(("a", "b"), "soup", 0.40, 0.40), (("c", "d"), "ties", 0.30, 0.15),
+                                                   (("c", "d"), "soup", 0.30, 0.30), (("a", "b"), "ties", 0.40, 0.31),
+                                                   (("c", "d"), "dare", 0.30, 0.32)]):  # dare: on the second set only
+        write_run(tmp_path / str(i), agg, 0, acc, ["seed=0", f"aggregator={agg}"], experts=experts, soup_acc=soup)
+    md = script("make_tables.py", tmp_path, "--each-set").stdout
+    table = md.split("Each expert set (s = seed), Δ ID vs soup")[1].split("\n\n")[1].splitlines()
+    assert table[0] == "| network | s0 | s0 #2 |"  # the same base and seed: in the order the runs are read
+    assert "| TIES | -9.00 | -15.00 |" in table and "| DARE |  | +2.00 |" in table
 
 
 def test_best_trial_over_a_two_knob_grid_and_among_a_subset(tmp_path):
