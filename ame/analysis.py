@@ -404,21 +404,25 @@ def mismatches(envs: list[dict]) -> list[str]:
     return out
 
 
+def _differences(pairs: list[tuple[dict, dict]], soup: bool = True, base: bool = True):
+    """``(run, "vs_<ref>/<key>", network minus ref)`` for every pair ``(metrics, run)``, ``ref`` the
+    soup of the same experts (with ``soup``) and their base (with ``base``), where both have the key."""
+    for ref in [ref for ref, on in (("soup", soup), ("base", base)) if on]:
+        for k in PAIRED:
+            for m, r in pairs:
+                if isinstance(m.get(k), float) and isinstance((r.get(ref) or {}).get(k), float):
+                    yield r, f"vs_{ref}/{k}", m[k] - r[ref][k]
+
+
 def _paired(pairs: list[tuple[dict, dict]], soup: bool = True, base: bool = True) -> dict[str, Stat]:
     """Paired differences, expert set by expert set: ``vs_soup/<key>`` (minus the soup of the same
     experts) and ``vs_base/<key>`` (minus their base), each a :meth:`Stat.nested` over the runs
     grouped by base (:data:`FACTOR`). Swings between expert sets that move both networks alike
     cancel here."""
-    out = {}
-    for ref, on in (("soup", soup), ("base", base)):
-        if not on:
-            continue
-        for k in PAIRED:
-            diffs = ((r, m[k] - (r.get(ref) or {})[k]) for m, r in pairs
-                     if isinstance(m.get(k), float) and isinstance((r.get(ref) or {}).get(k), float))
-            if (s := _by_base(diffs)) is not None:
-                out[f"vs_{ref}/{k}"] = s
-    return out
+    found: dict[str, list] = {}
+    for r, key, d in _differences(pairs, soup, base):
+        found.setdefault(key, []).append((r, d))
+    return {key: s for key, values in found.items() if (s := _by_base(values)) is not None}
 
 
 def set_name(r: dict) -> str:
@@ -446,11 +450,8 @@ def per_set(pairs: list[tuple[dict, dict]], names: dict[tuple, str], soup: bool 
     by its name in ``names`` (:func:`set_names`) and in that order; an expert set run twice shows
     its mean."""
     found: dict[tuple, dict[str, list]] = {}
-    for m, r in pairs:
-        for ref in [ref for ref, on in (("soup", soup), ("base", base)) if on]:
-            for k in PAIRED:
-                if isinstance(m.get(k), float) and isinstance((r.get(ref) or {}).get(k), float):
-                    found.setdefault(expert_set(r), {}).setdefault(f"vs_{ref}/{k}", []).append(m[k] - r[ref][k])
+    for r, key, d in _differences(pairs, soup, base):
+        found.setdefault(expert_set(r), {}).setdefault(key, []).append(d)
     return {names[key]: {k: statistics.mean(v) for k, v in found[key].items()} for key in names if key in found}
 
 
@@ -537,9 +538,14 @@ def read_summary(path: Path) -> list[Row]:
     return rows
 
 
+def is_summary(paths: list[Path]) -> bool:
+    """Whether ``paths`` name a summary CSV (one path ending in .csv) rather than results trees."""
+    return len(paths) == 1 and paths[0].suffix == ".csv"
+
+
 def read(paths: list[Path]) -> list[Row]:
-    """Rows from results trees, or from a summary CSV (one path ending in .csv)."""
-    if len(paths) == 1 and paths[0].suffix == ".csv":
+    """Rows from results trees, or from a summary CSV (:func:`is_summary`)."""
+    if is_summary(paths):
         rows = readable(read_summary, paths[0], "a summary CSV written by make_tables.py --out")
     else:
         rows = summarize(load(paths))

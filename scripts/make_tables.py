@@ -26,8 +26,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ame.analysis import (PAIRED_COLUMNS, Row, cell, columns, environment_line, merge_environments, mismatches,
-                          pretty_setting, read, settings, spread_label, summary_csv)
+from ame.analysis import (PAIRED_COLUMNS, Row, cell, columns, environment_line, is_summary, merge_environments,
+                          mismatches, pretty_setting, read, settings, spread_label, summary_csv)
 from ame.errors import AMEError, one_line
 
 
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the Markdown table here (and, beside it, .tex and .csv) "
                     "instead of printing it")
     args = ap.parse_args()
-    if args.each_set and len(args.dirs) == 1 and args.dirs[0].suffix == ".csv":
+    if args.each_set and is_summary(args.dirs):
         raise AMEError(f"--each-set needs results trees: {args.dirs[0]} is a summary CSV, which keeps no "
                        "expert set's own numbers; pass the run / multirun directories")
     rows = read(args.dirs)
