@@ -20,17 +20,23 @@ def positive_int(value, key: str, minimum: int = 1) -> int:
 
 
 def one_line(main):
-    """A command's ``main`` whose :class:`AMEError` ends it as ``run.py`` does: one ``error:``
-    line on stderr, exit code 1."""
+    """A command's ``main`` whose :class:`AMEError`, or a Hydra config it cannot compose (as
+    :func:`hydra_cli` reports it), ends it as ``run.py`` does: one ``error:`` line on stderr, exit
+    code 1."""
     import functools
     import sys
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
         try:
             return main(*args, **kwargs)
         except AMEError as e:
             sys.exit(f"error: {e}")
+        except (HydraException, OmegaConfBaseException) as e:
+            sys.exit(f"error: {config_error(e)}")
 
     return wrapped
 

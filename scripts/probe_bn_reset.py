@@ -26,6 +26,7 @@ from hydra import compose, initialize_config_dir
 from ame.cache import Entry
 from ame.config import instantiate
 from ame.data import split
+from ame.errors import one_line
 from ame.eval.ood import subsample
 from ame.eval.evaluate import accuracy
 from ame.experts import _meta, base_key, shared_seed
@@ -58,6 +59,7 @@ def eval_mode(model, sd, data, x, batch: int = 256):
     return out
 
 
+@one_line  # a bad override, missing data: one error: line
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for run.py")

@@ -30,3 +30,7 @@ def test_probe_refuses_without_a_cached_base_then_trains_it_and_prints_every_way
     assert all(0.0 <= float(r.rstrip(" |").rsplit("| ", 1)[1]) <= 100.0 for r in rows)
     again = probe(tmp_path, "--test-size", "0")  # the cached base, deterministic
     assert again.returncode == 0 and again.stdout == out.stdout
+    typo = probe(tmp_path, "train.warm_epoch=1")  # an override Hydra cannot compose: one line, like run.py's
+    lines = typo.stderr.strip().splitlines()
+    assert typo.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: Could not override "
+                                                                            "'train.warm_epoch'"), typo.stderr
