@@ -36,6 +36,7 @@ that from here, so a table and a figure of the same runs always show the same nu
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -303,11 +304,17 @@ def environments(results: list[dict]) -> list[dict]:
     """The distinct environments that made the numbers of ``results``, in the order first seen:
     ``{"environment": its fields (None: not recorded), "roles": [...]}``, the roles being ``runs``
     (the runs themselves), and ``experts``, ``base``, ``reference metrics`` (what they reused from
-    the cache, made by another run). Experts handed in as files have no role: they are inputs."""
+    the cache, made by another run). Experts handed in as files have no role: they are inputs.
+    A run from a commit without uncommitted changes gets that commit's ``code_sha256`` from git
+    when this checkout has the commit (:func:`ame.provenance.code_sha256_at`): results from before
+    runs recorded it, or recorded it under its first definition (the Python source alone), are then
+    grouped by the code they ran like newer ones."""
     found: dict[str, dict] = {}
 
     def add(p, role: str) -> None:
         env = {k: p.get(k) for k in ENVIRONMENT} if isinstance(p, dict) else None
+        if env and env["commit"] and env["dirty"] is False and not env["git_problem"]:
+            env["code_sha256"] = _code_at(env["commit"]) or env["code_sha256"]
         item = found.setdefault(json.dumps(env, sort_keys=True), {"environment": env, "roles": []})
         if role not in item["roles"]:
             item["roles"].append(role)
@@ -325,6 +332,12 @@ def environments(results: list[dict]) -> list[dict]:
         if "aggregate_metrics_made_by" in p:  # absent in results from before it was recorded
             add(p["aggregate_metrics_made_by"], "aggregate metrics")
     return list(found.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _code_at(commit: str) -> str | None:
+    from ame.provenance import code_sha256_at  # git, and torch through ame.provenance: only when asked
+    return code_sha256_at(commit)
 
 
 def merge_environments(rows: list[Row]) -> list[dict]:

@@ -73,6 +73,41 @@ def code_sha256(root: Path = SOURCE) -> str | None:
     return h.hexdigest()
 
 
+def code_sha256_at(commit: str) -> str | None:
+    """:func:`code_sha256` of a commit of the checkout this package runs from, read from git's
+    objects: what a run from that commit, with no uncommitted changes, recorded (or would have, for
+    results from before runs recorded it). None outside a checkout, for a commit git does not have,
+    or when git does not answer."""
+    try:
+        top = _git("rev-parse", "--show-prefix").decode().strip()  # the package's folder in the repository: "ame/"
+        names = _git("ls-tree", "-r", "-z", "--full-tree", "--name-only", commit)
+    except _GitUnanswered:
+        return None
+    package = top.rstrip("/")
+    project = package.rpartition("/")[0]  # the package's parent: paths are hashed relative to it
+    project = project + "/" if project else ""
+    names = [n for n in names.decode().split("\0") if n.startswith(project)]
+    rel = {n: n[len(project):] for n in names}
+    files = [n for n in names if n.startswith(top) and n.endswith(".py")]
+    if f"{project}conf/config.yaml" in names:  # a checkout: its configs and entry point, as code_sha256
+        files += [n for n in names if rel[n].startswith("conf/") and n.endswith(".yaml") or rel[n] == "run.py"]
+    files.sort(key=lambda n: rel[n])
+    try:
+        out = _git("cat-file", "--batch", stdin="".join(f"{commit}:{n}\n" for n in files).encode())
+    except _GitUnanswered:
+        return None
+    h = hashlib.sha256()
+    at = 0
+    for n in files:  # "<sha> blob <size>\n<bytes>\n" each, in the order asked
+        head_end = out.index(b"\n", at)
+        size = int(out[at:head_end].split()[-1])
+        data = out[head_end + 1:head_end + 1 + size]
+        at = head_end + 1 + size + 1
+        path = rel[n].encode()
+        h.update(len(path).to_bytes(8, "little") + path + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
 def _version(package: str) -> str | None:
     """An installed distribution's version, without importing it (timm's import is slow)."""
     try:
@@ -88,14 +123,15 @@ class _GitUnanswered(Exception):
 NOT_HERE = ("did not match any file", "not a git repository")  # git's words for "this file is not in a checkout"
 
 
-def _git(*args: str, untracked_is_none: bool = False) -> bytes | None:
+def _git(*args: str, untracked_is_none: bool = False, stdin: bytes | None = None) -> bytes | None:
     """``git ARGS`` run in the package's folder: its output. A missing git, a failure or no answer
     within :data:`GIT_TIMEOUT_S` raise :class:`_GitUnanswered` with the reason; with
-    ``untracked_is_none``, git saying that the file is not in a checkout gives None instead."""
+    ``untracked_is_none``, git saying that the file is not in a checkout gives None instead.
+    ``stdin``: what git reads (nothing by default)."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}  # never take the index lock of a checkout in use
     try:
         proc = subprocess.run(["git", *args], cwd=SOURCE, capture_output=True, timeout=GIT_TIMEOUT_S, env=env,
-                              stdin=subprocess.DEVNULL)
+                              **({"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}))
     except subprocess.TimeoutExpired:
         raise _GitUnanswered(f"git {args[0]} did not answer within {GIT_TIMEOUT_S:g} s") from None
     except (OSError, subprocess.SubprocessError) as e:

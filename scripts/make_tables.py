@@ -16,9 +16,11 @@ several bases, ``base_seed=``, bases are a fixed factor: see :mod:`ame.analysis`
 into the Markdown only: the CSV keeps no expert set's own numbers). Last, where the
 numbers came from: one line per distinct environment (commit, versions, device, threads) among the
 runs and the cached experts, base and reference metrics they used (commits that ran the same code,
-``code_sha256``, share a line); a table whose numbers come from different code or versions gets a
-``warning:`` line on stderr. Rows, columns, their order and the
-environments come from :mod:`ame.analysis`. Deterministic given the inputs.
+``code_sha256``, share a line; for a run from a commit with no uncommitted changes it is read from
+this checkout's git when git has the commit, so older results are grouped too); a table whose
+numbers come from different code or versions gets a ``warning:`` line on stderr. Rows, columns,
+their order and the environments come from :mod:`ame.analysis`. Deterministic given the inputs
+(and the commits this checkout has).
 """
 from __future__ import annotations
 

@@ -149,6 +149,36 @@ def test_code_sha256_names_the_code_whatever_its_place_and_changes_with_any_sour
     assert provenance.code_sha256(c) == h.hexdigest()  # no conf/config.yaml beside it: the package alone
 
 
+@needs_git
+def test_code_sha256_at_a_commit_is_what_a_run_from_it_recorded(tmp_path, monkeypatch):
+    """Read from git's objects, a commit's code hash equals code_sha256 of that commit checked out
+    (package, configs, entry point; nothing else, not even another folder's .py files)."""
+    root = tmp_path / "repo"
+    for rel, text in (("pkg/__init__.py", "x = 1\n"), ("pkg/sub/m.py", "y = 2\n"), ("pkg/data.txt", "not code"),
+                      ("conf/config.yaml", "a: 1\n"), ("conf/g/o.yaml", "b: 2\n"), ("run.py", "print(1)\n"),
+                      ("scripts/s.py", "z = 3\n"), ("README.md", "hi\n")):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    git(root, "init", "-q")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "first")
+    first, h1 = git(root, "rev-parse", "HEAD").decode().strip(), provenance.code_sha256(root / "pkg")
+    (root / "scripts" / "s.py").write_text("z = 4\n")  # not the run's code: same hash
+    git(root, "commit", "-qam", "scripts")
+    same = git(root, "rev-parse", "HEAD").decode().strip()
+    (root / "conf" / "g" / "o.yaml").write_text("b: 3\n")
+    git(root, "commit", "-qam", "config")
+    third, h3 = git(root, "rev-parse", "HEAD").decode().strip(), provenance.code_sha256(root / "pkg")
+    monkeypatch.setattr(provenance, "SOURCE", root / "pkg")
+    assert h1 != h3
+    assert provenance.code_sha256_at(first) == provenance.code_sha256_at(same) == h1
+    assert provenance.code_sha256_at(third) == h3
+    assert provenance.code_sha256_at("0" * 40) is None  # a commit this checkout does not have
+    monkeypatch.setattr(provenance, "SOURCE", tmp_path / "elsewhere")  # not a checkout
+    (tmp_path / "elsewhere").mkdir()
+    assert provenance.code_sha256_at(first) is None
+
+
 def test_a_cuda_run_records_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
     monkeypatch.setattr(torch.version, "cuda", "12.8")

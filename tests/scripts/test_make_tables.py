@@ -7,6 +7,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +277,44 @@ def test_commits_that_ran_the_same_code_are_one_environment(tmp_path):
         "- commit dddddddddddd, code sha256 eeeeeeeeeeee;")
     assert "numbers from 2 different versions of the code (commit aaaaaaaaaaaa, commit bbbbbbbbbbbb; commit " \
            "dddddddddddd)" in other.stderr
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_runs_from_commits_this_checkout_has_are_grouped_by_their_code_read_from_git(tmp_path, monkeypatch):
+    """A result that recorded no code_sha256 (older), or one under its first definition, from a
+    commit without uncommitted changes gets the commit's code from git: commits that only added
+    results are one version of the code; a commit that changed it is another."""
+    from ame import analysis, provenance as prov
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "m.py").write_text("x = 1\n")
+    git("init", "-q")
+    commits = []
+    for i, change in enumerate(("results", "results again", "code")):
+        (repo / ("pkg/m.py" if change == "code" else f"r{i}.md")).write_text(f"{change}\n")
+        git("add", ".")
+        git("commit", "-qm", change)
+        commits.append(git("rev-parse", "HEAD"))
+    monkeypatch.setattr(prov, "SOURCE", repo / "pkg")
+    analysis._code_at.cache_clear()
+    recorded = ({}, {"code_sha256": "f" * 64}, {})  # none; another definition's; none
+    for i, (commit, extra) in enumerate(zip(commits, recorded)):
+        write_run(tmp_path / "runs" / str(i), "soup", i, 0.5, [f"seed={i}", "aggregator=soup"],
+                  provenance=provenance(commit=commit, **extra))
+    out = run_main("make_tables", tmp_path / "runs")
+    analysis._code_at.cache_clear()
+    first, third = prov.code_sha256_at(commits[0]), prov.code_sha256_at(commits[2])
+    lines = [x for x in out.stdout.splitlines() if x.startswith("- ")]
+    assert lines[0].startswith(f"- 2 commits (commit {commits[0][:12]}, commit {commits[1][:12]}), code sha256 "
+                               f"{first[:12]};") and lines[1].startswith(f"- commit {commits[2][:12]}, code sha256 "
+                                                                          f"{third[:12]};") and len(lines) == 2
+    assert f"numbers from 2 different versions of the code (commit {commits[0][:12]}, commit {commits[1][:12]}; " \
+           f"commit {commits[2][:12]})" in out.stderr
 
 
 def test_the_warning_counts_versions_of_the_code_not_environments():
