@@ -31,7 +31,8 @@ that from here, so a table and a figure of the same runs always show the same nu
   moved are summarised the same way; the other absolute columns are the plain mean ± std over all
   runs (between-base spread included). :func:`per_set` keeps each expert set's own Δs
   (:attr:`Row.per_set`, from results trees only), for ``make_tables.py --each-set`` and the
-  circles of ``make_figures.py deltas``.
+  circles of ``make_figures.py deltas``; :func:`contrast` pairs two rows the same way, expert set
+  by expert set (``make_tables.py --contrast``: does tuned AME beat a tuned control?).
 """
 from __future__ import annotations
 
@@ -170,6 +171,7 @@ class Row:
     environments: list[dict] = field(default_factory=list)  # where its setting's numbers came from (environments())
     bases: int = 1  # independently trained bases (FACTOR) its runs come from
     per_set: dict[str, dict[str, float]] = field(default_factory=dict)  # expert set -> its paired Δs (per_set())
+    set_bases: dict[str, str] = field(default_factory=dict)  # expert set -> its base (FACTOR), for contrast()
 
     @property
     def runs(self) -> int:
@@ -271,6 +273,9 @@ def _rows(setting: str, results: list[dict]) -> list[Row]:
         pairs = [(r["metrics"], r) for r in runs]
         rows.append(Row(setting, label, name, variant, _stats(ms) | _distances(runs) | _paired(pairs),
                         per_set=per_set(pairs, names)))
+    bases = {names[expert_set(r)]: r.get("factor", "") for r in results}
+    for row in rows:
+        row.set_bases = bases
     return rows
 
 
@@ -468,6 +473,18 @@ def per_set(pairs: list[tuple[dict, dict]], names: dict[tuple, str], soup: bool 
     return {names[key]: {k: statistics.mean(v) for k, v in found[key].items()} for key in names if key in found}
 
 
+def contrast(a: Row, b: Row, key: str) -> Stat | None:
+    """Row ``a`` minus row ``b``, expert set by expert set: the difference of their paired Δs ``key``
+    (``vs_base/…`` or ``vs_soup/…``, whose reference cancels), over the expert sets both have, a
+    :meth:`Stat.nested` by base like the paired Δs. From results trees only (:attr:`Row.per_set`)."""
+    groups: dict[str, list] = {}
+    for name, d in a.per_set.items():
+        other = b.per_set.get(name, {})
+        if key in d and key in other:
+            groups.setdefault(a.set_bases.get(name, ""), []).append(d[key] - other[key])
+    return Stat.nested(list(groups.values()))
+
+
 def _experts_mean(experts: list[dict]) -> dict:
     """The experts' mean metrics; with the base's own-shard comparison, also the smallest gain and
     the share of experts that beat the base on their own shard."""
@@ -606,9 +623,9 @@ def cell(stat: Stat | None, column: Column, digits: int = 2, spread: str = "std"
         return ""
     scale = 100 if column.percent else 1
     width = stat.std if spread == "std" else stat.ci95()
-    if width is None:
-        return f"{scale * stat.mean:.{digits}f}"
-    return f"{scale * stat.mean:.{digits}f} ± {scale * width:.{digits}f}"
+    mean = f"{scale * stat.mean:.{digits}f}"
+    mean = mean[1:] if mean.startswith("-") and float(mean) == 0 else mean  # -0.00: a mean that rounds to 0
+    return mean if width is None else f"{mean} ± {scale * width:.{digits}f}"
 
 
 def pretty_setting(setting: str, default: str = "default settings") -> str:

@@ -4,6 +4,7 @@
     python scripts/make_tables.py multirun/table --out experiments/table/table.md   # + table.tex, table.csv
     python scripts/make_tables.py experiments/table/table.csv --out table.md   # redo from a summary CSV
     python scripts/make_tables.py multirun/verdict --each-set                  # + every expert set's Δs
+    python scripts/make_tables.py multirun/verdict --contrast '^AME' validation  # + AME − each tuned control
 
 One table per setting (the runs' overrides other than ``seed``, the aggregator's, the logger's,
 paths and Hydra's), one row per network: the warm-start base, the experts (mean and best), the
@@ -13,7 +14,9 @@ experts and with their base: each one's ID / OOD / worst-shard accuracy minus th
 base's, expert set by expert set, mean ± the half-width of the 95 % confidence interval (with
 several bases, ``base_seed=``, bases are a fixed factor: see :mod:`ame.analysis`); with
 ``--each-set``, also each expert set's own Δ ID and Δ OOD against the base (from results trees,
-into the Markdown only: the CSV keeps no expert set's own numbers). Last, where the
+into the Markdown only: the CSV keeps no expert set's own numbers); with ``--contrast ROWS
+COLUMNS``, the paired Δ ID and Δ OOD of the rows matching ROWS minus those matching COLUMNS, expert
+set by expert set, with the same intervals (also Markdown only). Last, where the
 numbers came from: one line per distinct environment (commit, versions, device, threads) among the
 runs and the cached experts, base and reference metrics they used (commits that ran the same code,
 ``code_sha256``, share a line; for a run from a commit with no uncommitted changes it is read from
@@ -25,11 +28,12 @@ their order and the environments come from :mod:`ame.analysis`. Deterministic gi
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from ame.analysis import (PAIRED_COLUMNS, Row, cell, columns, environment_line, is_summary, merge_environments,
-                          mismatches, pretty_setting, read, settings, spread_label, summary_csv)
+from ame.analysis import (PAIRED_COLUMNS, Row, cell, columns, contrast, environment_line, is_summary,
+                          merge_environments, mismatches, pretty_setting, read, settings, spread_label, summary_csv)
 from ame.errors import AMEError, one_line
 
 
@@ -63,7 +67,33 @@ def set_tables(rows: list[Row]) -> list[str]:
     return lines
 
 
-def markdown(rows: list[Row], each_set: bool = False) -> str:
+def contrast_tables(rows: list[Row], first: str, second: str) -> list[str]:
+    """Rows whose label matches the regular expression ``first`` against rows matching ``second``
+    (and not ``first``): each pair's paired Δ ID and Δ OOD, row minus column, expert set by expert
+    set (:func:`ame.analysis.contrast`), one table per metric."""
+    mine = [r for r in rows if r.per_set]
+    ours = [r for r in mine if re.search(first, r.label)]
+    theirs = [r for r in mine if re.search(second, r.label) and r not in ours]
+    if not ours or not theirs:
+        return []
+    ref = "base" if any("vs_base/id/acc" in d for r in mine for d in r.per_set.values()) else "soup"
+    lines = []
+    for key in (f"vs_{ref}/id/acc", f"vs_{ref}/ood/acc"):
+        column = next(c for c in PAIRED_COLUMNS if c.key == key)
+        what = column.short.split(" vs ")[0]  # "Δ ID"
+        stats = {(a.label, b.label): contrast(a, b, key) for a in ours for b in theirs}
+        if not any(stats.values()):
+            continue
+        lines += [f"{what}, row minus column, paired expert set by expert set (the {ref} cancels); "
+                  f"{spread_label([ours[0]], 'ci')}.\n",
+                  "| row − column | " + " | ".join(b.label for b in theirs) + " |", "|---|" + "---:|" * len(theirs)]
+        lines += [f"| {a.label} | " + " | ".join(cell(stats[a.label, b.label], column, spread="ci") for b in theirs)
+                  + " |" for a in ours]
+        lines.append("")
+    return lines
+
+
+def markdown(rows: list[Row], each_set: bool = False, contrast: tuple[str, str] | None = None) -> str:
     parts = []
     many = len(settings(rows)) > 1
     for setting in settings(rows):
@@ -84,6 +114,8 @@ def markdown(rows: list[Row], each_set: bool = False) -> str:
             lines += [f"| {r.label} | " + " | ".join(cell(r.stats.get(c.key), c, spread="ci" if c.key.startswith("vs_")
                                                           else "std") for c in cols) + " |" for r in paired]
             lines.append("")
+        if contrast:
+            lines += contrast_tables(mine, *contrast)
         if each_set:
             lines += set_tables(mine)
         envs = environment_lines(mine)
@@ -121,18 +153,32 @@ def main() -> None:
                     help="run or multirun directories (or results.json files), or one summary .csv")
     ap.add_argument("--each-set", action="store_true", help="also, under each table, every expert set's Δ ID and "
                     "Δ OOD against the base (or the soup), one column per set")
+    ap.add_argument("--contrast", nargs=2, metavar=("ROWS", "COLUMNS"), help="also the paired Δ ID and Δ OOD of "
+                    "every row whose label matches the regular expression ROWS minus every row matching COLUMNS, "
+                    "expert set by expert set (e.g. '^AME' 'validation': tuned AME against the tuned controls)")
     ap.add_argument("--out", type=Path, help="write the Markdown table here (and, beside it, .tex and .csv) "
                     "instead of printing it")
     args = ap.parse_args()
-    if args.each_set and is_summary(args.dirs):
-        raise AMEError(f"--each-set needs results trees: {args.dirs[0]} is a summary CSV, which keeps no "
-                       "expert set's own numbers; pass the run / multirun directories")
+    for flag, on in (("--each-set", args.each_set), ("--contrast", args.contrast)):
+        if on and is_summary(args.dirs):
+            raise AMEError(f"{flag} needs results trees: {args.dirs[0]} is a summary CSV, which keeps no "
+                           "expert set's own numbers; pass the run / multirun directories")
+    for pattern in args.contrast or []:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise AMEError(f"--contrast {pattern!r} is not a regular expression ({e}); e.g. '^AME'") from None
     rows = read(args.dirs)
+    if args.contrast:
+        for pattern in args.contrast:
+            if not any(re.search(pattern, r.label) for r in rows):
+                raise AMEError(f"--contrast {pattern!r} matches no row; the rows are: "
+                               + "; ".join(dict.fromkeys(r.label for r in rows)))
     for setting in settings(rows):  # the rows of one table are compared with each other
         for problem in mismatches(merge_environments([r for r in rows if r.setting == setting])):
             print(f"warning: {pretty_setting(setting)}: {problem}; see the environment lines under its table",
                   file=sys.stderr)
-    table = markdown(rows, args.each_set)
+    table = markdown(rows, args.each_set, args.contrast)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tex, csv_text = latex(rows), summary_csv(rows)  # all computed before anything is written

@@ -22,7 +22,7 @@ OUT=experiments/verdict
 tables() {
   [ -d multirun/verdict ] || return 0
   [ ! -f multirun/verdict/choices.tsv ] || cp multirun/verdict/choices.tsv "$OUT/choices.tsv"
-  python scripts/make_tables.py multirun/verdict --each-set --out "$OUT/table.md"
+  python scripts/make_tables.py multirun/verdict --each-set --contrast '^AME' validation --out "$OUT/table.md"
   python scripts/make_figures.py deltas multirun/verdict --out "$OUT/deltas.png" \
     --title "Verdict regime (ResNet-20, 30k public images), Dirichlet α = 0.5"
   for b in 0 1; do  # each base alone: is the pooled verdict the same on both?

@@ -494,6 +494,32 @@ def test_each_set_shows_every_expert_sets_delta_against_the_base(tmp_path):
     assert err.returncode != 0 and err.stderr.strip().startswith("error: --each-set needs results trees")
 
 
+def test_contrast_pairs_two_rows_expert_set_by_expert_set(tmp_path):
+    """--contrast ROWS COLUMNS: row minus column per expert set (the base cancels), pooled by base
+    like the paired Δs; a pattern matching no row, or a summary CSV, is one error line."""
+    from scipy.stats import t
+
+    from ame.analysis import Stat
+
+    two_bases_tree(tmp_path, seeds=(0, 2, 10))  # TA − soup: 1 + seed points in every set, on both bases
+    md = script("make_tables.py", tmp_path, "--contrast", "^task", "^soup$").stdout
+    table = md.split("Δ ID, row minus column")[1].split("\n\n")[1].splitlines()
+    want = Stat.nested([[1.0, 3.0, 11.0], [1.0, 3.0, 11.0]])
+    sw = (2 * ((1 - 5) ** 2 + (3 - 5) ** 2 + (11 - 5) ** 2) / 4) ** 0.5  # within-base spread, 6 − 2 df
+    assert abs(want.ci95() - t.ppf(0.975, 4) * sw * (2 / 3) ** 0.5 / 2) < 1e-12
+    assert table == ["| row − column | soup |", "|---|---:|", f"| task arithmetic | 5.00 ± {want.ci95():.2f} |"]
+    assert "Δ OOD, row minus column" in md and md.startswith(script("make_tables.py", tmp_path).stdout.split(
+        "Where the numbers")[0])
+    none = script("make_tables.py", tmp_path, "--contrast", "^AME", "soup", check=False)
+    assert none.returncode == 1 and none.stderr.strip().startswith("error: --contrast '^AME' matches no row; the "
+                                                                   "rows are: base (warm start);")
+    bad = script("make_tables.py", tmp_path, "--contrast", "(", "soup", check=False)
+    assert bad.returncode == 1 and "is not a regular expression" in bad.stderr and bad.stderr.count("\n") == 1
+    script("make_tables.py", tmp_path, "--out", tmp_path / "t.md")
+    csv = script("make_tables.py", tmp_path / "t.csv", "--contrast", "^task", "soup", check=False)
+    assert csv.returncode == 1 and csv.stderr.startswith("error: --contrast needs results trees")
+
+
 def test_two_expert_sets_with_one_name_stay_apart_in_every_row(tmp_path):
     """Two expert sets both named s0 (two sweeps, no base_seed): each keeps its own column in every
     row, whatever order the runs come in and whichever rows lack a set."""
