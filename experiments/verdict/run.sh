@@ -8,6 +8,8 @@
 #   bash experiments/verdict/run.sh base 0          # one piece: train base 0 (and seed 0's N = 4 experts)
 #   bash experiments/verdict/run.sh set 0 4 2       # one piece: base 0, N = 4, seed 2 (searches + rows)
 #   bash experiments/verdict/run.sh tables          # the tables and the figure from what has finished
+#   bash experiments/verdict/run.sh rerun           # every finished row again with this checkout's code:
+#                                                   # identical? (rerun.md; the sets ran over many commits)
 #
 # Extra arguments after the piece go to every run (logger=none is added unless LOGGER=wandb).
 # COMMIT=1: after each piece, the derived tables, figure and choices are committed (git add
@@ -50,6 +52,11 @@ case "${1:-all}" in
   base) piece_base "$2" "${LOG[@]}" "${@:3}" ;;
   set) piece_set "$2" "$3" "$4" "${LOG[@]}" "${@:5}" ;;
   tables) tables ;;
+  rerun)  # the rows were made by the code of many commits (the tables warn): do they stay with this one?
+    status=0
+    python scripts/rerun.py multirun/verdict --out multirun/verdict-rerun > "$OUT/rerun.md" || status=$?
+    tail -1 "$OUT/rerun.md"
+    [ "$status" -le 1 ] || exit "$status" ;;
   all)
     shift || true
     for b in 0 1; do piece_base "$b" "${LOG[@]}" "$@"; done
@@ -59,5 +66,5 @@ case "${1:-all}" in
       done
     done
     tables ;;
-  *) echo "error: unknown piece '$1'; use base B, set B N S, tables or all" >&2; exit 2 ;;
+  *) echo "error: unknown piece '$1'; use base B, set B N S, tables, rerun or all" >&2; exit 2 ;;
 esac
