@@ -82,10 +82,14 @@ def contrast_tables(rows: list[Row], first: str, second: str) -> list[str]:
         column = next(c for c in PAIRED_COLUMNS if c.key == key)
         what = column.short.split(" vs ")[0]  # "Δ ID"
         stats = {(a.label, b.label): contrast(a, b, key) for a in ours for b in theirs}
-        if not any(stats.values()):
+        counts = sorted({s.n for s in stats.values() if s is not None})
+        if not counts:
             continue
-        lines += [f"{what}, row minus column, paired expert set by expert set (the {ref} cancels); "
-                  f"{spread_label([ours[0]], 'ci')}.\n",
+        bases = max(r.bases for r in mine)
+        over = (f"mean ± half-width of the 95 % CI (Student t) over {counts[0] if len(counts) == 1 else f'{counts[0]}–{counts[-1]}'} "
+                + ("seeds" if bases == 1 else f"expert sets on {bases} bases"))
+        lines += [f"{what}, row minus column, paired over the expert sets both rows have (the {ref} cancels); "
+                  f"{over}.\n",
                   "| row − column | " + " | ".join(b.label for b in theirs) + " |", "|---|" + "---:|" * len(theirs)]
         lines += [f"| {a.label} | " + " | ".join(cell(stats[a.label, b.label], column, spread="ci") for b in theirs)
                   + " |" for a in ours]
@@ -170,10 +174,15 @@ def main() -> None:
             raise AMEError(f"--contrast {pattern!r} is not a regular expression ({e}); e.g. '^AME'") from None
     rows = read(args.dirs)
     if args.contrast:
+        first, second = args.contrast
+        paired = [r for r in rows if r.per_set]  # rows with each expert set's own numbers (not the base's)
+        names = "; ".join(dict.fromkeys(r.label for r in paired))
         for pattern in args.contrast:
-            if not any(re.search(pattern, r.label) for r in rows):
-                raise AMEError(f"--contrast {pattern!r} matches no row; the rows are: "
-                               + "; ".join(dict.fromkeys(r.label for r in rows)))
+            if not any(re.search(pattern, r.label) for r in paired):
+                raise AMEError(f"--contrast {pattern!r} matches no row that has paired numbers; the rows are: {names}")
+        if not any(re.search(second, r.label) and not re.search(first, r.label) for r in paired):
+            raise AMEError(f"--contrast: every row {second!r} matches is also matched by {first!r}, so there is "
+                           "nothing to compare against; choose patterns that match different rows")
     for setting in settings(rows):  # the rows of one table are compared with each other
         for problem in mismatches(merge_environments([r for r in rows if r.setting == setting])):
             print(f"warning: {pretty_setting(setting)}: {problem}; see the environment lines under its table",

@@ -5,16 +5,17 @@
 
 Every run folder under the given paths (a ``results.json`` beside ``.hydra/overrides.yaml``) is run
 again by ``run.py`` with the overrides it recorded (and the extra ones after ``--``), into ``OUT``
-at the same relative path; a run already there is not run again (resumable). The cache is used as
-usual: the experts, the base and the reference metrics a run reused are reused again (they are not
-re-checked); the aggregate is recomputed, and its evaluation is reused only when its weights are
-byte for byte the cached ones. Then, per run: whether the aggregate's weights are identical (every
-tensor, ``torch.equal``), and the largest difference of its metrics (the network's, its soup's,
-base's and ensemble's). This is how results made by several versions of the code (a long sweep
-over many commits: the tables warn about it) are checked against the final one.
+at its path relative to the inputs' common folder; a rerun already there with the same overrides is
+not run again (resumable). The cache is used as usual: the experts, the base and the reference
+metrics a run reused are reused again (they are not re-checked); the aggregate is recomputed, and
+its evaluation is reused only when its weights are byte for byte those of a cached evaluation (the
+``evaluated`` column says which were evaluated again). Then, per run: whether the aggregate's
+weights are identical (every tensor, ``torch.equal``), and the largest difference of its metrics
+(the network's, its soup's, base's and ensemble's). This is how results made by several versions of
+the code (a long sweep over many commits: the tables warn about it) are checked against one.
 
 Exit status: 0 when every run reran to identical weights and metrics, 1 when some differ or a rerun
-failed, 2 for inputs that cannot be used.
+failed, 2 for inputs that cannot be used (one ``error:`` line, before anything runs).
 """
 from __future__ import annotations
 
@@ -29,42 +30,61 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ame.analysis import readable  # noqa: E402
 from ame.errors import AMEError  # noqa: E402
 
 REFERENCES = ("soup", "base", "ensemble")  # the reference networks a results.json also carries
+FORBIDDEN = ("-", "hydra.run", "hydra.sweep")  # extras that would send the rerun elsewhere, or make it a sweep
 
 
 def runs(path: Path) -> list[Path]:
-    """The run folders at or under ``path``, in path order."""
-    if (path / "results.json").is_file():
-        found = [path]
-    else:
-        found = sorted(p.parent for p in path.rglob("results.json"))
-    return [p for p in found if (p / ".hydra" / "overrides.yaml").is_file()]
+    """The run folders at or under ``path`` (job 2 before job 10); results.json files without
+    Hydra's ``.hydra/overrides.yaml`` beside them are not runs this can repeat (said on stderr)."""
+    found = [path / "results.json"] if (path / "results.json").is_file() else path.rglob("results.json")
+    found = sorted((f.parent for f in found), key=lambda d: [int(p) if p.isdigit() else p for p in d.parts])
+    bare = [d for d in found if not (d / ".hydra" / "overrides.yaml").is_file()]
+    if bare:
+        print(f"note: {len(bare)} results.json under {path} without .hydra/overrides.yaml (e.g. {bare[0]}): "
+              "not rerun", file=sys.stderr)
+    return [d for d in found if d not in bare]
 
 
 def overrides(run: Path) -> list[str]:
     from omegaconf import OmegaConf
 
+    path = run / ".hydra" / "overrides.yaml"
     try:
-        recorded = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+        recorded = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as e:  # noqa: BLE001 — any YAML or I/O problem is the same bad input
-        raise AMEError(f"cannot read {run / '.hydra' / 'overrides.yaml'} ({type(e).__name__}): rerun needs the "
-                       "overrides Hydra recorded; rerun a run folder whose .hydra/ is intact") from None
+        raise AMEError(f"cannot read {path} ({type(e).__name__}): rerun needs the overrides Hydra recorded; "
+                       "rerun a run folder whose .hydra/ is intact") from None
     if not isinstance(recorded, list) or not all(isinstance(o, str) for o in recorded):
-        raise AMEError(f"{run / '.hydra' / 'overrides.yaml'} is not a list of overrides; rerun a run folder "
-                       "written by run.py")
+        raise AMEError(f"{path} is not a list of overrides; rerun a run folder written by run.py")
     return recorded
 
 
-def metrics(results: dict) -> dict[str, float]:
+def results(run: Path) -> dict:
+    r = readable(lambda p: json.loads(p.read_text()), run / "results.json", "a run's results.json")
+    if not isinstance(r, dict) or not isinstance(r.get("metrics"), dict):
+        raise AMEError(f"{run / 'results.json'} has no metrics: not a finished run's results.json")
+    return r
+
+
+def metrics(r: dict) -> dict[str, float]:
     """Every number of the run's network and of its references, keyed ``<network>/<metric>``."""
     out = {}
     for who in ("metrics", *REFERENCES):
-        for k, v in (results.get(who) or {}).items():
+        for k, v in (r.get(who) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[f"{who}/{k}"] = float(v)
     return out
+
+
+def difference(a: float, b: float) -> float:
+    """|a − b|; two equal non-finite values 0, a non-finite value against another value inf."""
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return 0.0
+    return abs(a - b) if math.isfinite(a) and math.isfinite(b) else math.inf
 
 
 def weights_equal(a: Path, b: Path) -> bool | None:
@@ -74,32 +94,70 @@ def weights_equal(a: Path, b: Path) -> bool | None:
         return None
     if not (a.is_file() and b.is_file()):
         return False
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
-    x, y = load_file(str(a)), load_file(str(b))
+    x, y = (readable(lambda p: load_file(str(p)), p, "a safetensors file") for p in (a, b))
     return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
 
 
-def compare(old: Path, new: Path) -> tuple[bool | None, float, list[str]]:
-    """(weights identical, the largest |difference| of a metric both have, the metrics one side lacks)."""
-    a, b = (metrics(json.loads((p / "results.json").read_text())) for p in (old, new))
-    diffs = [abs(a[k] - b[k]) if not (math.isnan(a[k]) and math.isnan(b[k])) else 0.0 for k in a.keys() & b.keys()]
-    return weights_equal(old / "aggregate.safetensors", new / "aggregate.safetensors"), max(diffs, default=0.0), \
-        sorted(a.keys() ^ b.keys())
+def hydra_value(path: Path) -> str:
+    """``path`` as a quoted Hydra override value: job folders named by their overrides
+    (``aggregator=soup,seed=0``) hold characters the override grammar would parse."""
+    text = str(path).replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
+    return f"'{text}'"
 
 
 def rerun(run: Path, out: Path, extra: list[str]) -> str | None:
     """``run.py`` with ``run``'s overrides into ``out``; None, or its last error line."""
-    args = [sys.executable, str(ROOT / "run.py"), *overrides(run), *extra, f"hydra.run.dir={out}"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    args = [sys.executable, str(ROOT / "run.py"), *overrides(run), *extra, f"hydra.run.dir={hydra_value(out)}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode == 0 and (out / "results.json").is_file():
         return None
+    (out / "results.json").unlink(missing_ok=True)  # ours, from a failed run: not taken for a finished rerun
     return (proc.stderr.strip().splitlines() or [f"run.py exited {proc.returncode}"])[-1]
 
 
-def _inside(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
+def plan(paths: list[Path], out: Path, extra: list[str]) -> list[tuple[Path, Path]]:
+    """(run folder, where its rerun goes) for every run under ``paths``, each once; every input
+    checked before anything runs."""
+    for e in extra:
+        if e.startswith(FORBIDDEN):
+            raise AMEError(f"the extra override {e!r} would move the reruns or make them a sweep; reruns go to "
+                           "--out, one run each: give only config overrides after --")
+    given = [p.resolve() for p in paths]
+    for p, original in zip(given, paths):
+        if out == p or out.is_relative_to(p) or p.is_relative_to(out):
+            raise AMEError(f"--out {out} overlaps the input {original}: the reruns must go elsewhere; choose "
+                           "another --out")
+    found = {}
+    for p, original in zip(given, paths):
+        mine = runs(p)
+        if not mine:
+            hint = " (overrides go after --)" if "=" in str(original) else ""
+            raise AMEError(f"no run folder (results.json beside .hydra/overrides.yaml) at or under {original}{hint}; "
+                           "give run or multirun folders written by run.py")
+        found.update(dict.fromkeys(mine))
+    top = Path(os.path.commonpath(given))
+    top = top.parent if top in found else top  # one run folder given: its rerun keeps the folder's name
+    todo = [(run, out / run.relative_to(top)) for run in found]
+    for run, again in todo:
+        overrides(run), results(run)  # every input readable
+        if (again / "results.json").is_file() and overrides(again) != overrides(run) + extra:
+            raise AMEError(f"{again} holds a rerun made with other overrides than {run}'s (+ the extras now given); "
+                           "remove it, or choose another --out")
+    return todo
+
+
+def code_line() -> tuple[str, str | None]:
+    """What the reruns run: this checkout's commit and code (ame.provenance)."""
+    from ame import provenance
+
+    commit, dirty, _ = provenance.git_state()
+    code = provenance.code_sha256()
+    where = f"commit {commit[:12]}" if commit else "no git commit"
+    return f"{where}{' + uncommitted changes' if dirty else ''}, code sha256 {(code or 'unknown')[:12]}", code
 
 
 def main() -> None:
@@ -113,41 +171,43 @@ def main() -> None:
 def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", type=Path, nargs="+", help="run folders, or multirun folders holding them")
-    ap.add_argument("--out", type=Path, required=True, help="where the reruns go (the same relative paths)")
+    ap.add_argument("--out", type=Path, required=True, help="where the reruns go (the runs' relative paths)")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     out = args.out.resolve()
-    todo: list[tuple[Path, Path]] = []
-    for given in args.paths:
-        given = given.resolve()
-        if _inside(out, given) or _inside(given, out):
-            raise AMEError(f"--out {args.out} overlaps the input {given}: the reruns must go elsewhere; choose "
-                           "another --out")
-        found = runs(given)
-        if not found:
-            raise AMEError(f"no run folder (results.json beside .hydra/overrides.yaml) at or under {given}; give "
-                           "run or multirun folders written by run.py")
-        base = given if given not in found else given.parent
-        todo += [(r, out / r.relative_to(base)) for r in found]
-    for run, _ in todo:
-        overrides(run)  # every input readable before anything runs
-    same = failed = 0
-    print("| run | weights | largest metric Δ |\n|---|---|---:|")
+    todo = plan(args.paths, out, extra)
+    said, code = code_line()
+    print(f"Reruns with {said}{' and ' + ' '.join(extra) if extra else ''}, into {args.out}.\n")
+    print("| run | weights | largest metric Δ | evaluated |\n|---|---|---:|---|")
+    same = failed = evaluated = 0
+    codes: set = set()
     for run, again in todo:
         name = again.relative_to(out).as_posix()
         if not (again / "results.json").is_file():
             if (problem := rerun(run, again, extra)) is not None:
                 failed += 1
-                print(f"| {name} | rerun failed: {problem} | |", flush=True)
+                print(f"| {name} | rerun failed: {problem.replace('|', '/')} | | |", flush=True)
                 continue
-        weights, delta, lacking = compare(run, again)
+        old, new = results(run), results(again)
+        a, b = metrics(old), metrics(new)
+        delta = max((difference(a[k], b[k]) for k in a.keys() & b.keys()), default=0.0)
+        lacking = sorted(a.keys() ^ b.keys())
+        weights = weights_equal(run / "aggregate.safetensors", again / "aggregate.safetensors")
+        p = new.get("provenance") or {}
+        codes.add(p.get("code_sha256"))
+        fresh = (p.get("aggregate_metrics_made_by") or {}).get("run_id") == p.get("run_id") is not None
+        evaluated += fresh
         identical = weights is not False and delta == 0.0 and not lacking
         same += identical
         said = {True: "identical", False: "differ", None: "not saved"}[weights]
-        print(f"| {name} | {said} | {delta:.2g}{' (' + ', '.join(lacking) + ' on one side only)' if lacking else ''} |",
-              flush=True)
-    print(f"\n{len(todo)} runs: {same} identical, {len(todo) - same - failed} differ, {failed} failed to rerun")
+        extra_note = f" ({', '.join(lacking)} on one side only)" if lacking else ""
+        print(f"| {name} | {said} | {delta:.2g}{extra_note} | {'again' if fresh else 'cached'} |", flush=True)
+    print(f"\n{len(todo)} runs: {same} identical, {len(todo) - same - failed} differ, {failed} failed to rerun; "
+          f"{evaluated} aggregates evaluated again (the others' weights matched a cached evaluation).")
+    if codes - {code}:
+        print(f"warning: the reruns recorded {len(codes)} versions of the code (the code changed while they ran, or "
+              "some were made earlier): rerun into a new --out for one version")
     sys.exit(0 if same == len(todo) else 1)
 
 

@@ -503,6 +503,8 @@ def test_contrast_pairs_two_rows_expert_set_by_expert_set(tmp_path):
 
     two_bases_tree(tmp_path, seeds=(0, 2, 10))  # TA − soup: 1 + seed points in every set, on both bases
     md = script("make_tables.py", tmp_path, "--contrast", "^task", "^soup$").stdout
+    assert "Δ ID, row minus column, paired over the expert sets both rows have (the base cancels); mean ± " \
+        "half-width of the 95 % CI (Student t) over 6 expert sets on 2 bases." in md
     table = md.split("Δ ID, row minus column")[1].split("\n\n")[1].splitlines()
     want = Stat.nested([[1.0, 3.0, 11.0], [1.0, 3.0, 11.0]])
     sw = (2 * ((1 - 5) ** 2 + (3 - 5) ** 2 + (11 - 5) ** 2) / 4) ** 0.5  # within-base spread, 6 − 2 df
@@ -511,8 +513,10 @@ def test_contrast_pairs_two_rows_expert_set_by_expert_set(tmp_path):
     assert "Δ OOD, row minus column" in md and md.startswith(script("make_tables.py", tmp_path).stdout.split(
         "Where the numbers")[0])
     none = script("make_tables.py", tmp_path, "--contrast", "^AME", "soup", check=False)
-    assert none.returncode == 1 and none.stderr.strip().startswith("error: --contrast '^AME' matches no row; the "
-                                                                   "rows are: base (warm start);")
+    assert none.returncode == 1 and none.stderr.strip().startswith("error: --contrast '^AME' matches no row that "
+                                                                   "has paired numbers; the rows are: base (warm start);")
+    same = script("make_tables.py", tmp_path, "--contrast", "soup", "^soup$", check=False)
+    assert same.returncode == 1 and "nothing to compare against" in same.stderr
     bad = script("make_tables.py", tmp_path, "--contrast", "(", "soup", check=False)
     assert bad.returncode == 1 and "is not a regular expression" in bad.stderr and bad.stderr.count("\n") == 1
     script("make_tables.py", tmp_path, "--out", tmp_path / "t.md")

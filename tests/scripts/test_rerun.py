@@ -1,6 +1,8 @@
-"""scripts/rerun.py end to end: two finished runs rerun with the same code are identical run by run
-(weights and every metric), a changed number or weight is reported as a difference, a second call
-reruns nothing, and an --out inside the input is one error line."""
+"""scripts/rerun.py end to end: two finished runs (job folders named by their overrides, as the
+experiments name them) rerun with the same code are identical run by run (weights and every
+metric); a changed number or weight is reported as a difference; a second call reruns nothing; bad
+inputs (an --out inside the input, extras that move the reruns, a rerun made with other overrides)
+are one error line before anything runs."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,41 +23,51 @@ def rerun(tmp_path, *args) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=600)
 
 
-def test_rerun_says_run_by_run_whether_weights_and_metrics_stay(tmp_path, run_cli, fast):
-    run_cli(["-m", *fast, "data.shards.num_shards=2", "aggregator=soup,ame_adam"], tmp_path,
-            out="runs")
-    runs = tmp_path / "runs"
-    done = rerun(tmp_path, runs, "--out", tmp_path / "again")
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = [line for line in done.stdout.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
-    assert len(rows) == 2 and all(r.endswith("| identical | 0 |") for r in rows), done.stdout
-    assert "2 runs: 2 identical, 0 differ, 0 failed to rerun" in done.stdout
-    logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "again").rglob("run.log")}
-    assert len(logs) == 2
+def rows(proc) -> dict[str, str]:
+    return {line.split(" | ")[0][2:]: line for line in proc.stdout.splitlines() if line.startswith("| aggregator=")}
 
-    # the old runs' numbers and weights changed by hand: reported, and nothing is run again
+
+def mtimes(folder: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("run.log")}
+
+
+def test_rerun_says_run_by_run_whether_weights_and_metrics_stay(tmp_path, run_cli, fast):
+    run_cli(["-m", *fast, "data.shards.num_shards=2", "aggregator=soup,ame_adam",
+             "hydra.sweep.subdir=${hydra.job.override_dirname}"], tmp_path, out="runs")
+    runs = tmp_path / "runs"
+    soup, adam = (next(d for d in runs.iterdir() if d.name.startswith(f"aggregator={a},")) for a in ("soup", "ame_adam"))
+    assert "," in soup.name and "=" in soup.name  # characters Hydra's override grammar would parse
+
+    done = rerun(tmp_path, runs, soup, "--out", tmp_path / "again")  # the soup twice (nested inputs): once
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set(rows(done)) == {soup.name, adam.name} and (tmp_path / "again" / soup.name / "results.json").is_file()
+    assert all(" | identical | 0 | " in r for r in rows(done).values()), done.stdout
+    assert "2 runs: 2 identical, 0 differ, 0 failed to rerun" in done.stdout and "warning" not in done.stdout
+    assert done.stdout.startswith("Reruns with ") and "code sha256 " in done.stdout.splitlines()[0]
+
+    # the old runs' numbers and weights changed by hand: reported; the reruns there are not run again
     old = tmp_path / "old"
     shutil.copytree(runs, old)
-    soup, adam = (next(p.parent for p in old.rglob("results.json")
-                       if f"aggregator={a}\n" in (p.parent / ".hydra" / "overrides.yaml").read_text())
-                  for a in ("soup", "ame_adam"))
-    results = json.loads((soup / "results.json").read_text())
+    results = json.loads((old / soup.name / "results.json").read_text())
     results["metrics"]["id/acc"] += 0.01
-    (soup / "results.json").write_text(json.dumps(results))
-    weights = load_file(str(adam / "aggregate.safetensors"))
+    (old / soup.name / "results.json").write_text(json.dumps(results))
+    weights = load_file(str(old / adam.name / "aggregate.safetensors"))
     name = next(iter(weights))
     weights[name] = weights[name] + 1e-6
-    save_file(weights, str(adam / "aggregate.safetensors"))
+    save_file(weights, str(old / adam.name / "aggregate.safetensors"))
     shutil.copytree(tmp_path / "again", tmp_path / "again_old")
+    before = mtimes(tmp_path / "again_old")
     differ = rerun(tmp_path, old, "--out", tmp_path / "again_old")
-    assert differ.returncode == 1
-    by_run = {r.split(" | ")[0][2:]: r for r in differ.stdout.splitlines() if r.startswith(("| 0 |", "| 1 |"))}
-    assert by_run[soup.name].endswith("| identical | 0.01 |") and by_run[adam.name].endswith("| differ | 0 |")
+    assert differ.returncode == 1, differ.stdout + differ.stderr
+    assert " | identical | 0.01 | " in rows(differ)[soup.name] and " | differ | 0 | " in rows(differ)[adam.name]
     assert "2 runs: 0 identical, 2 differ, 0 failed to rerun" in differ.stdout
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "again").rglob("run.log")} == logs
+    assert mtimes(tmp_path / "again_old") == before and len(before) == 2
 
-    inside = rerun(tmp_path, runs, "--out", runs / "again")
-    assert inside.returncode == 2 and inside.stderr.strip().count("\n") == 0
-    assert inside.stderr.startswith("error: --out") and "overlaps the input" in inside.stderr
-    assert not (runs / "again").exists()
-    assert torch.equal(load_file(str(adam / "aggregate.safetensors"))[name], weights[name])
+    for args, words in (((runs, "--out", runs / "again"), "overlaps the input"),
+                        ((runs, "--out", tmp_path / "x", "--", "hydra.run.dir=/tmp/y"), "would move the reruns"),
+                        ((runs, "--out", tmp_path / "again", "--", "eval.test_subsample=10"), "with other overrides"),
+                        ((tmp_path / "logger=none", "--out", tmp_path / "x"), "(overrides go after --)")):
+        bad = rerun(tmp_path, *args)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
+        assert words in bad.stderr and bad.stdout == ""
+    assert not (runs / "again").exists() and not (tmp_path / "x").exists()
