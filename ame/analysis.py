@@ -310,16 +310,18 @@ def environments(results: list[dict]) -> list[dict]:
     ``{"environment": its fields (None: not recorded), "roles": [...]}``, the roles being ``runs``
     (the runs themselves), and ``experts``, ``base``, ``reference metrics`` (what they reused from
     the cache, made by another run). Experts handed in as files have no role: they are inputs.
-    A run from a commit without uncommitted changes gets that commit's ``code_sha256`` from git
-    when this checkout has the commit (:func:`ame.provenance.code_sha256_at`): results from before
-    runs recorded it, or recorded it under its first definition (the Python source alone), are then
-    grouped by the code they ran like newer ones."""
+    A run from a commit without uncommitted changes that recorded no ``code_sha256``, or recorded it
+    by its first definition (the Python source alone), gets the commit's from git when this checkout
+    has the commit (:func:`ame.provenance.code_sha256_at`), so that older results are grouped by the
+    code they ran like newer ones. A recorded hash that is neither is kept (e.g. untracked files)."""
     found: dict[str, dict] = {}
 
     def add(p, role: str) -> None:
         env = {k: p.get(k) for k in ENVIRONMENT} if isinstance(p, dict) else None
-        if env and env["commit"] and env["dirty"] is False and not env["git_problem"]:
-            env["code_sha256"] = _code_at(env["commit"]) or env["code_sha256"]
+        if env and env["commit"] and env["dirty"] is False and not env["git_problem"]:  # a clean commit
+            recorded, now = env["code_sha256"], _code_at(env["commit"])
+            if now and recorded != now and (recorded is None or recorded == _code_at(env["commit"], True)):
+                env["code_sha256"] = now  # not recorded, or recorded by the first definition
         item = found.setdefault(json.dumps(env, sort_keys=True), {"environment": env, "roles": []})
         if role not in item["roles"]:
             item["roles"].append(role)
@@ -340,9 +342,10 @@ def environments(results: list[dict]) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=None)
-def _code_at(commit: str) -> str | None:
-    from ame.provenance import code_sha256_at  # git, and torch through ame.provenance: only when asked
-    return code_sha256_at(commit)
+def _code_at(commit: str, first_definition: bool = False) -> str | None:
+    from ame.provenance import code_sha256_at  # git, and torch (ame.merge, ame.provenance): only when asked
+
+    return code_sha256_at(commit, first_definition)
 
 
 def merge_environments(rows: list[Row]) -> list[dict]:

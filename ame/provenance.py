@@ -52,60 +52,73 @@ def collect(devices: Iterable[torch.device | str] = ()) -> dict:
     }
 
 
+def _code_paths(paths, package: str, configs: bool = True) -> list[str]:
+    """Of ``paths`` (relative to the project, with ``/``), the ones :func:`code_sha256` hashes, in
+    its order: the package's ``*.py`` and, in a checkout (``conf/config.yaml`` among them, unless
+    ``configs`` is False: the first definition), ``conf/**/*.yaml`` and ``run.py``."""
+    paths = set(paths)
+    chosen = [p for p in paths if p.startswith(f"{package}/") and p.endswith(".py")]
+    if configs and "conf/config.yaml" in paths:
+        chosen += [p for p in paths if p.startswith("conf/") and p.endswith(".yaml") or p == "run.py"]
+    return sorted(chosen)
+
+
+def _digest(files) -> str:
+    """sha256 over ``(path, bytes)`` pairs: each path, then its bytes, both length-prefixed."""
+    h = hashlib.sha256()
+    for rel, data in files:
+        rel = rel.encode()
+        h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
 def code_sha256(root: Path = SOURCE) -> str | None:
     """sha256 over the code a run runs: the package's Python source (each ``*.py`` under ``root``)
     and, in a checkout, the configs beside it (``conf/**/*.yaml``) and ``run.py``; each file's path
     (relative to ``root``'s parent), then its bytes, in path order. Two runs share it exactly when
-    these files are the same, whatever the commit (uncommitted changes included); the scripts that
-    draw tables from results are not in it. None if a file cannot be read."""
+    these files are the same, whatever the commit (uncommitted changes included, untracked files
+    too); the scripts that draw tables from results are not in it. None if a file cannot be read."""
     project = root.parent
-    files = sorted(root.rglob("*.py"))
-    if (project / "conf" / "config.yaml").is_file():  # a checkout: its configs and entry point
-        files += sorted((project / "conf").rglob("*.yaml")) + [f for f in [project / "run.py"] if f.is_file()]
-    h = hashlib.sha256()
+    found = [*root.rglob("*.py"), *(project / "conf").rglob("*.yaml"), project / "run.py"]
+    paths = _code_paths((f.relative_to(project).as_posix() for f in found if f.is_file()), root.name)
     try:
-        for f in sorted(files, key=lambda f: f.relative_to(project).as_posix()):
-            rel = f.relative_to(project).as_posix().encode()
-            data = f.read_bytes()
-            h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
+        return _digest((rel, (project / rel).read_bytes()) for rel in paths)
     except OSError:
         return None
-    return h.hexdigest()
 
 
-def code_sha256_at(commit: str) -> str | None:
+def code_sha256_at(commit: str, first_definition: bool = False) -> str | None:
     """:func:`code_sha256` of a commit of the checkout this package runs from, read from git's
-    objects: what a run from that commit, with no uncommitted changes, recorded (or would have, for
-    results from before runs recorded it). None outside a checkout, for a commit git does not have,
-    or when git does not answer."""
+    objects: what a run from that commit with no uncommitted (nor untracked) changes recorded, or
+    would have, for results from before runs recorded it. ``first_definition``: what runs recorded
+    from 789014c to 3b2da42 (the package's Python source alone, paths relative to the package).
+    None outside a checkout, for a commit git does not have or
+    whose tree lacks the package, or when git does not answer. (A tracked symlink is hashed as its
+    link text; ``code_sha256`` reads its target.)"""
     try:
         top = _git("rev-parse", "--show-prefix").decode().strip()  # the package's folder in the repository: "ame/"
-        names = _git("ls-tree", "-r", "-z", "--full-tree", "--name-only", commit)
-    except _GitUnanswered:
+        listed = _git("ls-tree", "-r", "-z", "--full-tree", "--name-only", "--end-of-options", commit)
+        package = top.rstrip("/")
+        project = package.rpartition("/")[0]  # the package's parent: paths are hashed relative to it
+        project = project + "/" if project else ""
+        names = [n[len(project):] for n in listed.decode().split("\0") if n.startswith(project)]
+        name = package.rpartition("/")[2]
+        if not top or f"{name}/__init__.py" not in names:  # not this package's checkout, or not at this commit
+            return None
+        paths = _code_paths(names, name, configs=not first_definition)
+        out = _git("cat-file", "--batch", stdin="".join(f"{commit}:{project}{p}\n" for p in paths).encode())
+        files, at = [], 0
+        for rel in paths:  # "<sha> blob <size>\n<bytes>\n" each, in the order asked
+            head_end = out.index(b"\n", at)
+            head = out[at:head_end].split()
+            if len(head) != 3 or head[1] != b"blob":  # "<name> missing", "ambiguous", a submodule: not readable
+                return None
+            size = int(head[2])
+            files.append((rel[len(name) + 1:] if first_definition else rel, out[head_end + 1:head_end + 1 + size]))
+            at = head_end + 1 + size + 1
+    except (_GitUnanswered, ValueError, UnicodeDecodeError):
         return None
-    package = top.rstrip("/")
-    project = package.rpartition("/")[0]  # the package's parent: paths are hashed relative to it
-    project = project + "/" if project else ""
-    names = [n for n in names.decode().split("\0") if n.startswith(project)]
-    rel = {n: n[len(project):] for n in names}
-    files = [n for n in names if n.startswith(top) and n.endswith(".py")]
-    if f"{project}conf/config.yaml" in names:  # a checkout: its configs and entry point, as code_sha256
-        files += [n for n in names if rel[n].startswith("conf/") and n.endswith(".yaml") or rel[n] == "run.py"]
-    files.sort(key=lambda n: rel[n])
-    try:
-        out = _git("cat-file", "--batch", stdin="".join(f"{commit}:{n}\n" for n in files).encode())
-    except _GitUnanswered:
-        return None
-    h = hashlib.sha256()
-    at = 0
-    for n in files:  # "<sha> blob <size>\n<bytes>\n" each, in the order asked
-        head_end = out.index(b"\n", at)
-        size = int(out[at:head_end].split()[-1])
-        data = out[head_end + 1:head_end + 1 + size]
-        at = head_end + 1 + size + 1
-        path = rel[n].encode()
-        h.update(len(path).to_bytes(8, "little") + path + len(data).to_bytes(8, "little") + data)
-    return h.hexdigest()
+    return _digest(files)
 
 
 def _version(package: str) -> str | None:

@@ -174,9 +174,37 @@ def test_code_sha256_at_a_commit_is_what_a_run_from_it_recorded(tmp_path, monkey
     assert provenance.code_sha256_at(first) == provenance.code_sha256_at(same) == h1
     assert provenance.code_sha256_at(third) == h3
     assert provenance.code_sha256_at("0" * 40) is None  # a commit this checkout does not have
+    h = hashlib.sha256()  # the first definition (789014c..3b2da42): the package's .py, paths relative to it
+    for rel, data in ((b"__init__.py", b"x = 1\n"), (b"sub/m.py", b"y = 2\n")):
+        h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
+    assert provenance.code_sha256_at(first, first_definition=True) == provenance.code_sha256_at(
+        third, first_definition=True) == h.hexdigest()  # a config change: not in the first definition
+    (root / "run.py").write_text("print(2)\n")
+    git(root, "commit", "-qam", "entry point")
+    assert provenance.code_sha256_at(git(root, "rev-parse", "HEAD").decode().strip()) == \
+        provenance.code_sha256(root / "pkg") != h3
+    (root / "copy").mkdir()  # an untracked package folder inside the checkout (e.g. an installed copy)
+    shutil.copytree(root / "pkg", root / "copy" / "pkg")
+    monkeypatch.setattr(provenance, "SOURCE", root / "copy" / "pkg")
+    assert provenance.code_sha256_at(first) is None  # not the hash of nothing
     monkeypatch.setattr(provenance, "SOURCE", tmp_path / "elsewhere")  # not a checkout
     (tmp_path / "elsewhere").mkdir()
     assert provenance.code_sha256_at(first) is None
+
+
+@needs_git
+def test_code_sha256_at_a_package_below_the_repository_root(tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    for rel, text in (("proj/pkg/__init__.py", "x = 1\n"), ("proj/conf/config.yaml", "a: 1\n"),
+                      ("proj/run.py", "print(1)\n"), ("other/pkg/__init__.py", "not ours\n")):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    git(root, "init", "-q")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "first")
+    monkeypatch.setattr(provenance, "SOURCE", root / "proj" / "pkg")
+    assert provenance.code_sha256_at(git(root, "rev-parse", "HEAD").decode().strip()) == \
+        provenance.code_sha256(root / "proj" / "pkg") is not None
 
 
 def test_a_cuda_run_records_the_gpu(monkeypatch):

@@ -283,7 +283,8 @@ def test_commits_that_ran_the_same_code_are_one_environment(tmp_path):
 def test_runs_from_commits_this_checkout_has_are_grouped_by_their_code_read_from_git(tmp_path, monkeypatch):
     """A result that recorded no code_sha256 (older), or one under its first definition, from a
     commit without uncommitted changes gets the commit's code from git: commits that only added
-    results are one version of the code; a commit that changed it is another."""
+    results are one version of the code; a commit that changed it is another; a recorded hash that
+    is neither (untracked files, say) is kept."""
     from ame import analysis, provenance as prov
 
     def git(*args):
@@ -292,6 +293,7 @@ def test_runs_from_commits_this_checkout_has_are_grouped_by_their_code_read_from
 
     repo = tmp_path / "repo"
     (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "__init__.py").write_text("")
     (repo / "pkg" / "m.py").write_text("x = 1\n")
     git("init", "-q")
     commits = []
@@ -302,10 +304,12 @@ def test_runs_from_commits_this_checkout_has_are_grouped_by_their_code_read_from
         commits.append(git("rev-parse", "HEAD"))
     monkeypatch.setattr(prov, "SOURCE", repo / "pkg")
     analysis._code_at.cache_clear()
-    recorded = ({}, {"code_sha256": "f" * 64}, {})  # none; another definition's; none
-    for i, (commit, extra) in enumerate(zip(commits, recorded)):
+    recorded = ({}, {"code_sha256": prov.code_sha256_at(commits[1], first_definition=True)}, {})
+    for i, (commit, extra) in enumerate(zip(commits, recorded)):  # none; the first definition's; none
         write_run(tmp_path / "runs" / str(i), "soup", i, 0.5, [f"seed={i}", "aggregator=soup"],
                   provenance=provenance(commit=commit, **extra))
+    write_run(tmp_path / "untracked" / "0", "soup", 3, 0.5, ["seed=3", "aggregator=soup"],
+              provenance=provenance(commit=commits[0], code_sha256="f" * 64))
     out = run_main("make_tables", tmp_path / "runs")
     analysis._code_at.cache_clear()
     first, third = prov.code_sha256_at(commits[0]), prov.code_sha256_at(commits[2])
@@ -315,6 +319,8 @@ def test_runs_from_commits_this_checkout_has_are_grouped_by_their_code_read_from
                                                                           f"{third[:12]};") and len(lines) == 2
     assert f"numbers from 2 different versions of the code (commit {commits[0][:12]}, commit {commits[1][:12]}; " \
            f"commit {commits[2][:12]})" in out.stderr
+    kept = run_main("make_tables", tmp_path / "runs" / "0", tmp_path / "untracked")
+    assert "code sha256 ffffffffffff" in kept.stdout and "numbers from 2 different versions" in kept.stderr
 
 
 def test_the_warning_counts_versions_of_the_code_not_environments():
