@@ -34,14 +34,15 @@ from ame.analysis import readable  # noqa: E402
 from ame.errors import AMEError  # noqa: E402
 
 REFERENCES = ("soup", "base", "ensemble")  # the reference networks a results.json also carries
-FORBIDDEN = ("-", "hydra.run", "hydra.sweep")  # extras that would send the rerun elsewhere, or make it a sweep
+FORBIDDEN = ("-", "hydra.run", "hydra.sweep", "hydra.mode")  # extras that would move the rerun, or make it a sweep
 
 
 def runs(path: Path) -> list[Path]:
     """The run folders at or under ``path`` (job 2 before job 10); results.json files without
     Hydra's ``.hydra/overrides.yaml`` beside them are not runs this can repeat (said on stderr)."""
     found = [path / "results.json"] if (path / "results.json").is_file() else path.rglob("results.json")
-    found = sorted((f.parent for f in found), key=lambda d: [int(p) if p.isdigit() else p for p in d.parts])
+    found = sorted((f.parent for f in found), key=lambda d: [(0, int(p), "") if p.isdecimal() else (1, 0, p)
+                                                              for p in d.parts])
     bare = [d for d in found if not (d / ".hydra" / "overrides.yaml").is_file()]
     if bare:
         print(f"note: {len(bare)} results.json under {path} without .hydra/overrides.yaml (e.g. {bare[0]}): "
@@ -61,6 +62,11 @@ def overrides(run: Path) -> list[str]:
     if not isinstance(recorded, list) or not all(isinstance(o, str) for o in recorded):
         raise AMEError(f"{path} is not a list of overrides; rerun a run folder written by run.py")
     return recorded
+
+
+def task(overrides: list[str]) -> list[str]:
+    """The overrides Hydra records in ``.hydra/overrides.yaml``: not its own (``hydra.…``, ``hydra/…``)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
 
 
 def results(run: Path) -> dict:
@@ -87,30 +93,43 @@ def difference(a: float, b: float) -> float:
     return abs(a - b) if math.isfinite(a) and math.isfinite(b) else math.inf
 
 
+def tensors(path: Path) -> dict:
+    """A safetensors file's tensors, or one line naming the file (safetensors' own error is no OSError)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 — SafetensorError and I/O errors alike
+        raise AMEError(f"{path}: cannot read it as a safetensors file ({type(e).__name__}: {e})") from None
+
+
 def weights_equal(a: Path, b: Path) -> bool | None:
-    """Whether two safetensors files hold the same tensors (names, dtypes, shapes, values); None
-    when neither run saved its aggregate."""
+    """Whether two safetensors files hold the same tensors byte for byte (names, dtypes, shapes and
+    bytes: NaN equals NaN, −0.0 is not 0.0); None when neither run saved its aggregate."""
     if not a.is_file() and not b.is_file():
         return None
     if not (a.is_file() and b.is_file()):
         return False
     import torch
-    from safetensors.torch import load_file
 
-    x, y = (readable(lambda p: load_file(str(p)), p, "a safetensors file") for p in (a, b))
-    return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
+    def raw(t):
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+    x, y = tensors(a), tensors(b)
+    return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and x[k].shape == y[k].shape
+                                        and torch.equal(raw(x[k]), raw(y[k])) for k in x)
 
 
 def hydra_value(path: Path) -> str:
     """``path`` as a quoted Hydra override value: job folders named by their overrides
     (``aggregator=soup,seed=0``) hold characters the override grammar would parse."""
-    text = str(path).replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
-    return f"'{text}'"
+    return "'" + str(path).replace("'", "\\'").replace("${", "\\${") + "'"  # plan() refuses a backslash
 
 
 def rerun(run: Path, out: Path, extra: list[str]) -> str | None:
     """``run.py`` with ``run``'s overrides into ``out``; None, or its last error line."""
-    args = [sys.executable, str(ROOT / "run.py"), *overrides(run), *extra, f"hydra.run.dir={hydra_value(out)}"]
+    args = [sys.executable, str(ROOT / "run.py"), *overrides(run), *extra, f"hydra.run.dir={hydra_value(out)}",
+            "hydra.mode=RUN"]  # one run, even if a recorded config (a search trial's) asks for a sweep
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode == 0 and (out / "results.json").is_file():
@@ -143,21 +162,41 @@ def plan(paths: list[Path], out: Path, extra: list[str]) -> list[tuple[Path, Pat
     top = top.parent if top in found else top  # one run folder given: its rerun keeps the folder's name
     todo = [(run, out / run.relative_to(top)) for run in found]
     for run, again in todo:
+        if "\\" in str(again):
+            raise AMEError(f"{again}: a backslash in the rerun's folder, which Hydra's overrides would misread; "
+                           "choose another --out, or rename the input folder")
         overrides(run), results(run)  # every input readable
-        if (again / "results.json").is_file() and overrides(again) != overrides(run) + extra:
-            raise AMEError(f"{again} holds a rerun made with other overrides than {run}'s (+ the extras now given); "
-                           "remove it, or choose another --out")
+        if (run / "aggregate.safetensors").is_file():
+            tensors(run / "aggregate.safetensors")
+        if (again / "results.json").is_file():  # a rerun already there: ours, made with these overrides?
+            if not (again / ".hydra" / "overrides.yaml").is_file() or \
+                    task(overrides(again)) != task(overrides(run) + extra):
+                raise AMEError(f"{again} holds a rerun made with other overrides than {run}'s (+ the extras now "
+                               "given), or no record of them; remove it, or choose another --out")
+            results(again)
     return todo
 
 
 def code_line() -> tuple[str, str | None]:
-    """What the reruns run: this checkout's commit and code (ame.provenance)."""
+    """This checkout's commit and code (ame.provenance): what reruns started now run."""
     from ame import provenance
 
     commit, dirty, _ = provenance.git_state()
     code = provenance.code_sha256()
     where = f"commit {commit[:12]}" if commit else "no git commit"
     return f"{where}{' + uncommitted changes' if dirty else ''}, code sha256 {(code or 'unknown')[:12]}", code
+
+
+def recorded(provenances: list[dict]) -> str:
+    """What the reruns recorded they ran: each version of the code, with its commits and run counts."""
+    codes: dict = {}
+    for p in provenances:
+        commits = codes.setdefault(str(p.get("code_sha256"))[:12], {})
+        commit = f"{str(p.get('commit'))[:12]}{' + uncommitted changes' if p.get('dirty') else ''}"
+        commits[commit] = commits.get(commit, 0) + 1
+    return "; ".join(f"code sha256 {code} (" + ", ".join(f"commit {c}: {n} run{'s' * (n > 1)}"
+                                                          for c, n in commits.items()) + ")"
+                     for code, commits in codes.items())
 
 
 def main() -> None:
@@ -178,10 +217,10 @@ def _main() -> None:
     out = args.out.resolve()
     todo = plan(args.paths, out, extra)
     said, code = code_line()
-    print(f"Reruns with {said}{' and ' + ' '.join(extra) if extra else ''}, into {args.out}.\n")
+    print(f"Reruns into {args.out}{' with ' + ' '.join(extra) if extra else ''}; this checkout: {said}.\n")
     print("| run | weights | largest metric Δ | evaluated |\n|---|---|---:|---|")
     same = failed = evaluated = 0
-    codes: set = set()
+    provenances: list[dict] = []
     for run, again in todo:
         name = again.relative_to(out).as_posix()
         if not (again / "results.json").is_file():
@@ -195,7 +234,7 @@ def _main() -> None:
         lacking = sorted(a.keys() ^ b.keys())
         weights = weights_equal(run / "aggregate.safetensors", again / "aggregate.safetensors")
         p = new.get("provenance") or {}
-        codes.add(p.get("code_sha256"))
+        provenances.append(p)
         fresh = (p.get("aggregate_metrics_made_by") or {}).get("run_id") == p.get("run_id") is not None
         evaluated += fresh
         identical = weights is not False and delta == 0.0 and not lacking
@@ -205,9 +244,13 @@ def _main() -> None:
         print(f"| {name} | {said} | {delta:.2g}{extra_note} | {'again' if fresh else 'cached'} |", flush=True)
     print(f"\n{len(todo)} runs: {same} identical, {len(todo) - same - failed} differ, {failed} failed to rerun; "
           f"{evaluated} aggregates evaluated again (the others' weights matched a cached evaluation).")
-    if codes - {code}:
-        print(f"warning: the reruns recorded {len(codes)} versions of the code (the code changed while they ran, or "
-              "some were made earlier): rerun into a new --out for one version")
+    if provenances:
+        print(f"The reruns recorded {recorded(provenances)}.")
+    versions = {p.get("code_sha256") for p in provenances}
+    if len(versions) > 1 or versions - {code}:
+        print(f"warning: the reruns ran {len(versions)} version{'s' * (len(versions) > 1)} of the code, not only "
+              "this checkout's (the code changed while they ran, or they were made earlier): rerun into a new --out "
+              "for this version")
     sys.exit(0 if same == len(todo) else 1)
 
 

@@ -57,7 +57,8 @@ case "${1:-all}" in
     python scripts/rerun.py multirun/verdict --out multirun/verdict-rerun > multirun/verdict-rerun.md || status=$?
     grep -q "^[0-9]* runs: " multirun/verdict-rerun.md || exit "$status"  # it stopped before its report: not copied
     cp multirun/verdict-rerun.md "$OUT/rerun.md"
-    tail -2 "$OUT/rerun.md" ;;
+    tail -3 "$OUT/rerun.md"
+    exit "$status" ;;  # 1: some run differs or failed
   all)
     shift || true
     for b in 0 1; do piece_base "$b" "${LOG[@]}" "$@"; done

@@ -41,9 +41,21 @@ def test_rerun_says_run_by_run_whether_weights_and_metrics_stay(tmp_path, run_cl
     done = rerun(tmp_path, runs, soup, "--out", tmp_path / "again")  # the soup twice (nested inputs): once
     assert done.returncode == 0, done.stdout + done.stderr
     assert set(rows(done)) == {soup.name, adam.name} and (tmp_path / "again" / soup.name / "results.json").is_file()
-    assert all(" | identical | 0 | " in r for r in rows(done).values()), done.stdout
-    assert "2 runs: 2 identical, 0 differ, 0 failed to rerun" in done.stdout and "warning" not in done.stdout
-    assert done.stdout.startswith("Reruns with ") and "code sha256 " in done.stdout.splitlines()[0]
+    assert all(r.endswith(" | identical | 0 | cached |") for r in rows(done).values()), done.stdout
+    assert "2 runs: 2 identical, 0 differ, 0 failed to rerun; 0 aggregates evaluated again" in done.stdout
+    assert "warning" not in done.stdout and "this checkout: " in done.stdout.splitlines()[0]
+    assert "The reruns recorded code sha256 " in done.stdout and ": 2 runs)." in done.stdout
+
+    # a search trial's recorded config asks for a sweep (hydra.mode: MULTIRUN): rerun as one run, into
+    # --out; with the aggregates' evaluations no longer cached, they are evaluated again
+    trial = tmp_path / "trial" / soup.name
+    shutil.copytree(soup, trial)
+    (trial / ".hydra" / "overrides.yaml").write_text(
+        (soup / ".hydra" / "overrides.yaml").read_text() + "- hparams_search=ame_lr\n- data.val_size=20\n")
+    shutil.rmtree(tmp_path / "cache" / "aggregates")
+    again = rerun(tmp_path, trial, "--out", tmp_path / "again_trial")
+    assert (tmp_path / "again_trial" / soup.name / "results.json").is_file(), again.stdout + again.stderr
+    assert rows(again)[soup.name].endswith(" | again |") and "1 aggregates evaluated again" in again.stdout
 
     # the old runs' numbers and weights changed by hand: reported; the reruns there are not run again
     old = tmp_path / "old"
@@ -71,3 +83,29 @@ def test_rerun_says_run_by_run_whether_weights_and_metrics_stay(tmp_path, run_cl
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
         assert words in bad.stderr and bad.stdout == ""
     assert not (runs / "again").exists() and not (tmp_path / "x").exists()
+
+
+def test_differences_order_and_folders_hydra_would_misread(tmp_path):
+    import importlib
+    import math
+
+    import pytest
+
+    from ame.errors import AMEError
+
+    rerun_py = importlib.import_module("scripts.rerun")
+    assert rerun_py.difference(1.0, 1.0) == rerun_py.difference(math.nan, math.nan) == 0.0
+    assert rerun_py.difference(math.nan, 0.5) == rerun_py.difference(0.5, math.inf) == math.inf
+    assert rerun_py.difference(0.25, 0.5) == 0.25
+    for name in ("10", "2", "soup", "0"):  # job numbers and named folders side by side
+        (tmp_path / "in" / name / ".hydra").mkdir(parents=True)
+        (tmp_path / "in" / name / "results.json").write_text('{"metrics": {}}')
+        (tmp_path / "in" / name / ".hydra" / "overrides.yaml").write_text("[]")
+    assert [d.name for d in rerun_py.runs(tmp_path / "in")] == ["0", "2", "10", "soup"]
+    (tmp_path / "in" / "a\\b" / ".hydra").mkdir(parents=True)
+    (tmp_path / "in" / "a\\b" / "results.json").write_text('{"metrics": {}}')
+    (tmp_path / "in" / "a\\b" / ".hydra" / "overrides.yaml").write_text("[]")
+    with pytest.raises(AMEError, match="a backslash"):
+        rerun_py.plan([tmp_path / "in"], tmp_path / "out", [])
+    with pytest.raises(AMEError, match="would move the reruns"):
+        rerun_py.plan([tmp_path / "in"], tmp_path / "out", ["hydra.mode=MULTIRUN"])
