@@ -247,10 +247,12 @@ def _main() -> None:
     if provenances:
         print(f"The reruns recorded {recorded(provenances)}.")
     versions = {p.get("code_sha256") for p in provenances}
-    if len(versions) > 1 or versions - {code}:
-        print(f"warning: the reruns ran {len(versions)} version{'s' * (len(versions) > 1)} of the code, not only "
-              "this checkout's (the code changed while they ran, or they were made earlier): rerun into a new --out "
-              "for this version")
+    if len(versions) > 1:
+        print(f"warning: the reruns ran {len(versions)} versions of the code (it changed while they ran): rerun "
+              "into a new --out for one version")
+    elif versions - {code}:
+        print("note: the reruns ran another version of the code than this checkout's (they were made before it "
+              "changed); rerun into a new --out to check this one")
     sys.exit(0 if same == len(todo) else 1)
 
 
